@@ -1,0 +1,31 @@
+// The dvpo_C operator library: schemas of the kernel interface (see dvpo/backends/reference.py)
+// and the CPU implementations. The CUDA extension adds TORCH_LIBRARY_IMPL(dvpo_C, CUDA, ...) to the
+// same schemas. Python (dvpo/library.py) wraps these in the public `dvpo::` ops with autograd.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+// An importable module with no Python functions: `import dvpo._C` loads the library and runs the
+// registrations below (the ops are then reachable as torch.ops.dvpo_C.*).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dvpo_C, m) {
+  m.def(
+      "quantile_huber(Tensor pred, Tensor target, Tensor taus, Tensor? weights, Tensor? mask, float kappa, "
+      "bool normalize_kappa, str algorithm) -> (Tensor, Tensor)");
+  m.def("cvar(Tensor x, float level, bool upper) -> (Tensor, Tensor)");
+  m.def(
+      "critic_loss(Tensor heads, Tensor target, Tensor taus, Tensor risk_weights, Tensor? mask, float kappa, "
+      "float alpha, float beta, bool normalize_kappa, float[] weights, str algorithm) -> (Tensor, Tensor, Tensor)");
+  m.def("distributional_gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dvpo_C, CPU, m) {
+  m.impl("quantile_huber", &dvpo::cpu::quantile_huber);
+}

@@ -1,0 +1,23 @@
+"""dvpo: fused kernels for distributional value learning (DVPO, arXiv 2512.03847).
+
+    import dvpo
+    from dvpo import ops
+    out = ops.critic_loss(heads, returns, mask=response_mask)   # heads [B, T, H, N], returns [B, T, M]
+    out.loss.backward()
+"""
+
+from __future__ import annotations
+
+import torch as _torch
+
+from . import ops
+from .config import CriticLossConfig, CriticLossOutput, TERM_NAMES
+from .reference import taus as _reference_taus
+
+__version__ = "0.1.0"
+__all__ = ["ops", "taus", "CriticLossConfig", "CriticLossOutput", "TERM_NAMES", "__version__"]
+
+
+def taus(n: int, kind: str = "midpoint", *, device=None, dtype=_torch.float32) -> _torch.Tensor:
+    """Quantile levels of N atoms: midpoints (2i-1)/(2N) (default) or the paper's grid i/N."""
+    return _reference_taus(n, kind, device=device, dtype=dtype)

@@ -1,0 +1,172 @@
+"""The `reference` backend: the fallback implementation of every op's kernel interface in PyTorch.
+
+Every backend module implements the same kernel interface on flattened tensors (tokens first),
+returning per-token values *and* the gradient w.r.t. the prediction, computed in the forward pass
+(targets are detached, so the backward only scales the stored gradient):
+
+    quantile_huber(pred[T,N], target[T,M], taus[N], weights[N]|None, mask[T]|None, kappa,
+                   normalize_kappa, algorithm) -> (loss[T], grad[T,N])
+    cvar(x[T,N], level, upper) -> (value[T], coef[T,N])
+    critic_loss(heads[T,H,N], target[T,M], taus[N], risk_w[N], mask[T]|None, kappa, alpha, beta,
+                normalize_kappa, weights[8], algorithm) -> (total[T], terms[T,8], grad[T,H,N])
+    distributional_gae(rewards[B,T], values[B,T,M], mask[B,T], gamma, lam) -> (adv[B,T], ret[B,T,M])
+
+Outputs are in the accumulation dtype (fp64 for fp64 inputs, else fp32); masked tokens give 0 (the
+mask is a per-token weight; the loss and gradient are multiplied by it). Here the gradients are the
+closed forms of DESIGN.md, written out in PyTorch (custom-op kernels run below autograd, so autograd
+cannot be used); tests check them against autograd of `dvpo.reference`. The pair tensor is built in
+token chunks of bounded size, so the fallback's memory stays bounded too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference as ref
+from ..config import TERM_NAMES
+
+# Pair-tensor elements per chunk of tokens (bounds the fallback's peak memory to ~100 MB).
+_PAIRS_PER_CHUNK = 1 << 22
+
+
+def _token_chunks(n_tokens: int, pairs_per_token: int):
+    step = max(1, _PAIRS_PER_CHUNK // max(1, pairs_per_token))
+    for start in range(0, n_tokens, step):
+        yield slice(start, min(n_tokens, start + step))
+
+
+def _qh_loss_grad(theta, target, taus, kappa, weights, normalize_kappa):
+    """Per-token quantile Huber loss [T] and its gradient w.r.t. theta [T,N]."""
+    n, m = theta.shape[-1], target.shape[-1]
+    scale = 1.0 / (n * m) / (kappa if normalize_kappa else 1.0)
+    loss = theta.new_zeros(theta.shape[0])
+    grad = torch.zeros_like(theta)
+    tau = taus.unsqueeze(-1)
+    for s in _token_chunks(theta.shape[0], n * m):
+        u = target[s].unsqueeze(-2) - theta[s].unsqueeze(-1)
+        asym = torch.abs(tau - (u < 0).to(u.dtype))
+        a = u.abs()
+        hub = torch.where(a <= kappa, 0.5 * u * u, kappa * (a - 0.5 * kappa))
+        per_q_loss = (asym * hub).sum(-1) * scale
+        per_q_grad = -(asym * u.clamp(-kappa, kappa)).sum(-1) * scale
+        if weights is not None:
+            per_q_loss = per_q_loss * weights
+            per_q_grad = per_q_grad * weights
+        loss[s] = per_q_loss.sum(-1)
+        grad[s] = per_q_grad
+    return loss, grad
+
+
+def _mask(mask, dtype):
+    return None if mask is None else mask.to(dtype)
+
+
+def _finish(values, grad, mask, grad_trailing):
+    """Multiply per-token values and gradients by the mask weight (exactly 0 at masked tokens)."""
+    if mask is None:
+        return values, grad
+    return ref.apply_mask(values, mask), ref.apply_mask(grad, mask.reshape(mask.shape + (1,) * grad_trailing))
+
+
+def quantile_huber(pred, target, taus, weights, mask, kappa, normalize_kappa, algorithm="auto"):
+    acc = ref.acc_dtype(pred.dtype)
+    theta = ref._zero_masked(pred.to(acc), mask, 1)
+    z = ref._zero_masked(target.to(acc), mask, 1)
+    w = None if weights is None else weights.to(acc)
+    loss, grad = _qh_loss_grad(theta, z, taus.to(acc), kappa, w, normalize_kappa)
+    return _finish(loss, grad, mask, 1)
+
+
+def cvar(x, level, upper):
+    acc = ref.acc_dtype(x.dtype)
+    x = x.to(acc)
+    coef = ref.cvar_coefficients(x, level, upper)
+    return (coef * x).sum(-1), coef
+
+
+def _tail(x, level, upper):
+    """CVaR, its coefficients, and the tail variance with its gradient."""
+    c = ref.cvar_coefficients(x, level, upper)
+    value = (c * x).sum(-1)
+    centred = x - value.unsqueeze(-1)
+    var = (c * centred ** 2).sum(-1)
+    # d var / d x_i = 2 c_i (x_i - CVaR) (the term through CVaR vanishes: sum_i c_i (x_i - CVaR) = 0).
+    return value, c, var, 2.0 * c * centred
+
+
+def _curvature(theta, alpha, beta):
+    t, n = theta.shape
+    zero = theta.new_zeros(t)
+    if n < 3:
+        return zero, torch.zeros_like(theta)
+    n_lo, n_hi = ref.curvature_counts(n, alpha, beta)
+    d2 = theta[:, 2:] - 2.0 * theta[:, 1:-1] + theta[:, :-2]
+    lo = d2[:, :n_lo].mean(-1)
+    hi = -d2[:, -n_hi:].mean(-1)
+    # d(mean of d2 over a set S)/d theta: each d2_i spreads (1, -2, 1)/|S| over theta_{i-1..i+1}.
+    sel = torch.zeros(t, n - 2, dtype=theta.dtype, device=theta.device)
+    sel[:, :n_lo] += (lo > 0).to(theta.dtype).unsqueeze(-1) / n_lo
+    sel[:, n - 2 - n_hi:] -= (hi > 0).to(theta.dtype).unsqueeze(-1) / n_hi
+    grad = torch.zeros_like(theta)
+    grad[:, :-2] += sel
+    grad[:, 1:-1] -= 2.0 * sel
+    grad[:, 2:] += sel
+    return torch.relu(lo) + torch.relu(hi), grad
+
+
+def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, weights,
+                algorithm="auto"):
+    acc = ref.acc_dtype(heads.dtype)
+    h = ref._zero_masked(heads.to(acc), mask, 2)
+    z = ref._zero_masked(target.to(acc), mask, 1)
+    taus = taus.to(acc)
+    t_len, n_heads, n = h.shape
+    theta = h.mean(1)
+    w = dict(zip(TERM_NAMES, weights))
+    terms = theta.new_zeros(t_len, len(TERM_NAMES))
+    g_theta = torch.zeros_like(theta)  # d total / d theta (ensemble mean)
+
+    def add(k, value, grad):
+        terms[:, k] = value
+        if grad is not None:
+            g_theta.add_(grad * w[TERM_NAMES[k]])
+
+    if w["qh"]:
+        add(0, *_qh_loss_grad(theta, z, taus, kappa, None, normalize_kappa))
+    if w["risk"]:
+        add(1, *_qh_loss_grad(theta, z, taus, kappa, risk_w.to(acc), normalize_kappa))
+    if w["cvar"] or w["shape"]:
+        lo_t, c_lo, vlo_t, dvlo_t = _tail(theta, alpha, False)
+        lo_z, _, vlo_z, _ = _tail(z, alpha, False)
+    if w["gain"] or w["shape"]:
+        hi_t, c_hi, vhi_t, dvhi_t = _tail(theta, beta, True)
+        hi_z, _, vhi_z, _ = _tail(z, beta, True)
+    if w["cvar"]:
+        diff = lo_t - lo_z
+        add(2, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
+    if w["gain"]:
+        diff = hi_t - hi_z
+        add(3, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
+    if w["shift"]:
+        gap = z.mean(-1) - theta.mean(-1)
+        add(4, torch.relu(gap), -(gap > 0).to(acc).unsqueeze(-1).expand(-1, n) / n)
+    if w["shape"]:
+        lo, hi = vlo_t - vlo_z, vhi_z - vhi_t
+        grad = (lo > 0).to(acc).unsqueeze(-1) * dvlo_t - (hi > 0).to(acc).unsqueeze(-1) * dvhi_t
+        add(5, torch.relu(lo) + torch.relu(hi), grad)
+    if w["curv"]:
+        add(6, *_curvature(theta, alpha, beta))
+    grad = (g_theta / n_heads).unsqueeze(1).expand(-1, n_heads, -1).clone()
+    if w["consist"] and n_heads > 1:
+        centred = h - theta.unsqueeze(1)
+        terms[:, 7] = (2.0 / (n_heads - 1)) * (centred ** 2).sum((1, 2))
+        grad += w["consist"] * (4.0 / (n_heads - 1)) * centred
+    total = (terms * torch.tensor(weights, dtype=acc, device=terms.device)).sum(-1)
+    total, grad = _finish(total, grad, mask, 2)
+    if mask is not None:
+        terms = ref.apply_mask(terms, mask.unsqueeze(-1))
+    return total, terms, grad
+
+
+def distributional_gae(rewards, values, mask, gamma, lam):
+    return ref.distributional_gae(rewards, values, mask, gamma=gamma, lam=lam)

@@ -1,0 +1,43 @@
+"""Shared test helpers: tolerances, relative error, random inputs with ties, crossing quantiles and
+masks with empty rows (DESIGN.md, "Correctness bar")."""
+
+import torch
+
+# Relative error bars against the float64 reference, by input dtype.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+SIZES = (1, 2, 3, 7, 32, 200, 257)
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    den = ref.norm()
+    num = (out - ref).norm()
+    if den == 0:
+        return num.item()
+    return (num / den).item()
+
+
+def randn(shape, dtype=torch.float32, *, ties=False, scale=1.0, device="cpu", generator=None):
+    """Random values (never zeros); with `ties`, rounded to a coarse grid so many values repeat."""
+    x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale
+    if ties:
+        x = torch.round(x * 2.0) / 2.0
+    return x.to(dtype=dtype, device=device)
+
+
+def random_mask(lead, *, empty_rows=True, p=0.7, dtype=torch.bool, device="cpu", generator=None):
+    """A mask over the leading dims with some tokens masked and, when possible, an all-masked row."""
+    m = torch.rand(lead, generator=generator) < p
+    if empty_rows and len(lead) >= 2 and lead[0] > 1:
+        m[0] = False
+    if m.numel() > 0 and not m.any():
+        m.view(-1)[-1] = True
+    return m.to(dtype=dtype, device=device)
+
+
+def critic_inputs(lead, h, n, m, dtype=torch.float32, *, ties=False, device="cpu", generator=None):
+    """heads [..., H, N] (unsorted: quantiles cross) and target [..., M], shifted so tails differ."""
+    heads = randn(tuple(lead) + (h, n), dtype, ties=ties, device=device, generator=generator)
+    target = randn(tuple(lead) + (m,), dtype, ties=ties, scale=1.5, device=device, generator=generator)
+    return heads, target
