@@ -87,7 +87,8 @@ def want_cuda():
 def gencode_flags():
     archs = [a.strip() for a in os.environ.get("DVPO_CUDA_ARCHS", "80;90a").split(";") if a.strip()]
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    lowest = min(archs, key=lambda a: int(re.sub(r"\D", "", a)))
+    # PTX of the lowest target, without an arch-specific suffix ("90a" PTX would not JIT on newer GPUs).
+    lowest = min(int(re.sub(r"\D", "", a)) for a in archs)
     return flags + [f"-gencode=arch=compute_{lowest},code=compute_{lowest}"]
 
 

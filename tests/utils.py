@@ -37,7 +37,15 @@ def random_mask(lead, *, empty_rows=True, p=0.7, dtype=torch.bool, device="cpu",
 
 
 def critic_inputs(lead, h, n, m, dtype=torch.float32, *, ties=False, device="cpu", generator=None):
-    """heads [..., H, N] (unsorted: quantiles cross) and target [..., M], shifted so tails differ."""
-    heads = randn(tuple(lead) + (h, n), dtype, ties=ties, device=device, generator=generator)
+    """heads [..., H, N] (unsorted: quantiles cross) and target [..., M], shifted so tails differ.
+
+    With `ties` every head is the same tied row: the head mean is then exact in every precision,
+    so ties (and second differences of exactly 0) are the same for a low-precision backend and the
+    float64 reference, and both must pick the same subgradient."""
+    if ties:
+        row = randn(tuple(lead) + (1, n), dtype, ties=True, device=device, generator=generator)
+        heads = row.expand(tuple(lead) + (h, n)).clone()
+    else:
+        heads = randn(tuple(lead) + (h, n), dtype, device=device, generator=generator)
     target = randn(tuple(lead) + (m,), dtype, ties=ties, scale=1.5, device=device, generator=generator)
     return heads, target
