@@ -9,7 +9,7 @@ from dvpo import dispatch, library, ops
 from dvpo import reference as ref
 from dvpo.config import TERM_NAMES, CriticLossConfig
 
-from .utils import TOL, critic_inputs, randn, random_mask, rel_err
+from .utils import TOL, critic_inputs, forced_backend, randn, random_mask, rel_err
 
 REDUCTIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "none"]
 CPU_BACKENDS = [b for b in ("reference", "cpp") if dispatch.backends("cpu")[b] == "available"]
@@ -332,3 +332,25 @@ def test_meta_device_shapes():
     target = torch.empty(4, 6, 11, device="meta")
     out = ops.critic_loss(heads, target, reduction="none")
     assert out.loss.shape == (4, 6) and out.terms["qh"].shape == (4, 6)
+
+
+# --------------------------------------------------------------------------- property test
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 4), n=st.integers(1, 12), m=st.integers(1, 12), tokens=st.integers(1, 5),
+       alpha=st.floats(0.01, 1.0), beta=st.floats(0.01, 1.0), kappa=st.floats(0.05, 3.0),
+       ties=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_property_reference_backend_matches_autograd_of_reference(h, n, m, tokens, alpha, beta, kappa, ties, seed):
+    gen = torch.Generator().manual_seed(seed)
+    heads, target = critic_inputs((tokens,), h, n, m, torch.float64, ties=ties, generator=gen)
+    cfg = CriticLossConfig(alpha=alpha, beta=beta, kappa=kappa)
+    x = heads.clone().requires_grad_()
+    with forced_backend("reference"):
+        out = ops.critic_loss(x, target, config=cfg, reduction="none")
+    want, want_grad = _ref_critic(heads, target, config=cfg, reduction="none")
+    assert rel_err(out.loss, want.loss) < 1e-12
+    assert rel_err(_grad(out.loss, x), want_grad) < 1e-12

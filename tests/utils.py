@@ -1,6 +1,9 @@
 """Shared test helpers: tolerances, relative error, random inputs with ties, crossing quantiles and
 masks with empty rows (DESIGN.md, "Correctness bar")."""
 
+import contextlib
+import os
+
 import torch
 
 # Relative error bars against the float64 reference, by input dtype.
@@ -49,3 +52,17 @@ def critic_inputs(lead, h, n, m, dtype=torch.float32, *, ties=False, device="cpu
         heads = randn(tuple(lead) + (h, n), dtype, device=device, generator=generator)
     target = randn(tuple(lead) + (m,), dtype, ties=ties, scale=1.5, device=device, generator=generator)
     return heads, target
+
+
+@contextlib.contextmanager
+def forced_backend(name):
+    """Force DVPO_BACKEND inside the block (for hypothesis tests, where fixtures do not reset per example)."""
+    old = os.environ.get("DVPO_BACKEND")
+    os.environ["DVPO_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DVPO_BACKEND", None)
+        else:
+            os.environ["DVPO_BACKEND"] = old
