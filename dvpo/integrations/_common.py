@@ -1,0 +1,320 @@
+"""What the three adapters share: the clipped distributional value loss, verl-style aggregation,
+distributional GAE on framework-shaped tensors, the quantile value head and the "plain MSE" config.
+
+Nothing here imports verl, TRL or OpenRLHF: every adapter works (and is tested) without them.
+
+Conventions (the same in every adapter):
+
+* A scalar critic's tensors (`[B, T]`) are read as one quantile (`[B, T, 1]`), so an adapter is a
+  drop-in replacement for the framework's function with the framework's own tensors.
+* Quantile values are `[B, T, N]`; an ensemble of H quantile heads is `[B, T, H, N]` (the loss then
+  adds the consistency term, and GAE uses the head mean). Returns (the critic's targets) are
+  `[B, T, M]`, M may differ from N.
+* Value clipping (PPO's `cliprange_value`) is applied per quantile (per head and quantile for heads)
+  around the old values: `v_clip = clip(v, old - eps, old + eps)`. The per-token critic loss is
+  `max(L(v), L(v_clip))`, where `L` is the whole DVPO critic loss of that token (all terms), exactly
+  as PPO takes `max((v - R)^2, (v_clip - R)^2)`; the gradient flows through the branch that wins
+  (through the clipped quantiles only where they are inside the clip range). `clipfrac` is the
+  fraction of real tokens where the clipped branch's loss is strictly larger. With
+  `cliprange_value=None` there is no clipping (one fused kernel call instead of two) and clipfrac = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..config import CriticLossConfig
+
+__all__ = [
+    "MSE_KAPPA",
+    "LOSS_AGG_MODES",
+    "mse_config",
+    "QuantileValueHead",
+    "aggregate",
+    "clipped_critic_loss",
+    "distributional_returns",
+    "masked_whiten",
+]
+
+# A quantile Huber kappa so large that the Huber loss is quadratic for every residual a float32
+# square can hold (|u| <= 1e18; u^2 overflows fp32 past ~1.8e19), yet small enough that kappa^2
+# stays finite in fp32 inside any kernel.
+MSE_KAPPA = 1e18
+
+# verl's loss_agg_mode values (verl.trainer.ppo.core_algos.agg_loss, verl 0.9).
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+                  "seq-mean-token-mean")
+
+
+def mse_config() -> CriticLossConfig:
+    """The DVPO critic loss configured as the scalar critic's `0.5 * (v - R)^2`, exactly.
+
+    With N = M = 1 and tau = 0.5 (the midpoint grid of one quantile), the quantile Huber term is
+    `|tau - 1{u < 0}| * L_k(u) = 0.5 * L_k(u)` with `u = R - v`, and `L_k(u) = 0.5 u^2` while
+    `|u| <= kappa` (`kappa = MSE_KAPPA`, never exceeded by a finite fp32 square). So the term is
+    `0.25 (v - R)^2`; the weight `qh = 2` makes it `0.5 (v - R)^2`; every other term is switched off
+    (weight 0). All factors are powers of two, so the per-token value is bitwise `0.5 * (v - R)^2` in
+    float64 (and matches the frameworks' MSE value losses to rounding in every dtype).
+
+    With N > 1 (or M > 1) the same config is a plain quantile regression with quadratic loss, that is
+    `(1/(N M)) sum_ij |tau_i - 1{u_ij<0}| (z_j - theta_i)^2` (an expectile loss), not an MSE.
+    """
+    return CriticLossConfig(kappa=MSE_KAPPA, qh=2.0, risk=0.0, cvar=0.0, gain=0.0, shift=0.0, shape=0.0,
+                            curv=0.0, consist=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantile value head
+# ----------------------------------------------------------------------------------------------
+
+class QuantileValueHead(nn.Linear):
+    """A distributional value head: `Linear(hidden_size, num_heads * num_quantiles)`.
+
+    `forward(hidden [..., D])` returns `[..., N]` when `num_heads == 1` and `[..., H, N]` otherwise:
+    the shapes `dvpo.ops.critic_loss` and the adapters take. It replaces the frameworks'
+    `Linear(hidden, 1)` value head (whose output they `.squeeze(-1)`: a no-op for N > 1).
+
+    It *is* an `nn.Linear` (parameters `weight` `[H N, D]` and `bias`), so a checkpoint saved with it
+    loads into a plain `Linear(hidden, H * N)` head, e.g. a Hugging Face `*ForSequenceClassification`
+    / `*ForTokenClassification` model with `num_labels = H * N`, and back.
+
+    Initialization: weights ~ N(0, 1 / (D + 1)) (the usual value-head init), biases 0 (all quantiles
+    start equal; the quantile loss spreads them). `quantile_init=(lo, hi)` instead starts the biases
+    spread evenly over [lo, hi] in tau order, so the initial quantiles do not cross.
+    """
+
+    def __init__(self, hidden_size: int, num_quantiles: int, num_heads: int = 1, *, bias: bool = True,
+                 quantile_init: Optional[Tuple[float, float]] = None, device=None, dtype=None):
+        for name, value in (("hidden_size", hidden_size), ("num_quantiles", num_quantiles),
+                            ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if quantile_init is not None and not bias:
+            raise ValueError("quantile_init needs bias=True")
+        self.num_quantiles = num_quantiles
+        self.num_heads = num_heads
+        self.quantile_init = quantile_init
+        super().__init__(hidden_size, num_heads * num_quantiles, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.in_features
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_(0.0, 1.0 / (self.in_features + 1))
+            if self.bias is not None:
+                if self.quantile_init is None:
+                    self.bias.zero_()
+                else:
+                    lo, hi = self.quantile_init
+                    grid = torch.linspace(lo, hi, self.num_quantiles, dtype=torch.float64)
+                    self.bias.copy_(grid.repeat(self.num_heads).to(self.bias))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        out = super().forward(hidden)
+        if self.num_heads == 1:
+            return out
+        return out.unflatten(-1, (self.num_heads, self.num_quantiles))
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.in_features}, num_quantiles={self.num_quantiles}, "
+                f"num_heads={self.num_heads}, bias={self.bias is not None}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation (verl's loss_agg_mode)
+# ----------------------------------------------------------------------------------------------
+
+def _safe_div(num: Tensor, den) -> Tensor:
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    return num / torch.where(den != 0, den, torch.ones_like(den))
+
+
+def aggregate(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str = "token-mean", *, dp_size: int = 1,
+              batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None,
+              seq_count_eps: float = 0.0) -> Tensor:
+    """Reduce a per-token loss `[B, T]` with verl's `loss_agg_mode` semantics (verl 0.9 `agg_loss`).
+
+    * `token-mean`: `sum(loss * mask) / batch_num_tokens * dp_size` (`batch_num_tokens` defaults to
+      `mask.sum()`, the local token count),
+    * `token-sum`: `sum(loss * mask) * dp_size`,
+    * `seq-mean-token-sum`: per-sequence token sums, averaged over sequences with a real token
+      (`global_batch_size` defaults to their count), `* dp_size`,
+    * `seq-mean-token-sum-norm`: the same divided by `loss_scale_factor` (default: T, the horizon),
+    * `seq-mean-token-mean`: per-sequence token means, averaged over sequences with a real token.
+
+    `seq_count_eps` is added to each sequence's token count in `seq-mean-token-mean` (verl and
+    OpenRLHF add 1e-8; their adapters pass it, so results match theirs to the last bit).
+
+    Masked tokens contribute exactly nothing (NaN/inf there cannot leak in). Unlike verl, an
+    all-masked micro-batch gives 0 instead of NaN (dvpo's contract). `dp_size > 1` needs the global
+    normalizer (`batch_num_tokens` or `global_batch_size`), as in verl.
+    """
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {', '.join(LOSS_AGG_MODES)}; got {loss_agg_mode!r}")
+    if loss_mat.dim() < 1 or loss_mask.shape != loss_mat.shape:
+        raise ValueError(f"loss_mask must have the shape of the per-token loss {tuple(loss_mat.shape)}, "
+                         f"got {tuple(loss_mask.shape)}")
+    m = loss_mask.to(loss_mat.dtype)
+    masked = torch.where(loss_mask != 0, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)) * m
+    if loss_agg_mode == "token-mean":
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("batch_num_tokens (the global token count) is required when dp_size > 1")
+            batch_num_tokens = m.sum()
+        return _safe_div(masked.sum(), batch_num_tokens) * dp_size
+    if loss_agg_mode == "token-sum":
+        return masked.sum() * dp_size
+    row_w = m.sum(-1)
+    seq_valid = (row_w > 0).to(loss_mat.dtype)
+    if loss_agg_mode == "seq-mean-token-mean":
+        # the count in the mask's own dtype plus the eps, with torch's promotion (as the frameworks do:
+        # for an integer mask the 1e-8 is lost in float32, for a float64 mask it is kept)
+        count = loss_mask.sum(-1)
+        if seq_count_eps:
+            count = count + seq_count_eps
+        seq_loss = _safe_div(masked.sum(-1), count.to(loss_mat.dtype))
+    else:
+        seq_loss = masked.sum(-1)
+    if global_batch_size is None:
+        if dp_size > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+        global_batch_size = seq_valid.sum()
+    loss = _safe_div((seq_loss * seq_valid).sum(), global_batch_size) * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `x` over real tokens (0 when there is none); `mask` broadcasts from the left dims."""
+    m = mask.to(x.dtype)
+    while m.dim() < x.dim():
+        m = m.unsqueeze(-1)
+    m = m.expand_as(x)
+    total = torch.where(m != 0, x, torch.zeros((), dtype=x.dtype, device=x.device)) * m
+    return _safe_div(total.sum(), m.sum())
+
+
+def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """PPO's advantage whitening over real tokens: `(x - mean) / sqrt(var + eps)`, with the masked
+    mean and the unbiased (Bessel-corrected) masked variance, as verl, TRL and OpenRLHF whiten
+    (no NaN for fewer than two real tokens: the variance is then taken as is)."""
+    m = mask.to(x.dtype)
+    n = m.sum()
+    mean = _safe_div((x * m).sum(), n)
+    var = _safe_div((((x - mean) ** 2) * m).sum(), n) * _safe_div(n, n - 1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+# ----------------------------------------------------------------------------------------------
+# The clipped distributional critic loss
+# ----------------------------------------------------------------------------------------------
+
+def clip_bounds(v: Tensor, old: Tensor, eps: float) -> Tensor:
+    """`clip(v, old - eps, old + eps)` as `max(min(v, old + eps), old - eps)` (verl, TRL)."""
+    return torch.max(torch.min(v, old + eps), old - eps)
+
+
+def clip_delta(v: Tensor, old: Tensor, eps: float) -> Tensor:
+    """`old + clamp(v - old, -eps, eps)` (OpenRLHF's formulation; equal to clip_bounds up to rounding)."""
+    return old + (v - old).clamp(-eps, eps)
+
+
+def as_quantiles(x: Tensor, name: str, lead: Tuple[int, ...]) -> Tensor:
+    """`[B, T]` -> `[B, T, 1]` (a scalar critic is one quantile); `[B, T, N]` and `[B, T, H, N]` pass."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape[:len(lead)]) != tuple(lead) or x.dim() < len(lead):
+        raise ValueError(f"{name} must have shape {list(lead)}, {list(lead) + ['N']} or {list(lead) + ['H', 'N']}, "
+                         f"got {tuple(x.shape)}")
+    if x.dim() == len(lead):
+        return x.unsqueeze(-1)
+    if x.dim() > len(lead) + 2:
+        raise ValueError(f"{name} must have shape {list(lead)}, {list(lead) + ['N']} or {list(lead) + ['H', 'N']}, "
+                         f"got {tuple(x.shape)}")
+    return x
+
+
+def _old_like(old: Tensor, pred: Tensor, lead) -> Tensor:
+    """Old values broadcast to the prediction's shape (`[B, T, N]` old values clip every head)."""
+    old = as_quantiles(old, "values (old values)", lead)
+    if old.dim() == pred.dim() - 1 and pred.dim() == len(lead) + 2:
+        old = old.unsqueeze(-2)
+    try:
+        torch.broadcast_shapes(old.shape, pred.shape)
+    except RuntimeError:
+        raise ValueError(f"the old values (shape {tuple(old.shape)}) must match the predictions "
+                         f"(shape {tuple(pred.shape)})") from None
+    return old
+
+
+def clipped_critic_loss(vpreds: Tensor, returns: Tensor, old_values: Optional[Tensor], mask: Optional[Tensor],
+                        cliprange_value: Optional[float], *, config: Optional[CriticLossConfig] = None,
+                        taus: Optional[Tensor] = None, clip: Callable = clip_bounds):
+    """Per-token `max(L(v), L(v_clip))` of the fused DVPO critic loss, unreduced.
+
+    `vpreds`: `[B, T]`, `[B, T, N]` or heads `[B, T, H, N]`; `returns`: `[B, T]` or `[B, T, M]`;
+    `old_values`: like `vpreds` (or `[B, T, N]` for heads); `mask`: `[B, T]` (any dtype, nonzero =
+    real token). Returns `(per_token [B, T] fp32 (fp64 for fp64 inputs), clipped [B, T] bool,
+    terms)` where `clipped` marks tokens whose clipped branch is strictly larger and `terms` are the
+    unclipped branch's eight per-token terms (for logging).
+    """
+    if not isinstance(vpreds, torch.Tensor) or vpreds.dim() < 2:
+        raise ValueError(f"vpreds must be a [B, T], [B, T, N] or [B, T, H, N] tensor, got "
+                         f"{getattr(vpreds, 'shape', type(vpreds).__name__)}")
+    lead = tuple(vpreds.shape[:2])
+    pred = as_quantiles(vpreds, "vpreds", lead)
+    target = as_quantiles(returns, "returns", lead)
+    if target.dim() != 3:
+        raise ValueError(f"returns must be [B, T] or [B, T, M], got {tuple(returns.shape)}")
+    dtype = torch.promote_types(pred.dtype, target.dtype)
+    pred = pred.to(dtype)
+    target = target.detach().to(dtype)
+    real = None
+    if mask is not None:
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"the mask must have shape {list(lead)} (the leading dims of vpreds), "
+                             f"got {tuple(mask.shape)}")
+        real = mask != 0
+    if taus is not None:
+        taus = taus.to(device=pred.device, dtype=dtype)
+    cfg = CriticLossConfig() if config is None else config
+    out = ops.critic_loss(pred, target, taus, mask=real, config=cfg, reduction="none")
+    if cliprange_value is None:
+        return out.loss, torch.zeros(lead, dtype=torch.bool, device=pred.device), out.terms
+    if old_values is None:
+        raise ValueError("old values are required for value clipping (cliprange_value is not None)")
+    old = _old_like(old_values, pred, lead).detach().to(dtype)
+    pred_clipped = clip(pred, old, float(cliprange_value))
+    out_clipped = ops.critic_loss(pred_clipped, target, taus, mask=real, config=cfg, reduction="none")
+    per_token = torch.max(out.loss, out_clipped.loss)
+    return per_token, out_clipped.loss > out.loss, out.terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributional GAE on framework tensors
+# ----------------------------------------------------------------------------------------------
+
+def distributional_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma, lam):
+    """`dvpo.ops.distributional_gae` on framework tensors: `values` `[B, T]`, `[B, T, N]` or heads
+    `[B, T, H, N]` (the head mean is used), `mask` of any dtype. Returns (advantages `[B, T]`
+    unwhitened, returns `[B, T, N]`), 0 at padding; the scan links consecutive real tokens."""
+    if not isinstance(values, torch.Tensor) or values.dim() < 2:
+        raise ValueError(f"values must be [B, T], [B, T, N] or [B, T, H, N], got "
+                         f"{getattr(values, 'shape', type(values).__name__)}")
+    lead = tuple(values.shape[:2])
+    v = as_quantiles(values, "values", lead).detach()
+    if v.dim() == 4:
+        v = v.mean(-2)
+    if not v.is_floating_point():
+        v = v.float()
+    r = rewards.detach().to(v.dtype)
+    real = (mask != 0)
+    return ops.distributional_gae(r, v, real, gamma=float(gamma), lam=float(lam))
