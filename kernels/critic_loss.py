@@ -1,0 +1,299 @@
+"""The fused DVPO critic loss (DESIGN.md term 10): the eight per-token terms, the weighted total and
+the gradient w.r.t. every head, in one kernel launch.
+
+Grid: one program per block of BLOCK_T tokens (BLOCK_T = 1 for large rows). Targets are detached,
+so the gradient is computed here, in the forward pass; the autograd backward only scales it.
+
+Phase A (row statistics, rows in registers: theta = mean of the heads [BLOCK_T, N_PAD], targets
+[BLOCK_T, M_PAD]):
+  * tail thresholds of theta and of the targets, sorting-free: rank counting on an [n, n] tile for
+    short rows (padded n <= RANK_SELECT_MAX), else the exact bisection select (`kth_key2`: the
+    lower- and upper-tail selects of a row share one reduction per key bit); CVaR_alpha,
+    CVaR+_beta and the tail variances in closed form from the thresholds (`tail_stats`);
+  * terms 4 (cvar), 5 (gain), 7 (shape) and their per-atom gradient factors
+    dT/dtheta_i = c_lo_i (A_lo + B_lo (theta_i - CVaR_lo)) + c_hi_i (A_hi + B_hi (theta_i - CVaR_hi));
+  * term 6 (shift: relu(mean z - mean theta)) and term 8 (curvature: each tail mean of second
+    differences telescopes to four atoms, so its value and gradient weights are per-index constants).
+Phase B (tiles of BLOCK_N quantiles; theta re-derived from the heads bitwise identically):
+  * terms 1-2: the quantile Huber pair loop over the targets in tiles of BLOCK_M (the same sums
+    serve qh and risk: risk = sum_i w_i S_i), never an [N, M] buffer;
+  * the CVaR coefficients c_lo, c_hi of the tile (ties broken by index through a cumsum and a carry
+    across tiles), the shift and curvature gradients;
+  * term 9 (consistency) and the per-head gradient d total / d head_h = g_theta / H
+    + w_consist 4/(H-1) (head_h - theta), written once per head.
+A weight of 0 removes its term's code at compile time (constexpr flags) and reports the term as 0.
+Masked tokens read nothing (NaN there cannot leak) and get exact zeros; a block with no real token
+skips all work. No atomics: every output element has one writer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from dvpo.reference import curvature_counts
+
+from . import _common
+from ._common import (SUM, acc_dtype, configs, curv_weights, device_guard, head_mean, pow2,
+                      prune_tiles, row_keys2, tail_coef, tail_select, tail_stats, tile_config, tl_acc)
+from .quantile_huber import qh_rows
+
+N_TERMS = 8
+
+# (BLOCK_T, BLOCK_N, BLOCK_M, num_warps); the pruning keeps those that fit the rows (see prune_tiles).
+_GPU_CONFIGS = [tile_config(*c) for c in [
+    (1, 16, 64, 2), (1, 32, 32, 2), (1, 32, 64, 4), (1, 64, 32, 4), (1, 64, 64, 8), (1, 32, 128, 4),
+    (1, 64, 64, 16), (2, 16, 32, 2), (4, 16, 16, 2), (4, 16, 32, 4), (8, 16, 16, 4),
+]]
+_INTERP_CONFIGS = [tile_config(8, 16, 32, 1)]
+
+
+def _prune(configs_, named_args, **kwargs):
+    rank_row = max(pow2(named_args["N"]) if kwargs.get("RANK_N") else 0,
+                   pow2(named_args["M"]) if kwargs.get("RANK_M") else 0)
+    return prune_tiles(configs_, named_args, row_regs=True, rank_row=rank_row)
+
+
+@triton.autotune(configs=configs(_GPU_CONFIGS, _INTERP_CONFIGS), key=["N", "M", "H", "RANK_N", "RANK_M"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _critic_loss_kernel(
+        heads_ptr, target_ptr, taus_ptr, riskw_ptr, mask_ptr, total_ptr, terms_ptr, grad_ptr,
+        T, H, N, M, s_ht, s_hh, s_hn, s_zt, s_zm,
+        k_lo_n, k_hi_n, k_lo_m, k_hi_m, n_lo, n_hi,
+        kappa_: tl.float64, qh_scale_: tl.float64,
+        a_lo_n_: tl.float64, a_hi_n_: tl.float64, a_lo_m_: tl.float64, a_hi_m_: tl.float64,
+        w_qh_: tl.float64, w_risk_: tl.float64, w_cvar_: tl.float64, w_gain_: tl.float64,
+        w_shift_: tl.float64, w_shape_: tl.float64, w_curv_: tl.float64, w_consist_: tl.float64,
+        HAS_MASK: tl.constexpr, DO_QH: tl.constexpr, DO_RISK: tl.constexpr, DO_CVAR: tl.constexpr,
+        DO_GAIN: tl.constexpr, DO_SHIFT: tl.constexpr, DO_SHAPE: tl.constexpr, DO_CURV: tl.constexpr,
+        DO_CONSIST: tl.constexpr, DO_LO: tl.constexpr, DO_HI: tl.constexpr,
+        RANK_N: tl.constexpr, RANK_M: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr,
+        N_PAD: tl.constexpr, M_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tv = tok < T
+    if HAS_MASK:
+        mw = tl.load(mask_ptr + tok, mask=tv, other=0.0).to(ACC)
+    else:
+        mw = tl.where(tv, 1.0, 0.0).to(ACC)
+    keep = mw != 0
+    h_base = heads_ptr + tok * s_ht
+    z_base = target_ptr + tok * s_zt
+    g_row = (grad_ptr + tok * (H * N))[:, None]
+    o_base = terms_ptr + tok * 8
+    rows = tl.arange(0, BLOCK_N)
+    zero = tl.full([BLOCK_T], 0, ACC)
+    if tl.reduce(keep.to(tl.int32), 0, SUM) > 0:
+        kappa = tl.full((), kappa_, ACC)
+        qh_scale = tl.full((), qh_scale_, ACC)
+        w_qh = tl.full((), w_qh_, ACC)
+        w_risk = tl.full((), w_risk_, ACC)
+        w_cvar = tl.full((), w_cvar_, ACC)
+        w_gain = tl.full((), w_gain_, ACC)
+        w_shift = tl.full((), w_shift_, ACC)
+        w_shape = tl.full((), w_shape_, ACC)
+        w_curv = tl.full((), w_curv_, ACC)
+        w_consist = tl.full((), w_consist_, ACC)
+        keep2 = keep[:, None]
+
+        # ---------------- Phase A: row statistics (rows in registers) ----------------
+        offs_n = tl.arange(0, N_PAD)
+        vn = offs_n < N
+        theta = head_mean(h_base, offs_n, keep2 & vn[None, :], H, s_hh, s_hn, ACC)
+        offs_m = tl.arange(0, M_PAD)
+        vm = offs_m < M
+        z = tl.load(z_base[:, None] + offs_m[None, :].to(tl.int64) * s_zm, mask=keep2 & vm[None, :], other=0.0).to(ACC)
+
+        cvar_t = zero
+        gain_t = zero
+        shift_t = zero
+        shape_t = zero
+        curv_t = zero
+        A_lo = zero
+        B_lo = zero
+        cv_lo = zero
+        A_hi = zero
+        B_hi = zero
+        cv_hi = zero
+        if DO_LO:
+            a_lo_n = tl.full((), a_lo_n_, ACC)
+            a_lo_m = tl.full((), a_lo_m_, ACC)
+        if DO_HI:
+            a_hi_n = tl.full((), a_hi_n_, ACC)
+            a_hi_m = tl.full((), a_hi_m_, ACC)
+        kt_lo, t_lo, L_lo, kt_hi, t_hi, L_hi = tail_select(theta, vn[None, :], k_lo_n, k_hi_n, DO_LO, DO_HI,
+                                                           RANK_N, IS_F64)
+        kz_lo, u_lo, Lu_lo, kz_hi, u_hi, Lu_hi = tail_select(z, vm[None, :], k_lo_m, k_hi_m, DO_LO, DO_HI,
+                                                             RANK_M, IS_F64)
+        if DO_LO:
+            cv_lo, var_t_lo = tail_stats(theta, kt_lo, t_lo, L_lo, a_lo_n, False, IS_F64, DO_SHAPE)
+            cz_lo, var_z_lo = tail_stats(z, kz_lo, u_lo, Lu_lo, a_lo_m, False, IS_F64, DO_SHAPE)
+        if DO_HI:
+            cv_hi, var_t_hi = tail_stats(theta, kt_hi, t_hi, L_hi, a_hi_n, True, IS_F64, DO_SHAPE)
+            cz_hi, var_z_hi = tail_stats(z, kz_hi, u_hi, Lu_hi, a_hi_m, True, IS_F64, DO_SHAPE)
+        if DO_CVAR:
+            d_lo = cv_lo - cz_lo
+            cvar_t = d_lo * d_lo
+            A_lo = 2.0 * w_cvar * d_lo
+        if DO_GAIN:
+            d_hi = cv_hi - cz_hi
+            gain_t = d_hi * d_hi
+            A_hi = 2.0 * w_gain * d_hi
+        if DO_SHAPE:
+            v_lo = var_t_lo - var_z_lo  # the lower tail may not be wider than the target's
+            v_hi = var_z_hi - var_t_hi  # the upper tail may not be narrower
+            shape_t = tl.maximum(v_lo, 0.0) + tl.maximum(v_hi, 0.0)
+            B_lo = tl.where(v_lo > 0, 2.0 * w_shape, 0.0)
+            B_hi = tl.where(v_hi > 0, -2.0 * w_shape, 0.0)
+        g_shift = zero
+        if DO_SHIFT:
+            gap = tl.reduce(z, 1, SUM) / M - tl.reduce(theta, 1, SUM) / N
+            shift_t = tl.maximum(gap, 0.0)
+            g_shift = tl.where(gap > 0, -w_shift / N, 0.0)
+        f_lo = zero
+        f_hi = zero
+        if DO_CURV:
+            wl, wh = curv_weights(offs_n, N, n_lo, n_hi, ACC)
+            c_lo = tl.reduce(theta * wl[None, :], 1, SUM)
+            c_hi = tl.reduce(theta * wh[None, :], 1, SUM)
+            curv_t = tl.maximum(c_lo, 0.0) + tl.maximum(c_hi, 0.0)
+            f_lo = tl.where(c_lo > 0, w_curv, 0.0)
+            f_hi = tl.where(c_hi > 0, w_curv, 0.0)
+
+        # ---------------- Phase B: tiles of quantiles: pair loop, gradient ----------------
+        s_qh = zero
+        s_risk = zero
+        s_cons = zero
+        carry_lo = tl.full([BLOCK_T], 0, tl.int32)
+        carry_hi = tl.full([BLOCK_T], 0, tl.int32)
+        cons_coef = w_consist * 0.0
+        if DO_CONSIST:
+            cons_coef = w_consist * 4.0 / (H - 1)
+        g_out = mw[:, None] / H
+        for n0 in range(0, N, BLOCK_N):
+            offs = n0 + rows
+            valid = offs < N
+            ok = keep2 & valid[None, :]
+            th = head_mean(h_base, offs, ok, H, s_hh, s_hn, ACC)
+            g = tl.full([BLOCK_T, BLOCK_N], 0, ACC)
+            if DO_QH or DO_RISK:
+                tau = tl.load(taus_ptr + offs, mask=valid, other=0.0).to(ACC)
+                S, G = qh_rows(th, tau, z_base, s_zm, M, kappa, keep, BLOCK_M, ACC)
+                S = tl.where(valid[None, :], S, 0.0)
+                coef = tl.full([BLOCK_N], 0, ACC)
+                if DO_QH:
+                    s_qh += tl.reduce(S, 1, SUM)
+                    coef += w_qh
+                if DO_RISK:
+                    rw = tl.load(riskw_ptr + offs, mask=valid, other=0.0).to(ACC)
+                    s_risk += tl.reduce(S * rw[None, :], 1, SUM)
+                    coef += w_risk * rw
+                g -= (qh_scale * coef)[None, :] * G
+            if DO_LO or DO_HI:
+                k_lo, k_hi = row_keys2(th, valid[None, :], IS_F64)
+            if DO_LO:
+                c, carry_lo = tail_coef(k_lo, t_lo, L_lo, a_lo_n, carry_lo)
+                g += c * (A_lo[:, None] + B_lo[:, None] * (th - cv_lo[:, None]))
+            if DO_HI:
+                c, carry_hi = tail_coef(k_hi, t_hi, L_hi, a_hi_n, carry_hi)
+                g += c * (A_hi[:, None] + B_hi[:, None] * (th - cv_hi[:, None]))
+            if DO_SHIFT:
+                g += g_shift[:, None]
+            if DO_CURV:
+                cw_lo, cw_hi = curv_weights(offs, N, n_lo, n_hi, ACC)
+                g += f_lo[:, None] * cw_lo[None, :] + f_hi[:, None] * cw_hi[None, :]
+            g = g * g_out  # d theta / d head = 1/H, times the mask weight
+            st_ok = tv[:, None] & valid[None, :]
+            h_ptr = h_base[:, None] + offs[None, :].to(tl.int64) * s_hn
+            g_ptr = g_row + offs[None, :]
+            for _ in range(H):
+                gh = g
+                if DO_CONSIST:
+                    d = tl.load(h_ptr, mask=ok, other=0.0).to(ACC) - th
+                    s_cons += tl.reduce(d * d, 1, SUM)
+                    gh = g + (cons_coef * mw)[:, None] * d
+                tl.store(g_ptr, tl.where(keep2, gh, 0.0), mask=st_ok)
+                h_ptr += s_hh
+                g_ptr += N
+
+        qh_t = s_qh * qh_scale
+        risk_t = s_risk * qh_scale
+        cons_t = zero
+        if DO_CONSIST:
+            cons_t = s_cons * (2.0 / (H - 1))
+        total = (w_qh * qh_t + w_risk * risk_t + w_cvar * cvar_t + w_gain * gain_t + w_shift * shift_t
+                 + w_shape * shape_t + w_curv * curv_t + w_consist * cons_t)
+        tl.store(total_ptr + tok, tl.where(keep, total * mw, 0.0), mask=tv)
+        tl.store(o_base + 0, tl.where(keep, qh_t * mw, 0.0), mask=tv)
+        tl.store(o_base + 1, tl.where(keep, risk_t * mw, 0.0), mask=tv)
+        tl.store(o_base + 2, tl.where(keep, cvar_t * mw, 0.0), mask=tv)
+        tl.store(o_base + 3, tl.where(keep, gain_t * mw, 0.0), mask=tv)
+        tl.store(o_base + 4, tl.where(keep, shift_t * mw, 0.0), mask=tv)
+        tl.store(o_base + 5, tl.where(keep, shape_t * mw, 0.0), mask=tv)
+        tl.store(o_base + 6, tl.where(keep, curv_t * mw, 0.0), mask=tv)
+        tl.store(o_base + 7, tl.where(keep, cons_t * mw, 0.0), mask=tv)
+    else:
+        for n0 in range(0, N, BLOCK_N):
+            offs = n0 + rows
+            st_ok = tv[:, None] & (offs < N)[None, :]
+            g_ptr = g_row + offs[None, :]
+            for _ in range(H):
+                tl.store(g_ptr, tl.full([BLOCK_T, BLOCK_N], 0, ACC), mask=st_ok)
+                g_ptr += N
+        tl.store(total_ptr + tok, zero, mask=tv)
+        for k in range(8):
+            tl.store(o_base + k, zero, mask=tv)
+
+
+def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, weights, select="auto"):
+    """Launch: heads [T, H, N], target [T, M] (any strides; fp16/bf16/fp32/fp64), taus [N], risk_w [N],
+    mask [T] (a float weight) or None, weights: the 8 term weights (TERM_NAMES order)
+    -> (total [T], terms [T, 8], grad [T, H, N]) in fp32 (fp64 for fp64 inputs).
+
+    `select`: how the CVaR thresholds are found: "rank" (rank counting), "bisect" (bisection
+    select) or "auto" (rank counting for rows of at most RANK_SELECT_MAX padded atoms)."""
+    T, H, N = heads.shape
+    M = target.shape[1]
+    if max(pow2(N), pow2(M)) > _common.MAX_ROW:
+        raise ValueError(f"the fused Triton critic loss holds a token's rows in registers: N and M must be "
+                         f"<= {_common.MAX_ROW}, got N={N}, M={M}")
+    acc = acc_dtype(heads.dtype)
+    total = heads.new_empty((T,), dtype=acc)
+    terms = heads.new_empty((T, N_TERMS), dtype=acc)
+    grad = heads.new_empty((T, H, N), dtype=acc)
+    if T == 0:
+        return total, terms, grad
+    w = [float(x) for x in weights]
+    if len(w) != N_TERMS:
+        raise ValueError(f"weights must hold the {N_TERMS} term weights, got {len(w)}")
+    do = {name: w[k] != 0 for k, name in enumerate(("qh", "risk", "cvar", "gain", "shift", "shape", "curv",
+                                                       "consist"))}
+    do["curv"] = do["curv"] and N >= 3
+    do["consist"] = do["consist"] and H > 1
+    n_lo, n_hi = curvature_counts(N, alpha, beta) if N >= 3 else (1, 1)  # on the host, in double
+    taus = taus.to(acc).contiguous()
+    risk_w = risk_w.to(acc).contiguous()
+    mk = None if mask is None else mask.to(acc).contiguous()
+    a_lo_n, a_hi_n, a_lo_m, a_hi_m = alpha * N, beta * N, alpha * M, beta * M
+    qh_scale = 1.0 / (N * M) / (kappa if normalize_kappa else 1.0)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_T"]),)
+
+    with device_guard(heads):
+        _critic_loss_kernel[grid](
+            heads, target, taus, risk_w, taus if mk is None else mk, total, terms, grad,
+            T, H, N, M, heads.stride(0), heads.stride(1), heads.stride(2), target.stride(0), target.stride(1),
+            max(1, math.ceil(a_lo_n)), max(1, math.ceil(a_hi_n)), max(1, math.ceil(a_lo_m)),
+            max(1, math.ceil(a_hi_m)), n_lo, n_hi,
+            float(kappa), float(qh_scale), a_lo_n, a_hi_n, a_lo_m, a_hi_m, *w,
+            HAS_MASK=mk is not None, DO_QH=do["qh"], DO_RISK=do["risk"], DO_CVAR=do["cvar"],
+            DO_GAIN=do["gain"], DO_SHIFT=do["shift"], DO_SHAPE=do["shape"], DO_CURV=do["curv"],
+            DO_CONSIST=do["consist"], DO_LO=do["cvar"] or do["shape"], DO_HI=do["gain"] or do["shape"],
+            RANK_N=_common.use_rank(select, N), RANK_M=_common.use_rank(select, M),
+            IS_F64=acc == torch.float64, ACC=tl_acc(heads.dtype), N_PAD=pow2(N), M_PAD=pow2(M))
+    return total, terms, grad

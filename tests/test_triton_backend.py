@@ -1,0 +1,484 @@
+"""The `triton` backend (kernels/, through dvpo.backends.triton) against autograd of the float64
+reference: every op forward and backward, fp32/bf16 (fp64 computed in fp64), odd sizes, ties,
+crossing quantiles, masks with empty rows, both CVaR threshold selects, opcheck and torch.compile.
+
+Without a GPU the kernels run on CPU tensors in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so these checks use small token counts; with a GPU the same checks run on CUDA,
+and the `gpu`-marked tests at the end add realistic sizes.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton backend needs the `triton` package (not importable here)")
+
+import dvpo  # noqa: E402
+from dvpo import dispatch, library, ops  # noqa: E402
+from dvpo import reference as ref  # noqa: E402
+from dvpo.backends import reference as ref_backend  # noqa: E402
+from dvpo.config import TERM_NAMES, CriticLossConfig  # noqa: E402
+
+from .utils import TOL, randn, random_mask, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REDUCTIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "none"]
+LOW = (torch.float32, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    if DEVICE == "cpu" and not dispatch.triton_interpreter():
+        pytest.skip("no GPU and TRITON_INTERPRET is not set: Triton cannot run here")
+    monkeypatch.setenv("DVPO_BACKEND", "triton")
+
+
+@pytest.fixture(params=["rank", "bisect"])
+def select(request, monkeypatch):
+    """How the CVaR thresholds are found, forced at every size: "rank" (rank counting, what short
+    rows use) or "bisect" (the exact bisection select, what long rows use)."""
+    import dvpo.kernels._common as common
+    monkeypatch.setattr(common, "RANK_SELECT_MAX", 1 << 20 if request.param == "rank" else 0)
+    return request.param
+
+
+# Worst relative error seen per (input dtype, quantity), printed at the end of the module (pytest -s).
+WORST = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_worst_errors():
+    yield
+    if WORST:
+        print("\nworst relative errors vs the float64 reference (triton backend, %s):" % DEVICE)
+        for (dtype, what), err in sorted(WORST.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            print(f"  {str(dtype):15s} {what:10s} {err:.2e}")
+
+
+def _ok(err, dtype, what, tol=None):
+    """err < tol (the DESIGN.md bar for `dtype` unless given), recording the worst error."""
+    tol = TOL[dtype] if tol is None else tol
+    key = (dtype, what)
+    WORST[key] = max(WORST.get(key, 0.0), err)
+    return err < tol
+
+
+def _grad(loss, x, upstream=None):
+    loss = loss if upstream is None else loss * upstream
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    return g
+
+
+def _inputs(lead, h, n, m, dtype, ties):
+    """heads [..., H, N] (unsorted: quantiles cross) and target [..., M]. With ties, values on a grid
+    that keeps the head mean exact in every precision (multiples of 0.75, so H = 3 gives multiples
+    of 0.25): ties and kinks (relu at exactly 0) are then the same for the kernel and the reference."""
+    heads = torch.randn(tuple(lead) + (h, n), dtype=torch.float64)
+    target = torch.randn(tuple(lead) + (m,), dtype=torch.float64) * 1.5 + 0.2
+    if ties:
+        heads = torch.round(heads * 1.5) * 0.75
+        target = torch.round(target * 2.0) * 0.25
+    return heads.to(dtype=dtype, device=DEVICE), target.to(dtype=dtype, device=DEVICE)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_critic(heads, target, mask, cfg, reduction="none", tol=None):
+    """ops.critic_loss (triton) vs autograd of dvpo.reference in float64 on the same rounded inputs:
+    the (reduced) loss, every term, and the gradient w.r.t. the heads under a random upstream.
+    Returns the triton output."""
+    dtype = heads.dtype
+    tol = TOL[dtype] if tol is None else tol
+    x = heads.clone().requires_grad_()
+    out = ops.critic_loss(x, target, mask=mask, config=cfg, reduction=reduction)
+    h64 = heads.detach().double().requires_grad_()
+    want = ref.critic_loss(h64, target.double(), mask=mask, config=cfg, reduction=reduction)
+    up = torch.rand_like(want.loss) + 0.5
+    g = _grad(out.loss, x, up.to(out.loss.dtype))
+    g_want = _grad(want.loss, h64, up)
+    assert out.loss.dtype == _acc(dtype) and g.dtype == dtype and g.shape == heads.shape
+    errs = {"loss": rel_err(out.loss, want.loss), "grad": rel_err(g, g_want)}
+    for name in TERM_NAMES:
+        assert out.terms[name].shape == want.terms[name].shape
+        errs[name] = rel_err(out.terms[name], want.terms[name])
+    bad = {k: v for k, v in errs.items() if not _ok(v, dtype, "critic " + k, tol)}
+    assert not bad, f"relative errors over {tol}: {bad}"
+    return out
+
+
+# --------------------------------------------------------------------------- dispatch, interface
+
+def test_dispatch_selects_the_triton_backend():
+    assert dispatch.selected_name("critic_loss", DEVICE) == "triton"
+    assert ops.backends(DEVICE)["triton"] == "available"
+
+
+def test_backend_implements_the_kernel_interface():
+    import inspect
+
+    from dvpo.backends import triton as tri
+    for op in ("quantile_huber", "cvar", "critic_loss", "distributional_gae"):
+        assert list(inspect.signature(getattr(tri, op)).parameters) == \
+            list(inspect.signature(getattr(ref_backend, op)).parameters), op
+
+
+# --------------------------------------------------------------------------- quantile Huber
+
+@pytest.mark.parametrize("n,m", [(1, 1), (2, 3), (3, 7), (7, 33), (33, 2), (33, 32)])
+@pytest.mark.parametrize("dtype", LOW)
+def test_quantile_huber_matches_reference(n, m, dtype):
+    ties = n in (3, 33)
+    pred = randn((2, 5, n), dtype, ties=ties, device=DEVICE)
+    target = randn((2, 5, m), dtype, scale=2.0, ties=ties, device=DEVICE)
+    mask = random_mask((2, 5), device=DEVICE)
+    t = dvpo.taus(n, "paper", dtype=torch.float64, device=DEVICE)
+    w = torch.rand(n, dtype=torch.float64, device=DEVICE) + 0.5
+    for kw, reduction in [(dict(), "none"), (dict(kappa=0.4, normalize_kappa=True, weights=w), "seq-mean-token-mean")]:
+        x = pred.clone().requires_grad_()
+        got = ops.quantile_huber(x, target, t, mask=mask, reduction=reduction, **kw)
+        x64 = pred.double().requires_grad_()
+        want = ref.quantile_huber(x64, target.double(), t, mask=mask, reduction=reduction, **kw)
+        up = torch.rand_like(want) + 0.5
+        g = _grad(got, x, up.float())
+        assert got.dtype == torch.float32 and g.dtype == dtype
+        assert _ok(rel_err(got, want), dtype, "qh loss")
+        assert _ok(rel_err(g, _grad(want, x64, up)), dtype, "qh grad")
+
+
+# --------------------------------------------------------------------------- CVaR
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 33])
+@pytest.mark.parametrize("upper", [False, True])
+def test_cvar_matches_reference(n, upper, select):
+    for dtype, ties, levels in [(torch.float32, True, (0.05, 0.3, 1.0)), (torch.bfloat16, False, (0.3,))]:
+        x = randn((3, 4, n), dtype, ties=ties, device=DEVICE)
+        x[0, 0] = 0.0
+        if n > 1:
+            x[0, 0, 0] = -0.0  # -0.0 and +0.0 tie
+        for level in levels:
+            xx = x.clone().requires_grad_()
+            got = ops.cvar(xx, level, upper=upper)
+            x64 = x.double().requires_grad_()
+            want = ref.cvar(x64, level, upper=upper)
+            assert got.shape == (3, 4)
+            assert _ok(rel_err(got, want), dtype, "cvar")
+            assert _ok(rel_err(_grad(got, xx), _grad(want, x64)), dtype, "cvar grad")
+
+
+def test_cvar_heavy_ties_split_by_index(select):
+    """Many atoms tied at the threshold: the boundary weight goes to the lowest indices (from either tail)."""
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 2.0, 1.0, 1.0]], device=DEVICE)
+    for level, upper in [(0.35, False), (0.55, True), (0.5, False), (1.0, True)]:
+        _, coef = library.cvar(x, level, upper)
+        assert torch.equal(coef, ref.cvar_coefficients(x.double(), level, upper).float())
+
+
+# --------------------------------------------------------------------------- fused critic loss
+
+_CFG = CriticLossConfig(kappa=0.7, alpha=0.2, beta=0.15, risk_gamma=2.0, consist=0.5, shape=2.0)
+
+
+@pytest.mark.parametrize("h,n,m,ties", [(1, 1, 1, False), (3, 2, 3, True), (1, 3, 7, False), (3, 7, 33, True),
+                                        (1, 33, 7, True), (3, 33, 32, False), (3, 7, 2, False)])
+@pytest.mark.parametrize("dtype", LOW)
+def test_critic_loss_matches_reference(h, n, m, ties, dtype):
+    heads, target = _inputs((2, 5), h, n, m, dtype, ties)
+    mask = random_mask((2, 5), device=DEVICE)
+    _check_critic(heads, target, mask, _CFG)
+
+
+def test_float16_inputs():
+    heads, target = _inputs((2, 5), 3, 7, 9, torch.float16, ties=False)
+    _check_critic(heads, target, random_mask((2, 5), device=DEVICE), _CFG)
+    pred = heads[..., 0, :]
+    x = pred.clone().requires_grad_()
+    x64 = pred.double().requires_grad_()
+    got, want = ops.quantile_huber(x, target, kappa=0.5), ref.quantile_huber(x64, target.double(), kappa=0.5)
+    assert _ok(rel_err(got, want), torch.float16, "qh loss")
+    assert _ok(rel_err(_grad(got, x), _grad(want, x64)), torch.float16, "qh grad")
+    assert _ok(rel_err(ops.cvar(pred, 0.3), ref.cvar(pred.double(), 0.3)), torch.float16, "cvar")
+
+
+@pytest.mark.parametrize("h,n,m,ties", [(3, 7, 33, True), (1, 33, 3, False), (3, 3, 2, True)])
+def test_critic_loss_bisection_select(h, n, m, ties, select):
+    heads, target = _inputs((11,), h, n, m, torch.float32, ties)
+    _check_critic(heads, target, random_mask((11,), device=DEVICE), CriticLossConfig(alpha=0.3, beta=0.25))
+
+
+@pytest.mark.parametrize("off", TERM_NAMES)
+def test_critic_loss_each_weight_off(off):
+    heads, target = _inputs((2, 4), 3, 9, 8, torch.float32, ties=True)
+    cfg = CriticLossConfig(**{off: 0.0, "alpha": 0.3})
+    out = _check_critic(heads, target, None, cfg)
+    assert torch.all(out.terms[off] == 0)
+
+
+def test_critic_loss_single_terms():
+    """Each term alone (all other weights 0): values and gradients term by term."""
+    heads, target = _inputs((3, 3), 3, 12, 10, torch.float32, ties=False)
+    for name in TERM_NAMES:
+        cfg = CriticLossConfig(**{k: (1.0 if k == name else 0.0) for k in TERM_NAMES}, alpha=0.25, beta=0.4)
+        _check_critic(heads, target, None, cfg)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_critic_loss_reductions(reduction):
+    heads, target = _inputs((3, 4), 3, 5, 6, torch.float32, ties=False)
+    _check_critic(heads, target, random_mask((3, 4), device=DEVICE), _CFG, reduction=reduction)
+
+
+def test_critic_loss_large_rows():
+    """N, M beyond one tile and beyond the rank-count limit (the bisection select, several N tiles)."""
+    heads, target = _inputs((2,), 2, 520, 40, torch.float32, ties=False)
+    _check_critic(heads, target, None, CriticLossConfig(alpha=0.05, beta=0.1))
+
+
+def test_float64_is_computed_in_float64(select):
+    heads, target = _inputs((2, 3), 3, 7, 9, torch.float64, ties=True)
+    mask = random_mask((2, 3), device=DEVICE)
+    _check_critic(heads, target, mask, _CFG, reduction="seq-mean-token-sum")
+    x = torch.randn(4, 9, dtype=torch.float64, device=DEVICE)
+    assert _ok(rel_err(ops.cvar(x, 0.3, upper=True), ref.cvar(x, 0.3, upper=True)), torch.float64, "cvar")
+    got = ops.quantile_huber(x, x.flip(0), kappa=0.3)
+    assert got.dtype == torch.float64
+    assert _ok(rel_err(got, ref.quantile_huber(x, x.flip(0), kappa=0.3)), torch.float64, "qh loss")
+
+
+# --------------------------------------------------------------------------- masks, layouts
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_masked_gives_zero_loss_and_zero_finite_grads(reduction):
+    heads, target = _inputs((3, 4), 3, 7, 5, torch.float32, ties=False)
+    heads[0, 0, 0, 0] = float("nan")  # garbage at masked tokens must not leak
+    target[1, 2, 3] = float("inf")
+    mask = torch.zeros(3, 4, dtype=torch.bool, device=DEVICE)
+    x = heads.clone().requires_grad_()
+    out = ops.critic_loss(x, target, mask=mask, reduction=reduction)
+    g = _grad(out.loss, x)
+    assert torch.all(out.loss == 0) and torch.all(g == 0)
+    assert all(torch.all(v == 0) for v in out.terms.values())
+    q = ops.quantile_huber(x.mean(-2), target, mask=mask, reduction=reduction)
+    assert torch.all(q == 0) and torch.all(_grad(q, x) == 0)
+
+
+def test_nan_at_masked_tokens_does_not_leak_and_weights_scale():
+    heads, target = _inputs((2, 5), 3, 6, 4, torch.float32, ties=False)
+    heads[0, 1] = float("nan")
+    target[1, 3] = float("nan")
+    mask = torch.tensor([[1.0, 0.0, 0.5, 2.0, 1.0], [1.0, 1.0, 1.0, 0.0, 0.25]], device=DEVICE)
+    clean_h, clean_t = heads.clone(), target.clone()
+    clean_h[0, 1] = 0.0
+    clean_t[1, 3] = 0.0
+    x = heads.clone().requires_grad_()
+    out = ops.critic_loss(x, target, mask=mask, reduction="none")
+    g = _grad(out.loss, x)
+    assert torch.all(torch.isfinite(out.loss)) and torch.all(torch.isfinite(g))
+    assert torch.all(g[0, 1] == 0) and torch.all(g[1, 3] == 0)
+    _check_critic(clean_h, clean_t, mask, _CFG)  # fractional mask weights scale values and gradients
+
+
+def test_non_contiguous_inputs():
+    base = randn((6, 9, 3, 11), device=DEVICE)
+    heads = base[::2, :, :, 1:]  # [3, 9, 3, 10]: strided
+    pred = base[::2, :, 1, 1:]  # [3, 9, 10]
+    target = randn((5, 9, 3), device=DEVICE).permute(2, 1, 0)  # [3, 9, 5]
+    assert not heads.is_contiguous() and not pred.is_contiguous() and not target.is_contiguous()
+    got = ops.quantile_huber(pred, target)
+    assert rel_err(got, ref.quantile_huber(pred.double(), target.double())) < 1e-5
+    _check_critic(heads, target, None, _CFG)
+    assert rel_err(ops.cvar(pred, 0.3), ref.cvar(pred.double(), 0.3)) < 1e-5
+    rewards = randn((9, 3), device=DEVICE).t()
+    values = randn((5, 9, 3), device=DEVICE).permute(2, 1, 0)
+    mask = random_mask((3, 9), device=DEVICE)
+    adv, ret = ops.distributional_gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    want_adv, want_ret = ref.distributional_gae(rewards.double(), values.double(), mask, gamma=0.9, lam=0.8)
+    assert rel_err(adv, want_adv) < 1e-5 and rel_err(ret, want_ret) < 1e-5
+
+
+def test_deterministic():
+    heads, target = _inputs((4, 5), 3, 17, 19, torch.float32, ties=False)
+    mask = random_mask((4, 5), device=DEVICE)
+    a = library.critic_loss(heads.reshape(20, 3, 17), target.reshape(20, 19), dvpo.taus(17, device=DEVICE),
+                            torch.ones(17, device=DEVICE), mask.reshape(-1).float(), 1.0, 0.1, 0.2, False,
+                            [1.0] * 8, "auto")
+    b = library.critic_loss(heads.reshape(20, 3, 17), target.reshape(20, 19), dvpo.taus(17, device=DEVICE),
+                            torch.ones(17, device=DEVICE), mask.reshape(-1).float(), 1.0, 0.1, 0.2, False,
+                            [1.0] * 8, "auto")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_rows_too_long_for_registers_fall_back_with_a_warning(monkeypatch):
+    import dvpo.kernels._common as common
+    monkeypatch.setattr(common, "MAX_ROW", 16)
+    x = randn((2, 17), device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="limit"):
+        got = ops.cvar(x, 0.1)
+    assert rel_err(got, ref.cvar(x.double(), 0.1)) < 1e-5
+    heads, target = _inputs((2,), 1, 5, 17, torch.float32, ties=False)
+    with pytest.warns(RuntimeWarning, match="limit"):
+        _check_critic(heads, target, None, _CFG)
+
+
+# --------------------------------------------------------------------------- GAE
+
+@pytest.mark.parametrize("b,t,m", [(1, 1, 1), (3, 7, 33), (4, 9, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_distributional_gae_matches_reference(b, t, m, dtype):
+    rewards, values = randn((b, t), dtype, device=DEVICE), randn((b, t, m), dtype, device=DEVICE)
+    mask = random_mask((b, t), device=DEVICE)
+    values = values.masked_fill(~mask.unsqueeze(-1), float("nan"))  # padding is never read
+    adv, ret = ops.distributional_gae(rewards, values, mask, gamma=0.99, lam=0.9)
+    want_adv, want_ret = ref.distributional_gae(rewards.double(), values.double(), mask, gamma=0.99, lam=0.9)
+    assert adv.shape == (b, t) and ret.shape == (b, t, m) and ret.dtype == _acc(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # bf16 inputs, fp32 arithmetic on both sides
+    assert _ok(rel_err(adv, want_adv), dtype, "gae adv", tol) and _ok(rel_err(ret, want_ret), dtype, "gae ret", tol)
+
+
+# --------------------------------------------------------------------------- opcheck, torch.compile
+
+def _opcheck_cases():
+    heads, target = _inputs((6,), 3, 5, 4, torch.float64, ties=False)
+    h32 = heads.float().requires_grad_()
+    t = dvpo.taus(5, dtype=torch.float32, device=DEVICE)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.float32, device=DEVICE)
+    w = ref.risk_weights(t)
+    return [
+        (library.critic_loss, (h32, target.float(), t, w, mask, 1.0, 0.2, 0.2, False, [1.0] * 8, "auto")),
+        (library.critic_loss, (heads.clone().requires_grad_(), target, t.double(), w.double(), None, 0.7, 0.1, 0.5,
+                               True, [1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 1.0], "auto")),
+        (library.quantile_huber, (h32[:, 0], target.float(), t, w, mask, 1.0, False, "auto")),
+        (library.cvar, (h32[:, 1].detach().requires_grad_(), 0.3, True)),
+        (library.distributional_gae, (randn((2, 5), device=DEVICE), randn((2, 5, 3), device=DEVICE),
+                                      mask[:5].expand(2, 5).contiguous(), 1.0, 0.95)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    heads, target = _inputs((2, 7), 3, 8, 6, torch.float32, ties=False)
+    mask = random_mask((2, 7), device=DEVICE)
+
+    def step(h, z, m):
+        out = ops.critic_loss(h, z, mask=m, reduction="seq-mean-token-mean")
+        return out.loss + ops.quantile_huber(h.mean(-2), z, mask=m) + ops.cvar(h, 0.2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    xe, xc = heads.clone().requires_grad_(), heads.clone().requires_grad_()
+    eager, comp = step(xe, target, mask), compiled(xc, target, mask)
+    assert torch.allclose(eager, comp, rtol=1e-6, atol=1e-6)
+    eager.backward()
+    comp.backward()
+    assert torch.allclose(xe.grad, xc.grad, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- compile for H100 without a GPU
+
+_AOT_SCRIPT = r"""
+import importlib, triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+
+def build(mod, ptrs, consts, warps):
+    fn = importlib.import_module(mod).__dict__[ptrs.pop("_kernel")].fn
+    sig = {}
+    for i, name in enumerate(fn.arg_names):
+        p = fn.params[i]
+        sig[name] = "constexpr" if name in consts else ptrs.get(name) or p.annotation_type or "i32"
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps})
+
+f32 = tl.float32
+flags = {k: True for k in ("DO_QH", "DO_RISK", "DO_CVAR", "DO_GAIN", "DO_SHIFT", "DO_SHAPE", "DO_CURV",
+                           "DO_CONSIST", "DO_LO", "DO_HI")}
+crit = {n: "*fp32" for n in ("taus_ptr", "riskw_ptr", "mask_ptr", "total_ptr", "terms_ptr", "grad_ptr")}
+for rank, npad, bt in ((False, 256, 1), (True, 32, 4)):
+    build("dvpo.kernels.critic_loss", dict(crit, _kernel="_critic_loss_kernel", heads_ptr="*bf16", target_ptr="*bf16"),
+          dict(HAS_MASK=True, **flags, RANK_N=rank, RANK_M=rank, IS_F64=False, ACC=f32, N_PAD=npad, M_PAD=npad,
+               BLOCK_T=bt, BLOCK_N=16 if rank else 32, BLOCK_M=32 if rank else 64), 4)
+build("dvpo.kernels.quantile_huber", {"_kernel": "_quantile_huber_kernel", **{n: "*fp32" for n in (
+      "pred_ptr", "target_ptr", "taus_ptr", "w_ptr", "mask_ptr", "loss_ptr", "grad_ptr")}},
+      dict(HAS_W=True, HAS_MASK=True, ACC=f32, BLOCK_T=1, BLOCK_N=32, BLOCK_M=64), 4)
+build("dvpo.kernels.cvar", {"_kernel": "_cvar_kernel", "x_ptr": "*fp64", "value_ptr": "*fp64", "coef_ptr": "*fp64"},
+      dict(UPPER=True, RANK=False, IS_F64=True, ACC=tl.float64, N_PAD=256, BLOCK_T=1), 4)
+build("dvpo.kernels.distributional_gae", {"_kernel": "_gae_kernel", **{n: "*fp32" for n in (
+      "r_ptr", "v_ptr", "mask_ptr", "adv_ptr", "ret_ptr")}}, dict(ACC=f32, BLOCK_B=1, BLOCK_M=32), 1)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(os.environ.get("DVPO_TEST_AOT", "0") in ("", "0"),
+                    reason="set DVPO_TEST_AOT=1 to compile the kernels for sm_90 with Triton's bundled ptxas "
+                           "(no GPU needed, ~30 s)")
+def test_kernels_compile_for_h100():
+    """The interpreter accepts code the compiler rejects: compile the main specializations to sm_90
+    cubins (ahead of time, no GPU needed) in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- GPU, realistic sizes
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_realistic_sizes(dtype):
+    """On CUDA (compiled kernels, autotuned): the fused critic loss at N = M = 200, H = 3 and the
+    other ops at DESIGN.md's odd sizes, against autograd of the float64 reference."""
+    heads, target = _inputs((4, 256), 3, 200, 200, dtype, ties=False)
+    mask = random_mask((4, 256), device=DEVICE)
+    for reduction in ("token-mean", "none"):
+        _check_critic(heads, target, mask, CriticLossConfig(), reduction=reduction)
+    heads, target = _inputs((2, 64), 2, 257, 32, dtype, ties=True)
+    _check_critic(heads, target, random_mask((2, 64), device=DEVICE), _CFG)
+    heads, target = _inputs((2, 16), 1, 1000, 700, dtype, ties=False)  # bisection select, many tiles
+    _check_critic(heads, target, None, _CFG)
+    for n in (1, 2, 3, 7, 32, 200, 257, 600):
+        x = randn((512, n), dtype, ties=True, device=DEVICE)
+        for upper in (False, True):
+            xx = x.clone().requires_grad_()
+            got = ops.cvar(xx, 0.1, upper=upper)
+            x64 = x.double().requires_grad_()
+            want = ref.cvar(x64, 0.1, upper=upper)
+            assert rel_err(got, want) < TOL[dtype] and rel_err(_grad(got, xx), _grad(want, x64)) < TOL[dtype]
+    rewards, values = randn((16, 1024), device=DEVICE), randn((16, 1024, 200), dtype, device=DEVICE)
+    mask = random_mask((16, 1024), device=DEVICE)
+    adv, ret = ops.distributional_gae(rewards, values, mask)
+    want_adv, want_ret = ref.distributional_gae(rewards.double(), values.double(), mask)
+    assert rel_err(adv, want_adv) < 1e-5 and rel_err(ret, want_ret) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_quantile_huber_realistic_sizes():
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, m in [(200, 200), (257, 7), (1, 257), (32, 1000)]:
+            pred = randn((4, 128, n), dtype, device=DEVICE)
+            target = randn((4, 128, m), dtype, scale=2.0, device=DEVICE)
+            mask = random_mask((4, 128), device=DEVICE)
+            x = pred.clone().requires_grad_()
+            got = ops.quantile_huber(x, target, mask=mask, kappa=0.5)
+            x64 = pred.double().requires_grad_()
+            want = ref.quantile_huber(x64, target.double(), mask=mask, kappa=0.5)
+            assert rel_err(got, want) < TOL[dtype]
+            assert rel_err(_grad(got, x), _grad(want, x64)) < TOL[dtype]
+
+
+def test_no_unexpected_warnings():
+    heads, target = _inputs((2, 3), 3, 5, 4, torch.float32, ties=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ops.critic_loss(heads, target)
