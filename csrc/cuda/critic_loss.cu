@@ -1,0 +1,282 @@
+// CUDA fused DVPO critic loss (DESIGN.md, term 10): the eight per-token terms, their weighted total
+// and the gradient w.r.t. the heads, in one kernel, one warp per token.
+//
+// Per token (a warp), in the warp's scratch (shared memory, or the global fallback):
+//   th[N]  ensemble theta = mean of the H heads (16-byte vector loads of the heads when aligned),
+//   g[N]   d total / d theta, accumulated term by term,
+//   z[M]   the targets,
+//   kt[N], kz[M]  order-preserving integer keys of theta and z (only when a tail term is on).
+// Phases, separated by __syncwarp():
+//   1. quantile Huber and risk-weighted quantile Huber in one pair pass (qh_pairs, pairwise.cuh):
+//      both share the pairs, the risk term only reweights each atom's sums;
+//   2. tails: one exact bisection select per row finds both thresholds (lower alpha, upper beta),
+//      then CVaR values and tail variances by coefficient passes (common.cuh); terms 3, 4, 6;
+//      the mean-shift term 5 from two warp sums; their gradients added to g in one pass;
+//   3. curvature (term 7): two warp sums of second differences; the gradient of a mean of a run of
+//      them telescopes to four atoms, so lane 0 adds it to at most eight entries of g;
+//   4. the output pass: grad[h, i] = mask * (g_i / H + w_consist 4 / (H - 1) (heads_hi - theta_i)),
+//      summing the consistency term (9) on the way (the heads are re-read, L1/L2-hot).
+// Terms whose weight is 0 are skipped and reported as 0. Every sum is a fixed-order per-lane loop
+// plus a shuffle butterfly: no atomics, bitwise deterministic. `algorithm` is ignored (pairwise).
+#include "common.cuh"
+#include "pairwise.cuh"
+
+namespace dvpo {
+namespace cuda {
+namespace detail {
+namespace {
+
+template <typename acc_t>
+struct CriticLayout {
+  size_t th, g, z, kt, kz, bytes;
+  __host__ __device__ CriticLayout(int n, int m) {
+    using key_t = typename KeyOf<acc_t>::type;
+    th = 0;
+    g = th + align16(sizeof(acc_t) * n);
+    z = g + align16(sizeof(acc_t) * n);
+    kt = z + align16(sizeof(acc_t) * m);
+    kz = kt + align16(sizeof(key_t) * n);
+    bytes = kz + align16(sizeof(key_t) * m);
+  }
+};
+
+enum Term { kQh = 0, kRisk, kCvar, kGain, kShift, kShape, kCurv, kConsist, kTerms };
+
+template <typename scalar_t, bool kShared>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+    critic_loss_kernel(const CriticLossParams<scalar_t> p, const size_t per_token) {
+  using acc = acc_t<scalar_t>;
+  using key_t = typename KeyOf<acc>::type;
+  const int lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
+  const int H = p.h, n = p.n, m = p.m;
+  const CriticLayout<acc> lay(n, m);
+  char* base = warp_scratch<kShared>(p.workspace, per_token);
+  acc* th = reinterpret_cast<acc*>(base + lay.th);
+  acc* g = reinterpret_cast<acc*>(base + lay.g);
+  acc* z = reinterpret_cast<acc*>(base + lay.z);
+  key_t* kt = reinterpret_cast<key_t*>(base + lay.kt);
+  key_t* kz = reinterpret_cast<key_t*>(base + lay.kz);
+
+  acc w[kTerms];
+#pragma unroll
+  for (int t = 0; t < kTerms; ++t) w[t] = static_cast<acc>(p.weights[t]);
+  const acc k = static_cast<acc>(p.kappa);
+  const acc scale = math::qh_scale<acc>(n, m, k, p.normalize_kappa);
+  const bool do_pairs = w[kQh] != acc(0) || w[kRisk] != acc(0);
+  const bool need_lo = w[kCvar] != acc(0) || w[kShape] != acc(0);
+  const bool need_hi = w[kGain] != acc(0) || w[kShape] != acc(0);
+  const bool need_var = w[kShape] != acc(0);
+  const bool do_consist = H > 1 && w[kConsist] != acc(0);
+  const bool do_curv = n >= 3 && w[kCurv] != acc(0);
+  const acc alpha_n = static_cast<acc>(p.alpha * n), beta_n = static_cast<acc>(p.beta * n);
+  const acc alpha_m = static_cast<acc>(p.alpha * m), beta_m = static_cast<acc>(p.beta * m);
+  const int curv_lo = math::curvature_count(p.alpha, n), curv_hi = math::curvature_count(p.beta, n);
+  const acc inv_h = acc(1) / acc(H);
+  const acc consist_grad = do_consist ? w[kConsist] * acc(4.0 / (H - 1)) : acc(0);
+  const int64_t hn = static_cast<int64_t>(H) * n;
+
+  for (int64_t tok = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); tok < p.tokens;
+       tok += static_cast<int64_t>(gridDim.x) * warps) {
+    acc* grad = p.grad + tok * hn;
+    acc* terms_out = p.terms + tok * kTerms;
+    const acc mw = p.mask ? p.mask[tok] : acc(1);
+    if (mw == acc(0)) {  // masked: every output exactly 0, inputs never read
+      for (int64_t e = lane; e < hn; e += 32) grad[e] = acc(0);
+      if (lane < kTerms) terms_out[lane] = acc(0);
+      if (lane == 0) p.total[tok] = acc(0);
+      continue;
+    }
+    const scalar_t* heads = p.heads + tok * hn;
+    __syncwarp();  // the previous token's readers are done with the scratch
+    load_rows_mean(heads, H, n, th, lane);
+    load_rows_mean(p.target + tok * m, 1, m, z, lane);
+    __syncwarp();
+    acc term[kTerms];
+#pragma unroll
+    for (int t = 0; t < kTerms; ++t) term[t] = acc(0);
+
+    // ---- 1. quantile Huber (term 1) and risk-weighted quantile Huber (term 2), one pair pass.
+    if (do_pairs) {
+      const acc* rw = p.risk_weights;
+      acc q_part = 0, r_part = 0;
+      auto emit = [&](int i, acc loss_i, acc dsum_i) {
+        const acc rwi = rw[i];
+        q_part += loss_i;
+        r_part += rwi * loss_i;
+        g[i] = -scale * dsum_i * (w[kQh] + w[kRisk] * rwi);
+      };
+      qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
+      if (w[kQh] != acc(0)) term[kQh] = warp_sum(q_part) * scale;
+      if (w[kRisk] != acc(0)) term[kRisk] = warp_sum(r_part) * scale;
+    } else {
+      for (int i = lane; i < n; i += 32) g[i] = acc(0);
+    }
+    if (need_lo || need_hi) {
+      for (int i = lane; i < n; i += 32) kt[i] = order_key(th[i]);
+      for (int j = lane; j < m; j += 32) kz[j] = order_key(z[j]);
+    }
+    __syncwarp();
+
+    // ---- 2. tails (terms 3, 4, 6) and the mean shift (term 5); gradients into g.
+    acc shift_grad = 0;
+    if (w[kShift] != acc(0)) {
+      acc st = 0, sz = 0;
+      for (int i = lane; i < n; i += 32) st += th[i];
+      for (int j = lane; j < m; j += 32) sz += z[j];
+      const acc gap = div_rn(warp_sum(sz), acc(m)) - div_rn(warp_sum(st), acc(n));
+      term[kShift] = gap > acc(0) ? gap : acc(0);
+      shift_grad = gap > acc(0) ? -w[kShift] / acc(n) : acc(0);
+    }
+    if (need_lo || need_hi) {
+      Tail<acc> zlo, zhi, tlo, thi;
+      find_tails<acc>(kz, m, need_lo, alpha_m, need_hi, beta_m, zlo, zhi, lane);
+      find_tails<acc>(kt, n, need_lo, alpha_n, need_hi, beta_n, tlo, thi, lane);
+      TailStats<acc> zl, zh, tl, thh;
+      if (need_lo) {
+        zl = tail_stats<acc>(z, kz, m, zlo, need_var, lane);
+        tl = tail_stats<acc>(th, kt, n, tlo, need_var, lane);
+      }
+      if (need_hi) {
+        zh = tail_stats<acc>(z, kz, m, zhi, need_var, lane);
+        thh = tail_stats<acc>(th, kt, n, thi, need_var, lane);
+      }
+      // d/d theta_i = c_lo,i (a_lo + b_lo (theta_i - CVaR_lo)) + c_hi,i (a_hi + b_hi (theta_i - CVaR_hi)).
+      acc a_lo = 0, b_lo = 0, a_hi = 0, b_hi = 0;
+      if (w[kCvar] != acc(0)) {
+        const acc d = tl.value - zl.value;
+        term[kCvar] = d * d;
+        a_lo = acc(2) * w[kCvar] * d;
+      }
+      if (w[kGain] != acc(0)) {
+        const acc d = thh.value - zh.value;
+        term[kGain] = d * d;
+        a_hi = acc(2) * w[kGain] * d;
+      }
+      if (need_var) {
+        const acc lo = tl.var - zl.var, hi = zh.var - thh.var;
+        term[kShape] = (lo > acc(0) ? lo : acc(0)) + (hi > acc(0) ? hi : acc(0));
+        b_lo = lo > acc(0) ? acc(2) * w[kShape] : acc(0);
+        b_hi = hi > acc(0) ? acc(-2) * w[kShape] : acc(0);
+      }
+      // Same lane <-> atom mapping in both passes (e = 32 r + lane): no hazard between them.
+      if (need_lo)
+        for_each_coef<acc>(kt, n, tlo, lane, [&](int e, acc c) {
+          g[e] += c * (a_lo + b_lo * (th[e] - tl.value)) + shift_grad;
+        });
+      if (need_hi)
+        for_each_coef<acc>(kt, n, thi, lane, [&](int e, acc c) {
+          g[e] += c * (a_hi + b_hi * (th[e] - thh.value)) + (need_lo ? acc(0) : shift_grad);
+        });
+    } else if (shift_grad != acc(0)) {
+      for (int i = lane; i < n; i += 32) g[i] += shift_grad;
+    }
+    __syncwarp();
+
+    // ---- 3. curvature (term 7): the means of the first curv_lo and the last curv_hi second
+    // differences d2_k = (th[k+2] - 2 th[k+1]) + th[k] (computed as the reference does, so that the
+    // relu decisions agree at exact ties); the gradient of a mean of consecutive d2 telescopes to
+    // four atoms: d/d th of sum_{k=a}^{b} d2_k is +1 at a, -1 at a+1, -1 at b+1, +1 at b+2.
+    if (do_curv) {
+      const int a_hi = n - 2 - curv_hi;
+      acc s_lo = 0, s_hi = 0;
+      for (int kk = lane; kk < curv_lo; kk += 32) s_lo += (th[kk + 2] - acc(2) * th[kk + 1]) + th[kk];
+      for (int kk = a_hi + lane; kk < n - 2; kk += 32) s_hi += (th[kk + 2] - acc(2) * th[kk + 1]) + th[kk];
+      const acc lo = warp_sum(s_lo) / acc(curv_lo);
+      const acc hi = -(warp_sum(s_hi) / acc(curv_hi));
+      term[kCurv] = (lo > acc(0) ? lo : acc(0)) + (hi > acc(0) ? hi : acc(0));
+      if (lane == 0) {
+        if (lo > acc(0)) {
+          const acc s = w[kCurv] / acc(curv_lo);
+          g[0] += s;
+          g[1] -= s;
+          g[curv_lo] -= s;
+          g[curv_lo + 1] += s;
+        }
+        if (hi > acc(0)) {
+          const acc s = w[kCurv] / acc(curv_hi);
+          g[a_hi] -= s;
+          g[a_hi + 1] += s;
+          g[n - 2] += s;
+          g[n - 1] -= s;
+        }
+      }
+      __syncwarp();
+    }
+
+    // ---- 4. output pass: gradient w.r.t. each head, and the consistency term (9).
+    if (do_consist) {
+      acc c_part = 0;
+      for (int i = lane; i < n; i += 32) {
+        const acc gi = g[i] * inv_h, ti = th[i];
+        for (int hh = 0; hh < H; ++hh) {
+          const acc c = to_acc(heads[static_cast<int64_t>(hh) * n + i]) - ti;
+          c_part += c * c;
+          grad[static_cast<int64_t>(hh) * n + i] = mw * (gi + consist_grad * c);
+        }
+      }
+      term[kConsist] = warp_sum(c_part) * acc(2.0 / (H - 1));
+    } else {
+      for (int i = lane; i < n; i += 32) {
+        const acc gi = mw * (g[i] * inv_h);
+        for (int hh = 0; hh < H; ++hh) grad[static_cast<int64_t>(hh) * n + i] = gi;
+      }
+    }
+    if (lane == 0) {
+      acc total = 0;
+#pragma unroll
+      for (int t = 0; t < kTerms; ++t) {
+        total += w[t] * term[t];
+        terms_out[t] = mw * term[t];
+      }
+      p.total[tok] = mw * total;
+    }
+  }
+}
+
+template <typename scalar_t>
+cudaError_t plan_critic(const CriticLossParams<scalar_t>& p, Plan& plan) {
+  return make_plan(CriticLayout<acc_t<scalar_t>>(p.n, p.m).bytes, p.tokens, plan);
+}
+
+}  // namespace
+}  // namespace detail
+
+template <typename scalar_t>
+size_t critic_loss_workspace_bytes(const CriticLossParams<scalar_t>& p) {
+  detail::Plan plan;
+  if (p.tokens <= 0 || detail::plan_critic(p, plan) != cudaSuccess) return 0;
+  return plan.workspace;
+}
+
+template <typename scalar_t>
+cudaError_t launch_critic_loss(const CriticLossParams<scalar_t>& p, cudaStream_t stream) {
+  if (p.tokens <= 0) return cudaSuccess;
+  if (p.h < 1 || p.n < 1 || p.m < 1) return cudaErrorInvalidValue;
+  if (!(p.alpha > 0.0 && p.alpha <= 1.0) || !(p.beta > 0.0 && p.beta <= 1.0)) return cudaErrorInvalidValue;
+  detail::Plan plan;
+  cudaError_t err = detail::plan_critic(p, plan);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(plan.blocks)), block(32 * plan.warps);
+  if (plan.global) {
+    if (p.workspace == nullptr) return cudaErrorInvalidValue;
+    detail::critic_loss_kernel<scalar_t, false><<<grid, block, 0, stream>>>(p, plan.per_token);
+  } else {
+    err = detail::prepare_kernel(detail::critic_loss_kernel<scalar_t, true>, plan);
+    if (err != cudaSuccess) return err;
+    detail::critic_loss_kernel<scalar_t, true><<<grid, block, plan.smem, stream>>>(p, plan.per_token);
+  }
+  return cudaGetLastError();
+}
+
+#define DVPO_INSTANTIATE(T)                                                          \
+  template size_t critic_loss_workspace_bytes<T>(const CriticLossParams<T>&);        \
+  template cudaError_t launch_critic_loss<T>(const CriticLossParams<T>&, cudaStream_t);
+DVPO_INSTANTIATE(float)
+DVPO_INSTANTIATE(double)
+DVPO_INSTANTIATE(__half)
+DVPO_INSTANTIATE(__nv_bfloat16)
+#undef DVPO_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace dvpo

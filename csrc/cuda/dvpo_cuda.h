@@ -1,0 +1,129 @@
+// The CUDA backend's launcher API: plain C++ (no torch, no device code), so the binding
+// (csrc/cuda/bindings.cpp, compiled by the host compiler with torch) and the kernel files
+// (csrc/cuda/*.cu, compiled by nvcc without torch) share it.
+//
+// Every op works on flattened, contiguous tensors, tokens first (the kernel interface of
+// dvpo/backends/reference.py). `scalar_t` is the input dtype (float, double, __half,
+// __nv_bfloat16); per-token values and gradients are written in the accumulation type
+// acc_t<scalar_t> (double for double, else float). Small per-quantile vectors (taus, weights,
+// risk weights) and the mask arrive already converted to acc_t. Each launcher enqueues its
+// kernels on `stream` and returns the launch status; it never synchronizes.
+//
+// Explicit instantiations for float, double, __half and __nv_bfloat16 live in the .cu files.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dvpo {
+namespace cuda {
+
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using acc_t = typename AccType<scalar_t>::type;
+
+// ----------------------------------------------------------------------------------- quantile Huber
+// loss[t] = mask[t] * scale * sum_i w_i sum_j |tau_i - 1{u<0}| L_k(u), u = target[t, j] - pred[t, i];
+// grad[t, i] = d loss[t] / d pred[t, i]. Masked tokens (mask == 0) give 0 and are never read.
+template <typename scalar_t>
+struct QuantileHuberParams {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* pred = nullptr;    // [T, N]
+  const scalar_t* target = nullptr;  // [T, M]
+  const acc* taus = nullptr;         // [N]
+  const acc* weights = nullptr;      // [N] or nullptr (all 1)
+  const acc* mask = nullptr;         // [T] per-token weight, or nullptr (all 1)
+  acc* loss = nullptr;               // [T] out
+  acc* grad = nullptr;               // [T, N] out
+  int64_t tokens = 0;
+  int n = 0, m = 0;
+  double kappa = 1.0;
+  bool normalize_kappa = false;
+  void* workspace = nullptr;  // quantile_huber_workspace_bytes(...) bytes, when that is not 0
+};
+
+// ----------------------------------------------------------------------------------------- CVaR
+// value[t] = sum_i coef[t, i] x[t, i]; coef = the sorting-free CVaR coefficients (DESIGN.md, term 3).
+template <typename scalar_t>
+struct CvarParams {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* x = nullptr;  // [T, N]
+  acc* value = nullptr;         // [T] out
+  acc* coef = nullptr;          // [T, N] out
+  int64_t tokens = 0;
+  int n = 0;
+  double level = 0.1;
+  bool upper = false;
+  void* workspace = nullptr;
+};
+
+// ------------------------------------------------------------------------------ fused critic loss
+// The eight per-token terms (TERM_NAMES order: qh, risk, cvar, gain, shift, shape, curv, consist),
+// the weighted total and the gradient of the total w.r.t. the heads, all times the mask weight.
+template <typename scalar_t>
+struct CriticLossParams {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* heads = nullptr;   // [T, H, N]
+  const scalar_t* target = nullptr;  // [T, M]
+  const acc* taus = nullptr;         // [N]
+  const acc* risk_weights = nullptr; // [N]
+  const acc* mask = nullptr;         // [T] or nullptr
+  acc* total = nullptr;              // [T] out
+  acc* terms = nullptr;              // [T, 8] out
+  acc* grad = nullptr;               // [T, H, N] out
+  int64_t tokens = 0;
+  int h = 1, n = 0, m = 0;
+  double kappa = 1.0, alpha = 0.1, beta = 0.1;
+  bool normalize_kappa = false;
+  double weights[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  void* workspace = nullptr;
+};
+
+// ----------------------------------------------------------------------------- distributional GAE
+// adv[b, t] = mean_j A[b, t, j]; ret[b, t, j] = V + A; both 0 where mask == 0 (DESIGN.md, term 11).
+template <typename scalar_t>
+struct GaeParams {
+  using acc = acc_t<scalar_t>;
+  const acc* rewards = nullptr;     // [B, T]
+  const scalar_t* values = nullptr; // [B, T, M]
+  const acc* mask = nullptr;        // [B, T], nonzero = real token
+  acc* adv = nullptr;               // [B, T] out
+  acc* ret = nullptr;               // [B, T, M] out
+  int64_t batch = 0;
+  int64_t length = 0;
+  int m = 0;
+  double gamma = 1.0, lam = 0.95;
+  void* workspace = nullptr;  // gae_workspace_bytes(...) bytes
+};
+
+// Bytes of global scratch a launch needs (0 in the usual case: per-token data fits shared memory;
+// larger N, M fall back to a global per-token scratch). Query on the device the launch will use.
+template <typename scalar_t>
+size_t quantile_huber_workspace_bytes(const QuantileHuberParams<scalar_t>& p);
+template <typename scalar_t>
+size_t cvar_workspace_bytes(const CvarParams<scalar_t>& p);
+template <typename scalar_t>
+size_t critic_loss_workspace_bytes(const CriticLossParams<scalar_t>& p);
+template <typename scalar_t>
+size_t gae_workspace_bytes(const GaeParams<scalar_t>& p);
+
+template <typename scalar_t>
+cudaError_t launch_quantile_huber(const QuantileHuberParams<scalar_t>& p, cudaStream_t stream);
+template <typename scalar_t>
+cudaError_t launch_cvar(const CvarParams<scalar_t>& p, cudaStream_t stream);
+template <typename scalar_t>
+cudaError_t launch_critic_loss(const CriticLossParams<scalar_t>& p, cudaStream_t stream);
+template <typename scalar_t>
+cudaError_t launch_distributional_gae(const GaeParams<scalar_t>& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace dvpo

@@ -1,0 +1,108 @@
+// CUDA quantile Huber loss (DESIGN.md, terms 1 and 2): per-token loss and, in the same pass, the
+// gradient w.r.t. pred. One warp per token: pred and target rows staged in the warp's scratch
+// (converted to acc_t, 16-byte vector loads when aligned), the N x M pairs by qh_pairs
+// (pairwise.cuh), the token's loss by a shuffle reduction. No atomics; never an [N, M] buffer.
+// `algorithm` is not seen here: the CUDA backend always runs the pairwise kernel.
+#include "common.cuh"
+#include "pairwise.cuh"
+
+namespace dvpo {
+namespace cuda {
+namespace detail {
+namespace {
+
+template <typename acc_t>
+struct QhLayout {
+  size_t th, z, bytes;
+  __host__ __device__ QhLayout(int n, int m) {
+    th = 0;
+    z = align16(sizeof(acc_t) * n);
+    bytes = z + align16(sizeof(acc_t) * m);
+  }
+};
+
+template <typename scalar_t, bool kShared>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+    quantile_huber_kernel(const QuantileHuberParams<scalar_t> p, const size_t per_token) {
+  using acc = acc_t<scalar_t>;
+  const int lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
+  const QhLayout<acc> lay(p.n, p.m);
+  char* base = warp_scratch<kShared>(p.workspace, per_token);
+  acc* th = reinterpret_cast<acc*>(base + lay.th);
+  acc* z = reinterpret_cast<acc*>(base + lay.z);
+  const int n = p.n, m = p.m;
+  const acc k = static_cast<acc>(p.kappa);
+  const acc scale = math::qh_scale<acc>(n, m, k, p.normalize_kappa);
+
+  for (int64_t tok = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); tok < p.tokens;
+       tok += static_cast<int64_t>(gridDim.x) * warps) {
+    acc* grad = p.grad + tok * n;
+    const acc mw = p.mask ? p.mask[tok] : acc(1);
+    if (mw == acc(0)) {  // masked: outputs exactly 0, inputs never read
+      for (int i = lane; i < n; i += 32) grad[i] = acc(0);
+      if (lane == 0) p.loss[tok] = acc(0);
+      continue;
+    }
+    __syncwarp();  // the previous token's readers are done with the scratch
+    load_rows_mean(p.pred + tok * n, 1, n, th, lane);
+    load_rows_mean(p.target + tok * m, 1, m, z, lane);
+    __syncwarp();
+    const acc* w = p.weights;
+    acc part = 0;
+    auto emit = [&](int i, acc loss_i, acc dsum_i) {
+      const acc wi = w ? w[i] : acc(1);
+      part += wi * loss_i;
+      grad[i] = mw * (-scale * wi * dsum_i);
+    };
+    qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
+    part = warp_sum(part);
+    if (lane == 0) p.loss[tok] = mw * (part * scale);
+  }
+}
+
+template <typename scalar_t>
+cudaError_t plan_qh(const QuantileHuberParams<scalar_t>& p, Plan& plan) {
+  return make_plan(QhLayout<acc_t<scalar_t>>(p.n, p.m).bytes, p.tokens, plan);
+}
+
+}  // namespace
+}  // namespace detail
+
+template <typename scalar_t>
+size_t quantile_huber_workspace_bytes(const QuantileHuberParams<scalar_t>& p) {
+  detail::Plan plan;
+  if (p.tokens <= 0 || detail::plan_qh(p, plan) != cudaSuccess) return 0;
+  return plan.workspace;
+}
+
+template <typename scalar_t>
+cudaError_t launch_quantile_huber(const QuantileHuberParams<scalar_t>& p, cudaStream_t stream) {
+  if (p.tokens <= 0) return cudaSuccess;
+  if (p.n < 1 || p.m < 1) return cudaErrorInvalidValue;
+  detail::Plan plan;
+  cudaError_t err = detail::plan_qh(p, plan);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(plan.blocks)), block(32 * plan.warps);
+  if (plan.global) {
+    if (p.workspace == nullptr) return cudaErrorInvalidValue;
+    detail::quantile_huber_kernel<scalar_t, false><<<grid, block, 0, stream>>>(p, plan.per_token);
+  } else {
+    err = detail::prepare_kernel(detail::quantile_huber_kernel<scalar_t, true>, plan);
+    if (err != cudaSuccess) return err;
+    detail::quantile_huber_kernel<scalar_t, true><<<grid, block, plan.smem, stream>>>(p, plan.per_token);
+  }
+  return cudaGetLastError();
+}
+
+#define DVPO_INSTANTIATE(T)                                                                      \
+  template size_t quantile_huber_workspace_bytes<T>(const QuantileHuberParams<T>&);              \
+  template cudaError_t launch_quantile_huber<T>(const QuantileHuberParams<T>&, cudaStream_t);
+DVPO_INSTANTIATE(float)
+DVPO_INSTANTIATE(double)
+DVPO_INSTANTIATE(__half)
+DVPO_INSTANTIATE(__nv_bfloat16)
+#undef DVPO_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace dvpo
