@@ -13,7 +13,11 @@ import sys
 COMMANDS = {
     # name: (module, one-line help)
     "check": ("dvpo.check", "run the fused critic loss on every available backend against the reference"),
-    "demo": ("dvpo.check", "a first look: the backend check (becomes a short DVPO training run)"),
+    "sft": ("dvpo.trainer.cmd_sft", "SFT warm-up of the policy on a task (cached by task, model and seed)"),
+    "train": ("dvpo.trainer.cmd_train", "one RL run: --algo dvpo|ppo|grpo|robust-ppo|reinforce++ --task --noise"),
+    "eval": ("dvpo.trainer.cmd_eval", "held-out accuracy of a run or policy checkpoint (--ckpt DIR)"),
+    "demo": ("dvpo.trainer.cmd_demo", "SFT warm-up + a short DVPO run on a tiny model (a few minutes on a CPU)"),
+    "bench": ("dvpo.bench_cli", "benchmark every op and backend against eager PyTorch and torch.compile"),
 }
 
 

@@ -1,0 +1,208 @@
+"""Configuration dataclasses of the trainer (cheap to import: no transformers here).
+
+`TrainConfig` is the whole experiment: `dvpo.trainer.train(TrainConfig(...))` runs it and the
+`dvpo train` command line is generated from its fields (``--field-name``), so both stay in sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Optional
+
+
+def _f(default, help_text, **kw):
+    return dataclasses.field(default=default, metadata={"help": help_text, **kw})
+
+
+@dataclasses.dataclass
+class ModelFields:
+    model: Optional[str] = _f(None, "local Hugging Face checkpoint dir (model + tokenizer) instead of the tiny config")
+    arch: str = _f("llama", "tiny config style: llama or qwen2", choices=("llama", "qwen2"))
+    hidden: int = _f(64, "tiny config: hidden size")
+    layers: int = _f(2, "tiny config: layers")
+    heads: int = _f(4, "tiny config: attention heads")
+    ffn: int = _f(256, "tiny config: FFN size")
+    max_positions: int = _f(128, "tiny config: max positions")
+    attn: str = _f("auto", "attention implementation (auto: flash_attention_2 on GPU if installed, else sdpa)")
+    device: str = _f("auto", "cpu, cuda or auto")
+    threads: int = _f(0, "torch.set_num_threads (0: leave torch's default)")
+
+
+@dataclasses.dataclass
+class SFTFields:
+    sft_steps: int = _f(1500, "SFT warm-up: at most this many steps")
+    sft_target_acc: Optional[float] = _f(None, "SFT warm-up: stop once greedy accuracy on a train-split validation set "
+                                               "reaches this (default: the task's, e.g. 0.35 for math)")
+    sft_lr: float = _f(3e-3, "SFT warm-up: AdamW learning rate")
+    sft_batch: int = _f(128, "SFT warm-up: batch size")
+    sft_warmup: int = _f(50, "SFT warm-up: linear LR warm-up steps")
+    sft_eval_every: int = _f(10, "SFT warm-up: validation every this many steps")
+    sft_seed: Optional[int] = _f(None, "seed of the SFT warm start (default: the run's seed)")
+    sft_cache: Optional[str] = _f(None, "SFT checkpoint cache dir (default $DVPO_CACHE or ~/.cache/dvpo)")
+
+
+@dataclasses.dataclass
+class SFTConfig(ModelFields, SFTFields):
+    task: str = _f("math", "task: math, science or dialogue (name[:levels], e.g. math:1-5)")
+    seed: int = _f(0, "random seed")
+    out: Optional[str] = _f(None, "write the SFT checkpoint here (default: the cache)")
+    progress: bool = _f(True, "tqdm progress bars")
+
+    def sft_key(self) -> dict:
+        """What determines the SFT checkpoint (its cache key)."""
+        names = [f.name for f in dataclasses.fields(ModelFields) if f.name not in ("device", "threads")]
+        names += [f.name for f in dataclasses.fields(SFTFields) if f.name not in ("sft_seed", "sft_cache")]
+        key = {n: getattr(self, n) for n in names}
+        key.update(task=self.task, seed=self.seed if self.sft_seed is None else self.sft_seed, version=1)
+        return key
+
+
+@dataclasses.dataclass
+class TrainConfig(SFTConfig):
+    algo: str = _f("dvpo", "dvpo, ppo, grpo, robust-ppo or reinforce++",
+                   choices=("dvpo", "ppo", "grpo", "robust-ppo", "reinforce++"))
+    noise: str = _f("none", "reward noise: none, flip:P, gauss:S, rm:ACC, missing:P, vote:K (chain with +)")
+    steps: int = _f(200, "RL steps")
+    out: Optional[str] = _f(None, "run directory (metrics.jsonl, plots, checkpoints)")
+    resume: bool = _f(False, "continue the run in --out from its last checkpoint")
+    init: Optional[str] = _f(None, "start from this policy checkpoint dir instead of the SFT warm start")
+    # sampling
+    prompts_per_step: int = _f(32, "prompts per step")
+    group_size: int = _f(8, "samples per prompt (G)")
+    temperature: float = _f(1.0, "sampling temperature")
+    max_new_tokens: int = _f(0, "response length cap (0: the task's)")
+    # optimisation
+    ppo_epochs: int = _f(2, "passes over each batch")
+    minibatches: int = _f(1, "minibatches per epoch")
+    clip_eps: float = _f(0.2, "PPO ratio clip")
+    cliprange_value: float = _f(0.5, "value clip (per quantile for DVPO; 0: off)")
+    policy_lr: float = _f(3e-4, "policy AdamW learning rate")
+    critic_lr: float = _f(1e-3, "critic AdamW learning rate (separate critic)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient norm clip (0: off)")
+    kl_coef: float = _f(0.001, "KL-to-reference coefficient (in the reward; a k3 loss for grpo)")
+    entropy_coef: float = _f(0.0, "entropy bonus")
+    vf_coef: float = _f(0.5, "critic loss weight when the critic shares the policy trunk")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE lambda")
+    bf16: bool = _f(True, "bf16 autocast on a GPU (CPU always runs fp32)")
+    # critic
+    shared_critic: bool = _f(False, "critic heads on the policy trunk instead of a separate copy")
+    n_heads: int = _f(3, "critic heads H (dvpo: quantile heads; robust-ppo: scalar critics)")
+    n_quantiles: int = _f(32, "quantiles per head N (dvpo; the paper uses 200)")
+    taus: str = _f("midpoint", "quantile grid: midpoint (2i-1)/2N or paper i/N", choices=("midpoint", "paper"))
+    advantage: str = _f("mean", "dvpo actor advantage: mean over quantiles, or cvar:ALPHA (risk-sensitive)")
+    grpo_scale: bool = _f(True, "grpo: divide by the group std (off: Dr. GRPO)")
+    kappa: float = _f(1.0, "critic loss: Huber kappa")
+    alpha: float = _f(0.1, "critic loss: lower-tail level alpha")
+    beta: float = _f(0.1, "critic loss: upper-tail level beta")
+    risk_gamma: float = _f(1.0, "critic loss: risk weight exponent gamma")
+    normalize_kappa: bool = _f(False, "critic loss: divide the Huber loss by kappa")
+    loss_qh: float = _f(1.0, "critic loss weight: quantile Huber")
+    loss_risk: float = _f(1.0, "critic loss weight: risk-weighted quantile loss")
+    loss_cvar: float = _f(1.0, "critic loss weight: lower-tail CVaR alignment")
+    loss_gain: float = _f(1.0, "critic loss weight: upper-tail gain")
+    loss_shift: float = _f(1.0, "critic loss weight: mean shift")
+    loss_shape: float = _f(1.0, "critic loss weight: tail shape")
+    loss_curv: float = _f(1.0, "critic loss weight: tail curvature")
+    loss_consist: float = _f(1.0, "critic loss weight: multi-head consistency")
+    # rewards
+    missing_fill: float = _f(0.0, "the reward used where missing:P withheld it")
+    # logging, evaluation, checkpoints
+    eval_every: int = _f(25, "held-out evaluation every this many steps (and at the start and end)")
+    n_eval: int = _f(256, "held-out problems per evaluation")
+    save_every: int = _f(50, "checkpoint every this many steps (and at the end)")
+    max_bad_steps: int = _f(3, "abort after this many non-finite losses in a row")
+    plots: bool = _f(True, "write PNG plots at the end")
+
+    def critic_loss_config(self):
+        from dvpo import CriticLossConfig
+
+        return CriticLossConfig(kappa=self.kappa, alpha=self.alpha, beta=self.beta, risk_gamma=self.risk_gamma,
+                                normalize_kappa=self.normalize_kappa, qh=self.loss_qh, risk=self.loss_risk,
+                                cvar=self.loss_cvar, gain=self.loss_gain, shift=self.loss_shift,
+                                shape=self.loss_shape, curv=self.loss_curv, consist=self.loss_consist)
+
+    def sft_config(self) -> SFTConfig:
+        names = [f.name for f in dataclasses.fields(SFTConfig) if f.name != "out"]
+        return SFTConfig(**{n: getattr(self, n) for n in names}, out=None)
+
+    def critic_shape(self):
+        """(H, N) of the critic's output, or None for the critic-free algorithms."""
+        return {"dvpo": (self.n_heads, self.n_quantiles), "ppo": (1, 1),
+                "robust-ppo": (self.n_heads, 1)}.get(self.algo)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg) -> str:
+    return json.dumps(to_dict(cfg), indent=1, sort_keys=True)
+
+
+def from_dict(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---- argparse from the dataclass -------------------------------------------------------------
+
+def _bool(text: str) -> bool:
+    t = str(text).lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+class Default:
+    """An argparse default that remembers it was not given on the command line."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return repr(self.value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), defaults=None):
+    """One ``--name`` per field (underscores become dashes); booleans take ``--name`` / ``--no-name``.
+    Defaults are wrapped in `Default` so `explicit_fields` can tell what the user gave."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=Default(default),
+                                help=f.metadata.get("help", "") + f" (default: {default})")
+            continue
+        kind = type(f.default) if f.default is not None else str
+        if f.name in ("sft_seed",):
+            kind = int
+        elif f.name in ("sft_target_acc",):
+            kind = float
+        kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        parser.add_argument(flag, dest=f.name, type=kind, default=Default(default), help=help_text, **kw)
+
+
+def _unwrap(v):
+    return v.value if isinstance(v, Default) else v
+
+
+def explicit_fields(args) -> set:
+    """The config fields that were given on the command line."""
+    return {k for k, v in vars(args).items() if not isinstance(v, Default)}
+
+
+def config_from_args(cls, args, **overrides):
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {n: _unwrap(getattr(args, n)) for n in names if hasattr(args, n)}
+    values.update(overrides)
+    return cls(**values)
