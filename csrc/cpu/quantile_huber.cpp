@@ -1,11 +1,14 @@
 // C++ CPU quantile Huber loss (DESIGN.md, terms 1 and 2): per-token loss and, in the same pass, the
 // gradient w.r.t. pred (the targets are detached). Parallel over tokens; each token's sums run in a
 // fixed order, so results are deterministic. No [tokens, N, M] buffer: a pair lives in registers.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+//
+// algorithm="pairwise": O(N M) per token (kern::qh_pairwise_sums, vectorized over the targets).
+// algorithm="sorted": the token's targets sorted once, then O(log M) per atom from prefix sums
+// (kern::sort_targets, kern::qh_sorted_sums); a token with a non-finite value runs pairwise, so that inf/NaN propagate
+// exactly as in the pairwise formula. "auto" picks by shape (kern::prefer_sorted).
 
-#include "../dvpo_math.h"
 #include "common.h"
+#include "kernels.h"
 #include "ops.h"
 
 namespace dvpo {
@@ -13,23 +16,80 @@ namespace cpu {
 
 namespace {
 
-// One token: loss (returned) and grad[0..n) for pred row `theta` against target row `z`.
-template <typename acc_t>
-acc_t qh_token(const acc_t* theta, int64_t n, const acc_t* z, int64_t m,
-               const math::QuantileWeights<acc_t>* qw, const acc_t* weights, acc_t k, acc_t scale,
-               acc_t* grad) {
-  double loss = 0.0;  // the outer sum in double: N partial sums of up to M terms each
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t th = theta[i];
-    const math::QuantileWeights<acc_t> w = qw[i];
-    acc_t l = 0, d = 0;
-#pragma omp simd reduction(+ : l, d)
-    for (int64_t j = 0; j < m; ++j) math::qh_pair<acc_t>(z[j] - th, w, k, l, d);
-    const acc_t wi = weights ? weights[i] : acc_t(1);
-    loss += static_cast<double>(wi * l);
-    grad[i] = -scale * wi * d;
+template <typename T>
+struct QHArgs {
+  int64_t N, M;
+  const T* pred;    // [T, N]
+  const T* target;  // [T, M]
+  const T* mask;    // [T] or null
+  const T* weights;  // [N] or null
+  const math::QuantileWeights<T>* qw;  // [N]
+  T kappa, scale;
+  bool sorted;
+  T* loss;  // [T]
+  T* grad;  // [T, N]
+};
+
+template <typename T>
+struct QHScratch {
+  T* L;
+  T* D;
+  kern::SortScratch<T> sort;
+  double* p1;
+  double* p2;
+  kern::SortedSumsScratch sums;  // region boundaries and prefix sums of the atoms
+};
+
+template <typename T>
+DVPO_INLINE void qh_token(const QHArgs<T>& a, const QHScratch<T>& s, int64_t tok) {
+  const int64_t N = a.N, M = a.M;
+  const T mw = a.mask ? a.mask[tok] : T(1);
+  if (mw == T(0)) {  // masked: loss and grad 0, the inputs are never read
+    a.loss[tok] = T(0);
+    T* g = a.grad + tok * N;
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) g[i] = T(0);
+    return;
   }
-  return static_cast<acc_t>(loss) * scale;
+  const T* theta = a.pred + tok * N;
+  const T* z = a.target + tok * M;
+  if (a.sorted && kern::all_finite(theta, N) && kern::all_finite(z, M)) {
+    const kern::SortedTargets<T> st = kern::sort_targets<T>(z, M, s.sort);
+    const double centre = kern::prefix_sums(st.zs, M, s.p1, s.p2);
+    kern::qh_sorted_sums<T>(theta, N, st, s.p1, s.p2, centre, a.qw, a.kappa, s.sums, s.L, s.D);
+  } else {
+    kern::qh_pairwise_sums(theta, N, z, M, a.qw, a.kappa, s.L, s.D);
+  }
+  double loss = 0;
+  T* g = a.grad + tok * N;
+  const T gs = -a.scale * mw;
+  if (a.weights) {
+    for (int64_t i = 0; i < N; ++i) loss += static_cast<double>(a.weights[i]) * static_cast<double>(s.L[i]);
+    for (int64_t i = 0; i < N; ++i) g[i] = gs * a.weights[i] * s.D[i];
+  } else {
+    for (int64_t i = 0; i < N; ++i) loss += static_cast<double>(s.L[i]);
+    for (int64_t i = 0; i < N; ++i) g[i] = gs * s.D[i];
+  }
+  a.loss[tok] = static_cast<T>(loss * static_cast<double>(a.scale)) * mw;
+}
+
+template <typename T>
+DVPO_INLINE void qh_chunk(const QHArgs<T>& a, const QHScratch<T>& s, int64_t begin, int64_t end) {
+  for (int64_t tok = begin; tok < end; ++tok) qh_token<T>(a, s, tok);
+}
+
+DVPO_ISA_VARIANTS(qh_chunk_f32, (const QHArgs<float>& a, const QHScratch<float>& s, int64_t b, int64_t e),
+                  (a, s, b, e), qh_chunk<float>)
+DVPO_ISA_VARIANTS(qh_chunk_f64, (const QHArgs<double>& a, const QHScratch<double>& s, int64_t b, int64_t e),
+                  (a, s, b, e), qh_chunk<double>)
+
+template <typename T>
+auto qh_chunk_for(Isa isa) {
+  if constexpr (std::is_same_v<T, float>) {
+    return qh_chunk_f32(isa);
+  } else {
+    return qh_chunk_f64(isa);
+  }
 }
 
 }  // namespace
@@ -39,44 +99,54 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
                                                   const std::optional<at::Tensor>& weights,
                                                   const std::optional<at::Tensor>& mask, double kappa,
                                                   bool normalize_kappa, c10::string_view algorithm) {
+  const char* op = "quantile_huber";
+  check_cpu_float(pred, op, "pred");
+  check_cpu_float(target, op, "target");
   TORCH_CHECK(pred.dim() == 2 && target.dim() == 2 && pred.size(0) == target.size(0),
-              "dvpo_C::quantile_huber: pred [T, N] and target [T, M] expected");
+              "dvpo_C::quantile_huber: pred [T, N] and target [T, M] expected, got ", pred.sizes(), " and ",
+              target.sizes());
+  TORCH_CHECK(pred.size(1) >= 1 && target.size(1) >= 1, "dvpo_C::quantile_huber: N and M must be >= 1");
   TORCH_CHECK(taus.dim() == 1 && taus.size(0) == pred.size(1), "dvpo_C::quantile_huber: taus [N] expected");
-  const auto acc = acc_type(pred.scalar_type());
-  const at::Tensor p = contiguous(pred), z = contiguous(target);
-  const at::Tensor t = taus.to(acc).contiguous();
-  const at::Tensor w = weights.has_value() ? weights->to(acc).contiguous() : at::Tensor();
-  const at::Tensor mk = mask.has_value() ? mask->to(acc).contiguous() : at::Tensor();
-  const int64_t T = p.size(0), N = p.size(1), M = z.size(1);
-  at::Tensor loss = at::zeros({T}, p.options().dtype(acc));
-  at::Tensor grad = at::zeros({T, N}, p.options().dtype(acc));
-  if (T == 0) return {loss, grad};
+  TORCH_CHECK(!weights.has_value() || (weights->dim() == 1 && weights->size(0) == pred.size(1)),
+              "dvpo_C::quantile_huber: weights [N] expected");
+  TORCH_CHECK(kappa > 0, "dvpo_C::quantile_huber: kappa must be > 0, got ", kappa);
+  check_mask(mask, pred.size(0), op);
+  const Algorithm algo = parse_algorithm(algorithm, op);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "dvpo_quantile_huber_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t k = static_cast<acc_t>(kappa);
-    const acc_t scale = math::qh_scale<acc_t>(N, M, k, normalize_kappa);
-    std::vector<math::QuantileWeights<acc_t>> qw(N);
-    for (int64_t i = 0; i < N; ++i) qw[i] = math::quantile_weights<acc_t>(t.data_ptr<acc_t>()[i]);
-    const acc_t* wp = weights.has_value() ? w.data_ptr<acc_t>() : nullptr;
-    const acc_t* mp = mask_ptr<acc_t>(mask, mk);
-    const scalar_t* pp = p.data_ptr<scalar_t>();
-    const scalar_t* zp = z.data_ptr<scalar_t>();
-    acc_t* lp = loss.data_ptr<acc_t>();
-    acc_t* gp = grad.data_ptr<acc_t>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, N * M));
-    at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t, acc_t> read_theta, read_z;
-      for (int64_t tok = begin; tok < end; ++tok) {
-        const acc_t mw = mp ? mp[tok] : acc_t(1);
-        if (mw == acc_t(0)) continue;  // masked: loss and grad stay 0, inputs are never read
-        acc_t* g = gp + tok * N;
-        const acc_t l = qh_token<acc_t>(read_theta(pp + tok * N, N), N, read_z(zp + tok * M, M), M, qw.data(),
-                                        wp, k, scale, g);
-        lp[tok] = mw * l;
-        if (mw != acc_t(1))
-          for (int64_t i = 0; i < N; ++i) g[i] *= mw;
+  const auto acc = acc_type(pred.scalar_type());
+  const at::Tensor p = as_acc(pred, acc), z = as_acc(target, acc), t = as_acc(taus, acc);
+  const std::optional<at::Tensor> w = as_acc(weights, acc), mk = as_acc(mask, acc);
+  const int64_t T_ = p.size(0), N = p.size(1), M = z.size(1);
+  // every element is written by the kernel (masked tokens included): no zero-fill pass
+  at::Tensor loss = at::empty({T_}, p.options());
+  at::Tensor grad = at::empty({T_, N}, p.options());
+  if (T_ == 0) return {loss, grad};
+  const bool sorted = algo == Algorithm::sorted || (algo == Algorithm::automatic && kern::prefer_sorted(N, M));
+  const Isa isa = active_isa();
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_quantile_huber_cpu", [&] {
+    using T = scalar_t;
+    std::vector<math::QuantileWeights<T>> qw(N);
+    for (int64_t i = 0; i < N; ++i) qw[i] = math::quantile_weights<T>(t.data_ptr<T>()[i]);
+    QHArgs<T> args{N, M, p.data_ptr<T>(), z.data_ptr<T>(), ptr_or_null<T>(mk), ptr_or_null<T>(w), qw.data(),
+                   static_cast<T>(kappa), math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M),
+                                                            static_cast<T>(kappa), normalize_kappa),
+                   sorted, loss.data_ptr<T>(), grad.data_ptr<T>()};
+    const auto fn = qh_chunk_for<T>(isa);
+    const size_t bytes = 2 * Arena::bytes<T>(N) + (sorted ? sort_scratch_bytes<T>(M) + 2 * Arena::bytes<double>(M + 1) + Arena::bytes<int32_t>(3 * N) + Arena::bytes<double>(6 * N) : 0);
+    at::parallel_for(0, T_, token_grain(N * M), [&](int64_t begin, int64_t end) {
+      Arena arena(bytes);
+      QHScratch<T> s{};
+      s.L = arena.take<T>(N);
+      s.D = arena.take<T>(N);
+      if (sorted) {
+        s.sort = take_sort_scratch<T>(arena, M);
+        s.p1 = arena.take<double>(M + 1);
+        s.p2 = arena.take<double>(M + 1);
+        s.sums.bnd = arena.take<int32_t>(3 * N);
+        s.sums.pre = arena.take<double>(6 * N);
       }
+      fn(args, s, begin, end);
     });
   });
   return {loss, grad};

@@ -1,6 +1,18 @@
 """The `cpp` backend: the C++ CPU kernels of the `dvpo._C` extension (csrc/cpu), exposed with the
-kernel interface documented in dvpo/backends/reference.py. Only the ops defined here run on it;
-the others fall through to the next backend (dvpo.dispatch)."""
+kernel interface documented in dvpo/backends/reference.py (same functions, same signatures).
+
+The kernels take flattened tensors (tokens first) of any float dtype and layout (bf16/fp16 and
+strided inputs are converted once to contiguous fp32; fp64 stays fp64) and return per-token values
+and the gradient w.r.t. the prediction in the accumulation dtype. `algorithm` is "pairwise",
+"sorted" or "auto" (picked per shape from measured crossovers, see csrc/cpu/kernels.h).
+The kernels are compiled for several instruction sets and pick one per call from the CPU
+(`isa()`); DVPO_CPU_ISA=baseline|avx2|avx512 caps the choice (for tests and benchmarks).
+
+An op whose CPU kernel the loaded extension lacks (a build older than these sources) is not
+defined here, so dispatch falls through to the next backend instead of failing.
+"""
+
+from __future__ import annotations
 
 import torch
 
@@ -9,5 +21,47 @@ from .. import _C  # noqa: F401  (registers torch.ops.dvpo_C)
 _ops = torch.ops.dvpo_C
 
 
+def _has_cpu_kernel(op: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"dvpo_C::{op}", "CPU"))
+    except Exception:  # an older torch without the query: trust the build
+        return hasattr(_ops, op)
+
+
 def quantile_huber(pred, target, taus, weights, mask, kappa, normalize_kappa, algorithm="auto"):
-    return _ops.quantile_huber(pred, target, taus, weights, mask, kappa, normalize_kappa, algorithm)
+    return _ops.quantile_huber(pred, target, taus, weights, mask, float(kappa), bool(normalize_kappa),
+                               str(algorithm))
+
+
+def cvar(x, level, upper):
+    return _ops.cvar(x, float(level), bool(upper))
+
+
+def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, weights,
+                algorithm="auto"):
+    return _ops.critic_loss(heads, target, taus, risk_w, mask, float(kappa), float(alpha), float(beta),
+                            bool(normalize_kappa), [float(w) for w in weights], str(algorithm))
+
+
+def distributional_gae(rewards, values, mask, gamma, lam):
+    return _ops.distributional_gae(rewards, values, mask, float(gamma), float(lam))
+
+
+OPS = tuple(op for op in ("quantile_huber", "cvar", "critic_loss", "distributional_gae") if _has_cpu_kernel(op))
+for _op in ("quantile_huber", "cvar", "critic_loss", "distributional_gae"):
+    if _op not in OPS:
+        del globals()[_op]
+del _op
+
+
+def isa(detected: bool = False) -> str:
+    """The instruction-set variant the kernels run now ("avx512", "avx2" or "baseline", capped by
+    DVPO_CPU_ISA); with `detected`, the widest one this CPU supports ("unknown" for an older build)."""
+    if not hasattr(_ops, "cpu_isa"):
+        return "unknown"
+    return _ops.cpu_isa(bool(detected))
+
+
+def auto_sorted(n: int, m: int) -> bool:
+    """Whether algorithm="auto" runs the sorted quantile Huber for N atoms and M targets."""
+    return bool(_ops.cpu_auto_sorted(int(n), int(m)))

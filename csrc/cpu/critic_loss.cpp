@@ -1,0 +1,362 @@
+// C++ CPU fused DVPO critic loss (DESIGN.md, term 10): one pass over a token computes the eight
+// per-token terms and, because the targets are detached, the gradient of the weighted total w.r.t.
+// the heads. Per token:
+//   theta = mean of the heads; QH and risk-weighted QH share one pass over the (i, j) pairs
+//   (pairwise, or from the sorted targets with algorithm="sorted"); the tail terms (CVaR, gain,
+//   shape) use exact tail selection (kern::select_tails: no sort) of theta and of the target (with
+//   "sorted", the target's tails come from its sort); shift, curvature and consistency are O(H N).
+// A term whose weight is 0 is not computed (its work is skipped) and reported as 0. Masked tokens
+// (mask weight 0) are never read and give 0; a token with a non-finite theta or target value gives
+// NaN for the total, every computed term and the gradient. No [tokens, N, M] buffer.
+
+#include "common.h"
+#include "kernels.h"
+#include "ops.h"
+
+namespace dvpo {
+namespace cpu {
+
+namespace {
+
+constexpr int kTerms = 8;  // qh, risk, cvar, gain, shift, shape, curv, consist (TERM_NAMES order)
+
+template <typename T>
+using key_t = kern::key_t<T>;
+
+template <typename T>
+struct CriticArgs {
+  int64_t H, N, M;
+  const T* heads;   // [T, H, N]
+  const T* target;  // [T, M]
+  const T* mask;    // [T] or null
+  const math::QuantileWeights<T>* qw;  // [N]
+  const T* risk_w;  // [N]
+  T kappa, qh_scale;
+  T alpha_n, beta_n, alpha_m, beta_m;           // level * N for theta, level * M for the target
+  int64_t cnt_lo_n, cnt_hi_n, cnt_lo_m, cnt_hi_m;  // atoms with c > 0 in each tail
+  int curv_lo, curv_hi;                         // second differences averaged by each curvature tail
+  T w[kTerms];
+  bool sorted;
+  T* total;  // [T]
+  T* terms;  // [T, 8]
+  T* grad;   // [T, H, N]
+};
+
+template <typename T>
+struct CriticScratch {
+  T* theta;  // [N] ensemble mean (H > 1)
+  T* g;      // [N] d total / d theta
+  T* L;      // [N] per-quantile QH sums
+  T* D;      // [N]
+  key_t<T>* keys;  // [max(N, M)]
+  T* c_lo;   // [N] theta's lower-tail coefficients
+  T* c_hi;   // [N]
+  T* cz;     // [M] the target's coefficients (pairwise: selection, values only)
+  kern::SortScratch<T> sort;  // sorted target and sort scratch (sorted)
+  double* p1;     // [M + 1] prefix sums (sorted)
+  double* p2;     // [M + 1]
+  kern::SortedSumsScratch sums;  // region boundaries and prefix sums of the atoms (sorted)
+};
+
+// Lower and upper tail statistics of x (n atoms) at the given levels; coefficients into c_lo/c_hi.
+template <typename T>
+DVPO_INLINE void tails_of(const T* x, int64_t n, key_t<T>* keys, bool need_lo, bool need_hi, T level_lo,
+                          T level_hi, int64_t cnt_lo, int64_t cnt_hi, T* c_lo, T* c_hi, T& cv_lo, T& var_lo,
+                          T& cv_hi, T& var_hi) {
+  kern::order_keys<T>(x, n, keys);
+  kern::TailSelect<T> lo, hi;
+  kern::select_tails<T>(keys, n, need_lo ? cnt_lo : 0, need_hi ? cnt_hi : 0, &lo, &hi);
+  if (need_lo) {
+    kern::tail_coefficients<T>(keys, n, lo, level_lo, false, c_lo);
+    kern::tail_moments<T>(x, c_lo, n, cv_lo, var_lo);
+  }
+  if (need_hi) {
+    kern::tail_coefficients<T>(keys, n, hi, level_hi, true, c_hi);
+    kern::tail_moments<T>(x, c_hi, n, cv_hi, var_hi);
+  }
+}
+
+template <typename T>
+DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s, int64_t tok) {
+  const int64_t H = a.H, N = a.N, M = a.M;
+  T* out_terms = a.terms + tok * kTerms;
+  T* out_grad = a.grad + tok * H * N;
+  const T mw = a.mask ? a.mask[tok] : T(1);
+  if (mw == T(0)) {  // masked: outputs 0, the inputs are never read
+    a.total[tok] = T(0);
+    for (int t = 0; t < kTerms; ++t) out_terms[t] = T(0);
+#pragma omp simd
+    for (int64_t i = 0; i < H * N; ++i) out_grad[i] = T(0);
+    return;
+  }
+  const T* h = a.heads + tok * H * N;
+  const T* z = a.target + tok * M;
+
+  // theta = mean over the heads (sum, then divide, as torch's mean)
+  const T* theta = h;
+  if (H > 1) {
+    T* th = s.theta;
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) th[i] = h[i];
+    for (int64_t k = 1; k < H; ++k) {
+      const T* hk = h + k * N;
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) th[i] += hk[i];
+    }
+    const T h_count = T(H);
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) th[i] /= h_count;
+    theta = th;
+  }
+
+  if (!kern::all_finite(theta, N) || !kern::all_finite(z, M)) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    a.total[tok] = nan;
+    for (int t = 0; t < kTerms; ++t) out_terms[t] = a.w[t] != T(0) ? nan : T(0);
+    for (int64_t i = 0; i < H * N; ++i) out_grad[i] = nan;
+    return;
+  }
+
+  T* g = s.g;
+#pragma omp simd
+  for (int64_t i = 0; i < N; ++i) g[i] = T(0);
+  T term[kTerms] = {};
+  const T* zs = nullptr;  // sorted target, when the sorted algorithm ran
+
+  // Terms 1 and 2: quantile Huber and risk-weighted quantile Huber, one pass over the pairs.
+  if (a.w[0] != T(0) || a.w[1] != T(0)) {
+    if (a.sorted) {
+      const kern::SortedTargets<T> st = kern::sort_targets<T>(z, M, s.sort);
+      zs = st.zs;
+      const double centre = kern::prefix_sums(zs, M, s.p1, s.p2);
+      kern::qh_sorted_sums<T>(theta, N, st, s.p1, s.p2, centre, a.qw, a.kappa, s.sums, s.L, s.D);
+    } else {
+      kern::qh_pairwise_sums(theta, N, z, M, a.qw, a.kappa, s.L, s.D);
+    }
+    double lq = 0, lr = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      lq += static_cast<double>(s.L[i]);
+      lr += static_cast<double>(a.risk_w[i]) * static_cast<double>(s.L[i]);
+    }
+    term[0] = a.w[0] != T(0) ? static_cast<T>(lq * static_cast<double>(a.qh_scale)) : T(0);
+    term[1] = a.w[1] != T(0) ? static_cast<T>(lr * static_cast<double>(a.qh_scale)) : T(0);
+    const T g0 = -a.qh_scale * a.w[0], g1 = -a.qh_scale * a.w[1];
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) g[i] += (g0 + g1 * a.risk_w[i]) * s.D[i];
+  }
+
+  // Terms 4, 5, 7: tails of theta and of the target.
+  const bool need_lo = a.w[2] != T(0) || a.w[5] != T(0);
+  const bool need_hi = a.w[3] != T(0) || a.w[5] != T(0);
+  T cvt_lo = 0, vt_lo = 0, cvt_hi = 0, vt_hi = 0;  // theta
+  T cvz_lo = 0, vz_lo = 0, cvz_hi = 0, vz_hi = 0;  // target
+  if (need_lo || need_hi) {
+    tails_of<T>(theta, N, s.keys, need_lo, need_hi, a.alpha_n, a.beta_n, a.cnt_lo_n, a.cnt_hi_n, s.c_lo, s.c_hi,
+                cvt_lo, vt_lo, cvt_hi, vt_hi);
+    if (zs) {  // the sorted algorithm already sorted the target
+      if (need_lo) kern::sorted_tail_moments<T>(zs, M, a.alpha_m, false, cvz_lo, vz_lo);
+      if (need_hi) kern::sorted_tail_moments<T>(zs, M, a.beta_m, true, cvz_hi, vz_hi);
+    } else {  // the target's coefficients are not needed: both tails share one buffer
+      tails_of<T>(z, M, s.keys, need_lo, need_hi, a.alpha_m, a.beta_m, a.cnt_lo_m, a.cnt_hi_m, s.cz, s.cz,
+                  cvz_lo, vz_lo, cvz_hi, vz_hi);
+    }
+  }
+  // Term 4: CVaR alignment (CVaR_a(theta) - CVaR_a(z))^2, gradient 2 d c_lo.
+  T f_lo = 0, f_hi = 0;        // multipliers of c_lo and c_hi in the gradient
+  T f_vlo = 0, f_vhi = 0;      // multipliers of c (theta - CVaR) (shape)
+  if (a.w[2] != T(0)) {
+    const T d = cvt_lo - cvz_lo;
+    term[2] = d * d;
+    f_lo += a.w[2] * T(2) * d;
+  }
+  // Term 5: upper-tail gain.
+  if (a.w[3] != T(0)) {
+    const T d = cvt_hi - cvz_hi;
+    term[3] = d * d;
+    f_hi += a.w[3] * T(2) * d;
+  }
+  // Term 7: tail shape relu(V_lo(theta) - V_lo(z)) + relu(V_hi(z) - V_hi(theta)).
+  if (a.w[5] != T(0)) {
+    const T lo = vt_lo - vz_lo, hi = vz_hi - vt_hi;
+    term[5] = (lo > T(0) ? lo : T(0)) + (hi > T(0) ? hi : T(0));
+    if (lo > T(0)) f_vlo = a.w[5] * T(2);
+    if (hi > T(0)) f_vhi = -a.w[5] * T(2);
+  }
+  if (need_lo && (f_lo != T(0) || f_vlo != T(0))) {
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) g[i] += s.c_lo[i] * (f_lo + f_vlo * (theta[i] - cvt_lo));
+  }
+  if (need_hi && (f_hi != T(0) || f_vhi != T(0))) {
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) g[i] += s.c_hi[i] * (f_hi + f_vhi * (theta[i] - cvt_hi));
+  }
+  // Term 6: mean shift relu(mean z - mean theta).
+  if (a.w[4] != T(0)) {
+    const T gap = static_cast<T>(kern::sum_double(z, M) / static_cast<double>(M) -
+                                 kern::sum_double(theta, N) / static_cast<double>(N));
+    if (gap > T(0)) {
+      term[4] = gap;
+      const T d = -a.w[4] / T(N);
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) g[i] += d;
+    }
+  }
+  // Term 8: tail curvature (0 for N < 3).
+  if (a.w[6] != T(0) && N >= 3) {
+    T lo, hi;
+    math::curvature_means<T>(theta, static_cast<int>(N), a.curv_lo, a.curv_hi, lo, hi);
+    term[6] = (lo > T(0) ? lo : T(0)) + (hi > T(0) ? hi : T(0));
+    if (lo > T(0)) math::curvature_grad_add<T>(g, 0, a.curv_lo, a.w[6]);
+    if (hi > T(0)) math::curvature_grad_add<T>(g, static_cast<int>(N) - 2 - a.curv_hi, a.curv_hi, -a.w[6]);
+  }
+  // Term 9: consistency of the heads, and the gradient w.r.t. each head.
+  const bool consist = a.w[7] != T(0) && H > 1;
+  const T inv_h = T(1) / T(H);
+  if (consist) {
+    const T gc = a.w[7] * T(2) * math::consistency_scale<T>(static_cast<int>(H)) * mw;  // 4 / (H - 1)
+    T ss = 0;
+    for (int64_t k = 0; k < H; ++k) {
+      const T* hk = h + k * N;
+      T* gk = out_grad + k * N;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < N; ++i) {
+        const T c = hk[i] - theta[i];
+        ss += c * c;
+        gk[i] = g[i] * inv_h * mw + gc * c;
+      }
+    }
+    term[7] = math::consistency_scale<T>(static_cast<int>(H)) * ss;
+  } else {
+    for (int64_t k = 0; k < H; ++k) {
+      T* gk = out_grad + k * N;
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) gk[i] = g[i] * inv_h * mw;
+    }
+  }
+  T total = 0;
+  for (int t = 0; t < kTerms; ++t) total += a.w[t] * term[t];
+  a.total[tok] = total * mw;
+  for (int t = 0; t < kTerms; ++t) out_terms[t] = term[t] * mw;
+}
+
+template <typename T>
+DVPO_INLINE void critic_chunk(const CriticArgs<T>& a, const CriticScratch<T>& s, int64_t begin, int64_t end) {
+  for (int64_t tok = begin; tok < end; ++tok) critic_token<T>(a, s, tok);
+}
+
+DVPO_ISA_VARIANTS(critic_chunk_f32,
+                  (const CriticArgs<float>& a, const CriticScratch<float>& s, int64_t b, int64_t e),
+                  (a, s, b, e), critic_chunk<float>)
+DVPO_ISA_VARIANTS(critic_chunk_f64,
+                  (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),
+                  (a, s, b, e), critic_chunk<double>)
+
+template <typename T>
+auto critic_chunk_for(Isa isa) {
+  if constexpr (std::is_same_v<T, float>) {
+    return critic_chunk_f32(isa);
+  } else {
+    return critic_chunk_f64(isa);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
+    const at::Tensor& heads, const at::Tensor& target, const at::Tensor& taus, const at::Tensor& risk_weights,
+    const std::optional<at::Tensor>& mask, double kappa, double alpha, double beta, bool normalize_kappa,
+    at::ArrayRef<double> weights, c10::string_view algorithm) {
+  const char* op = "critic_loss";
+  check_cpu_float(heads, op, "heads");
+  check_cpu_float(target, op, "target");
+  TORCH_CHECK(heads.dim() == 3 && target.dim() == 2 && heads.size(0) == target.size(0),
+              "dvpo_C::critic_loss: heads [T, H, N] and target [T, M] expected, got ", heads.sizes(), " and ",
+              target.sizes());
+  TORCH_CHECK(heads.size(1) >= 1 && heads.size(2) >= 1 && target.size(1) >= 1,
+              "dvpo_C::critic_loss: H, N and M must be >= 1");
+  const int64_t N = heads.size(2);
+  TORCH_CHECK(taus.dim() == 1 && taus.size(0) == N, "dvpo_C::critic_loss: taus [N] expected");
+  TORCH_CHECK(risk_weights.dim() == 1 && risk_weights.size(0) == N, "dvpo_C::critic_loss: risk_weights [N] expected");
+  TORCH_CHECK(weights.size() == kTerms, "dvpo_C::critic_loss: 8 term weights expected, got ", weights.size());
+  TORCH_CHECK(kappa > 0, "dvpo_C::critic_loss: kappa must be > 0, got ", kappa);
+  TORCH_CHECK(alpha > 0 && alpha <= 1 && beta > 0 && beta <= 1,
+              "dvpo_C::critic_loss: alpha and beta must be in (0, 1], got ", alpha, " and ", beta);
+  check_mask(mask, heads.size(0), op);
+  const Algorithm algo = parse_algorithm(algorithm, op);
+
+  const auto acc = acc_type(heads.scalar_type());
+  const at::Tensor hc = as_acc(heads, acc), z = as_acc(target, acc);
+  const at::Tensor t = as_acc(taus, acc), rw = as_acc(risk_weights, acc);
+  const std::optional<at::Tensor> mk = as_acc(mask, acc);
+  const int64_t T_ = hc.size(0), H = hc.size(1), M = z.size(1);
+  // every element is written by the kernel (masked tokens included): no zero-fill pass
+  at::Tensor total = at::empty({T_}, hc.options());
+  at::Tensor terms = at::empty({T_, kTerms}, hc.options());
+  at::Tensor grad = at::empty({T_, H, N}, hc.options());
+  if (T_ == 0) return {total, terms, grad};
+  const bool need_qh = weights[0] != 0 || weights[1] != 0;
+  const bool sorted =
+      need_qh && (algo == Algorithm::sorted || (algo == Algorithm::automatic && kern::prefer_sorted(N, M)));
+  const Isa isa = active_isa();
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_critic_loss_cpu", [&] {
+    using T = scalar_t;
+    std::vector<math::QuantileWeights<T>> qw(N);
+    for (int64_t i = 0; i < N; ++i) qw[i] = math::quantile_weights<T>(t.data_ptr<T>()[i]);
+    CriticArgs<T> args{};
+    args.H = H;
+    args.N = N;
+    args.M = M;
+    args.heads = hc.data_ptr<T>();
+    args.target = z.data_ptr<T>();
+    args.mask = ptr_or_null<T>(mk);
+    args.qw = qw.data();
+    args.risk_w = rw.data_ptr<T>();
+    args.kappa = static_cast<T>(kappa);
+    args.qh_scale = math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M), args.kappa, normalize_kappa);
+    args.alpha_n = static_cast<T>(alpha * static_cast<double>(N));
+    args.beta_n = static_cast<T>(beta * static_cast<double>(N));
+    args.alpha_m = static_cast<T>(alpha * static_cast<double>(M));
+    args.beta_m = static_cast<T>(beta * static_cast<double>(M));
+    args.cnt_lo_n = math::cvar_tail_count<T>(args.alpha_n, static_cast<int>(N));
+    args.cnt_hi_n = math::cvar_tail_count<T>(args.beta_n, static_cast<int>(N));
+    args.cnt_lo_m = math::cvar_tail_count<T>(args.alpha_m, static_cast<int>(M));
+    args.cnt_hi_m = math::cvar_tail_count<T>(args.beta_m, static_cast<int>(M));
+    args.curv_lo = math::curvature_count(alpha, static_cast<int>(N));
+    args.curv_hi = math::curvature_count(beta, static_cast<int>(N));
+    for (int k = 0; k < kTerms; ++k) args.w[k] = static_cast<T>(weights[k]);
+    args.sorted = sorted;
+    args.total = total.data_ptr<T>();
+    args.terms = terms.data_ptr<T>();
+    args.grad = grad.data_ptr<T>();
+    const auto fn = critic_chunk_for<T>(isa);
+    const int64_t NM = std::max(N, M);
+    const size_t bytes = 6 * Arena::bytes<T>(N) + Arena::bytes<key_t<T>>(NM) + Arena::bytes<T>(M) +
+                         (sorted ? sort_scratch_bytes<T>(M) + 2 * Arena::bytes<double>(M + 1) + Arena::bytes<int32_t>(3 * N) + Arena::bytes<double>(6 * N) : 0);
+    const int64_t work = (need_qh && !sorted ? N * M : 16 * (N + M)) + H * N;
+    at::parallel_for(0, T_, token_grain(work), [&](int64_t begin, int64_t end) {
+      Arena arena(bytes);
+      CriticScratch<T> s{};
+      s.theta = arena.take<T>(N);
+      s.g = arena.take<T>(N);
+      s.L = arena.take<T>(N);
+      s.D = arena.take<T>(N);
+      s.c_lo = arena.take<T>(N);
+      s.c_hi = arena.take<T>(N);
+      s.keys = arena.take<key_t<T>>(NM);
+      s.cz = arena.take<T>(M);
+      if (sorted) {
+        s.sort = take_sort_scratch<T>(arena, M);
+        s.p1 = arena.take<double>(M + 1);
+        s.p2 = arena.take<double>(M + 1);
+        s.sums.bnd = arena.take<int32_t>(3 * N);
+        s.sums.pre = arena.take<double>(6 * N);
+      }
+      fn(args, s, begin, end);
+    });
+  });
+  return {total, terms, grad};
+}
+
+}  // namespace cpu
+}  // namespace dvpo

@@ -1,0 +1,671 @@
+// Per-token building blocks of the C++ CPU kernels. Torch-free, so they can also be built and
+// benchmarked on their own.
+//
+// Everything hot here is DVPO_INLINE: the per-ISA entry points (simd.h, DVPO_ISA_VARIANTS) inline
+// these functions, so each ISA variant gets its own vectorized copy of every loop. Inner loops are
+// written for the auto-vectorizer: `#pragma omp simd` reductions (the build passes -fopenmp; the
+// pragma allows reassociating the float sums), selects instead of branches, unit strides.
+//
+// T is the accumulation type (float for fp32/bf16/fp16 inputs, double for fp64); every input row is
+// contiguous and already in T (the op wrappers convert). Each token's result depends on that token's
+// inputs only and every reduction runs in a fixed order: results are deterministic.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "../dvpo_math.h"
+#include "simd.h"
+
+namespace dvpo {
+namespace cpu {
+namespace kern {
+
+template <typename T>
+using key_t = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
+template <typename T>
+using ukey_t = std::make_unsigned_t<key_t<T>>;
+
+// ---------------------------------------------------------------------------------------------
+// Small vector helpers
+// ---------------------------------------------------------------------------------------------
+
+// True when every x_i is finite (x - x is 0 for finite x and NaN for +-inf and NaN).
+template <typename T>
+DVPO_INLINE bool all_finite(const T* x, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += x[i] - x[i];
+  return acc == T(0);
+}
+
+template <typename T>
+DVPO_INLINE double sum_double(const T* x, int64_t n) {
+  double acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(x[i]);
+  return acc;
+}
+
+// Order keys of x (math::order_key of x + 0, so -0 and +0 get the same key).
+template <typename T>
+DVPO_INLINE void order_keys(const T* x, int64_t n, key_t<T>* keys) {
+  using K = key_t<T>;
+  constexpr int shift = sizeof(K) * 8 - 1;
+  constexpr K low_bits = std::numeric_limits<K>::max();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i] + T(0);
+    K b;
+    std::memcpy(&b, &v, sizeof(b));
+    keys[i] = b ^ static_cast<K>((b >> shift) & low_bits);
+  }
+}
+
+template <typename T>
+DVPO_INLINE key_t<T> scalar_key(T x) {
+  return static_cast<key_t<T>>(math::order_key(x + T(0)));
+}
+
+template <typename T>
+DVPO_INLINE T key_value(key_t<T> key) {
+  return math::order_key_inverse(static_cast<std::conditional_t<std::is_same_v<T, float>, int, long long>>(key));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pairwise quantile Huber: per-quantile sums over the M targets
+// ---------------------------------------------------------------------------------------------
+
+// For i in [0, n): L[i] = sum_j |tau_i - 1{u<0}| L_k(u_ij), D[i] = sum_j |tau_i - 1{u<0}| L_k'(u_ij),
+// u_ij = z_j - theta_i (math::qh_pair_fused). Two atoms share each target load; the j loop is the
+// vectorized one (8 pairs per AVX2 instruction, 16 with AVX-512).
+template <typename T>
+DVPO_INLINE void qh_pairwise_sums(const T* theta, int64_t n, const T* z, int64_t m,
+                                  const math::QuantileWeights<T>* qw, T k, T* L, T* D) {
+  const T nk = -k;
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    const T t0 = theta[i], t1 = theta[i + 1];
+    const math::QuantileWeights<T> w0 = qw[i], w1 = qw[i + 1];
+    T l0 = 0, d0 = 0, l1 = 0, d1 = 0;
+#pragma omp simd reduction(+ : l0, d0, l1, d1)
+    for (int64_t j = 0; j < m; ++j) {
+      const T zj = z[j];
+      math::qh_pair_fused<T>(zj - t0, w0, k, nk, l0, d0);
+      math::qh_pair_fused<T>(zj - t1, w1, k, nk, l1, d1);
+    }
+    L[i] = l0;
+    D[i] = d0;
+    L[i + 1] = l1;
+    D[i + 1] = d1;
+  }
+  if (i < n) {
+    const T t0 = theta[i];
+    const math::QuantileWeights<T> w0 = qw[i];
+    T l0 = 0, d0 = 0;
+#pragma omp simd reduction(+ : l0, d0)
+    for (int64_t j = 0; j < m; ++j) math::qh_pair_fused<T>(z[j] - t0, w0, k, nk, l0, d0);
+    L[i] = l0;
+    D[i] = d0;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact tail selection (CVaR without sorting)
+// ---------------------------------------------------------------------------------------------
+//
+// The CVaR coefficient of atom i depends on its rank only (DESIGN.md, term 3), and only the
+// `count` = math::cvar_tail_count(level_n, n) lowest ranks have c > 0. So it is enough to find the
+// key kv of the count-th smallest atom (the count-th largest for the upper tail): atoms strictly
+// below kv have ranks < count - 1 and the full coefficient 1 / level_n, atoms above it have c = 0,
+// and an atom equal to kv has rank (#atoms strictly below) + (#equal atoms of lower index), the
+// reference's index tie-break. kv is found by bisection on counts: each step is one vectorized
+// counting pass over the keys (both tails share it), the first steps bisect the values (fast for
+// real data), later ones the key bits (at most 32 (64 for double) more steps whatever the data);
+// a step that leaves kth - 1 or kth atoms at or below its threshold ends it with one more pass.
+// Non-finite atoms are ordered by their keys (NaN beyond the infinities) so this always ends.
+
+template <typename T>
+struct TailSelect {
+  key_t<T> kv;   // key of the threshold atom
+  int64_t beyond;  // atoms strictly on the tail side of kv (below it for the lower tail)
+  int64_t ties;    // atoms with key == kv (>= 1)
+  int64_t count;   // atoms with a positive coefficient
+};
+
+namespace detail {
+
+template <typename K>
+DVPO_INLINE void count_le2(const K* keys, int64_t n, K a, K b, int64_t& ca, int64_t& cb) {
+  // Counting "greater than" compiles to one compare and one subtract of the mask per vector (the
+  // "<=" form gets an extra blend); counts in the key type so the masks add up without widening.
+  K ga = 0, gb = 0;
+#pragma omp simd reduction(+ : ga, gb)
+  for (int64_t j = 0; j < n; ++j) {
+    ga += static_cast<K>(keys[j] > a);
+    gb += static_cast<K>(keys[j] > b);
+  }
+  ca = n - static_cast<int64_t>(ga);
+  cb = n - static_cast<int64_t>(gb);
+}
+
+// max { key : key <= a } (exists when called).
+template <typename K>
+DVPO_INLINE K max_le(const K* keys, int64_t n, K a) {
+  K best = std::numeric_limits<K>::min();
+#pragma omp simd reduction(max : best)
+  for (int64_t j = 0; j < n; ++j) {
+    const K v = keys[j] <= a ? keys[j] : std::numeric_limits<K>::min();
+    best = v > best ? v : best;
+  }
+  return best;
+}
+
+// min { key : key > a } (exists when called).
+template <typename K>
+DVPO_INLINE K min_gt(const K* keys, int64_t n, K a) {
+  K best = std::numeric_limits<K>::max();
+#pragma omp simd reduction(min : best)
+  for (int64_t j = 0; j < n; ++j) {
+    const K v = keys[j] > a ? keys[j] : std::numeric_limits<K>::max();
+    best = v < best ? v : best;
+  }
+  return best;
+}
+
+template <typename K>
+DVPO_INLINE void min_max(const K* keys, int64_t n, K& lo, K& hi) {
+  K a = std::numeric_limits<K>::max(), b = std::numeric_limits<K>::min();
+#pragma omp simd reduction(min : a) reduction(max : b)
+  for (int64_t j = 0; j < n; ++j) {
+    a = keys[j] < a ? keys[j] : a;
+    b = keys[j] > b ? keys[j] : b;
+  }
+  lo = a;
+  hi = b;
+}
+
+// One bisection: invariant count(<= lo) < kth <= count(<= hi); `done` once hi is the answer.
+template <typename T>
+struct Bisect {
+  using K = key_t<T>;
+  using U = ukey_t<T>;
+  K lo, hi;
+  int64_t kth;
+  bool done;
+  K guess;  // first threshold to try (see select_tails)
+
+  DVPO_INLINE K midpoint(int step) const {
+    if (step == 0 && guess > lo && guess < hi) return guess;
+    if (step < 24) {  // bisect the values while both ends are finite numbers
+      const T a = key_value<T>(lo), b = key_value<T>(hi);
+      if (std::isfinite(a) && std::isfinite(b)) {
+        const K mk = scalar_key<T>(a * T(0.5) + b * T(0.5));
+        if (mk > lo && mk < hi) return mk;
+      }
+    }
+    // bisect the key bits (unsigned arithmetic: hi - lo may not fit K)
+    return static_cast<K>(static_cast<U>(lo) + (static_cast<U>(hi) - static_cast<U>(lo)) / 2);
+  }
+
+  DVPO_INLINE void update(const K* keys, int64_t n, K mid, int64_t c) {
+    // branchless: which side moves is data-dependent (unpredictable)
+    const bool up = c >= kth;
+    hi = up ? mid : hi;
+    lo = up ? lo : mid;
+    if (c == kth) {  // the kth smallest key is the largest one <= mid
+      hi = max_le<K>(keys, n, mid);
+      done = true;
+    } else if (c == kth - 1) {  // ... or the smallest one > mid
+      hi = min_gt<K>(keys, n, mid);
+      done = true;
+    } else if (static_cast<U>(hi) - static_cast<U>(lo) <= 1) {
+      done = true;
+    }
+  }
+};
+
+}  // namespace detail
+
+// The threshold keys of the lower tail at count_lo atoms and of the upper tail at count_hi atoms
+// (either count may be 0 to skip that tail), from the keys of n >= 1 atoms.
+template <typename T>
+DVPO_INLINE void select_tails(const key_t<T>* keys, int64_t n, int64_t count_lo, int64_t count_hi,
+                              TailSelect<T>* lo_out, TailSelect<T>* hi_out) {
+  using K = key_t<T>;
+  K kmin, kmax;
+  detail::min_max<K>(keys, n, kmin, kmax);
+  // kth smallest for the lower tail; the count_hi-th largest is the (n - count_hi + 1)-th smallest.
+  // The first threshold tried is the atom at index kth - 1 (n - count_hi for the upper tail): for
+  // quantile predictions that come (nearly) sorted by level, as a trained critic's and its returns'
+  // do, that is (nearly) the answer and the search ends after a pass or two; for unsorted rows it is
+  // a random pivot, about as good as a bisection step.
+  detail::Bisect<T> a{kmin, kmax, count_lo, count_lo <= 0, count_lo > 0 ? keys[count_lo - 1] : kmin};
+  detail::Bisect<T> b{kmin, kmax, n - count_hi + 1, count_hi <= 0, count_hi > 0 ? keys[n - count_hi] : kmax};
+  // Start just below the minimum: count(<= lo) = 0 < kth. Only a negative NaN with every bit set
+  // has the key min(K) (callers pass finite rows; the guard keeps any input in bounds).
+  for (detail::Bisect<T>* s : {&a, &b}) {
+    if (s->done) continue;
+    if (s->kth == 1 || kmin == kmax) {
+      s->hi = kmin;
+      s->done = true;
+    } else if (s->kth == n) {
+      s->hi = kmax;
+      s->done = true;
+    } else {
+      s->lo = kmin == std::numeric_limits<K>::min() ? kmin : kmin - 1;
+      if (kmin == std::numeric_limits<K>::min()) {
+        // count(<= kmin) may already reach kth: then kmin is the answer.
+        int64_t c0, c1;
+        detail::count_le2<K>(keys, n, kmin, kmin, c0, c1);
+        if (c0 >= s->kth) {
+          s->hi = kmin;
+          s->done = true;
+        }
+      }
+    }
+  }
+  for (int step = 0; !(a.done && b.done); ++step) {
+    const K ma = a.done ? a.hi : a.midpoint(step);
+    const K mb = b.done ? b.hi : b.midpoint(step);
+    int64_t ca, cb;
+    detail::count_le2<K>(keys, n, ma, mb, ca, cb);
+    if (!a.done) a.update(keys, n, ma, ca);
+    if (!b.done) b.update(keys, n, mb, cb);
+  }
+  // Counts around each threshold: one pass, four counters.
+  const K ka = a.hi, kb = b.hi;
+  K lt_a = 0, eq_a = 0, gt_b = 0, eq_b = 0;
+#pragma omp simd reduction(+ : lt_a, eq_a, gt_b, eq_b)
+  for (int64_t j = 0; j < n; ++j) {
+    const K v = keys[j];
+    lt_a += v < ka ? K(1) : K(0);
+    eq_a += v == ka ? K(1) : K(0);
+    gt_b += v > kb ? K(1) : K(0);
+    eq_b += v == kb ? K(1) : K(0);
+  }
+  if (lo_out) *lo_out = TailSelect<T>{ka, static_cast<int64_t>(lt_a), static_cast<int64_t>(eq_a), count_lo};
+  if (hi_out) *hi_out = TailSelect<T>{kb, static_cast<int64_t>(gt_b), static_cast<int64_t>(eq_b), count_hi};
+}
+
+// CVaR coefficients c[0..n) of a selected tail (lower: upper == false), with the reference's index
+// tie-break among atoms equal to the threshold.
+template <typename T>
+DVPO_INLINE void tail_coefficients(const key_t<T>* keys, int64_t n, const TailSelect<T>& s, T level_n,
+                                   bool upper, T* c) {
+  using K = key_t<T>;
+  const K kv = s.kv;
+  const T full = T(1) / level_n;
+  const T first_tie = math::cvar_coef<T>(static_cast<int>(s.beyond), level_n);
+  if (s.ties == 1) {
+    if (!upper) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) c[j] = keys[j] < kv ? full : (keys[j] == kv ? first_tie : T(0));
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) c[j] = keys[j] > kv ? full : (keys[j] == kv ? first_tie : T(0));
+    }
+    return;
+  }
+  int64_t e = s.beyond;  // rank of the next tied atom (ties are ranked by index)
+  for (int64_t j = 0; j < n; ++j) {
+    const K v = keys[j];
+    if (v == kv) {
+      c[j] = math::cvar_coef<T>(static_cast<int>(e), level_n);
+      ++e;
+    } else {
+      c[j] = (upper ? v > kv : v < kv) ? full : T(0);
+    }
+  }
+}
+
+// CVaR = sum c x and the tail variance V = sum c (x - CVaR)^2, accumulated in double (a tail far
+// from 0 relative to its spread would lose the variance to cancellation in fp32).
+template <typename T>
+DVPO_INLINE void tail_moments(const T* x, const T* c, int64_t n, T& cvar, T& var) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += static_cast<double>(c[j]) * static_cast<double>(x[j]);
+  double v = 0;
+#pragma omp simd reduction(+ : v)
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = static_cast<double>(x[j]) - s;
+    v += static_cast<double>(c[j]) * d * d;
+  }
+  cvar = static_cast<T>(s);
+  var = static_cast<T>(v);
+}
+
+// CVaR and tail variance of sorted values xs[0..n) (ascending), lower or upper tail: the
+// coefficient of rank r is cvar_coef(r, level_n) (equal values share nothing but their value, so
+// the tie-break does not matter here).
+template <typename T>
+DVPO_INLINE void sorted_tail_moments(const T* xs, int64_t n, T level_n, bool upper, T& cvar, T& var) {
+  const int count = math::cvar_tail_count<T>(level_n, static_cast<int>(n));
+  double s = 0;
+  for (int r = 0; r < count; ++r) {
+    s += static_cast<double>(math::cvar_coef<T>(r, level_n)) * static_cast<double>(xs[upper ? n - 1 - r : r]);
+  }
+  double v = 0;
+  for (int r = 0; r < count; ++r) {
+    const double d = static_cast<double>(xs[upper ? n - 1 - r : r]) - s;
+    v += static_cast<double>(math::cvar_coef<T>(r, level_n)) * d * d;
+  }
+  cvar = static_cast<T>(s);
+  var = static_cast<T>(v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sorting the targets (algorithm="sorted")
+// ---------------------------------------------------------------------------------------------
+//
+// The sorted quantile Huber needs the token's targets in ascending order and, for 3 N query values
+// x (theta_i - k, theta_i, theta_i + k), the counts #{z < x} / #{z <= x}. Both come from a bucket
+// sort on the value range: bucket(z) = floor((z - zmin) * nb / (zmax - zmin)), clamped to
+// [0, nb). That map is monotone (each rounded step is), so a lower bucket holds only smaller values:
+// counting sort by bucket + insertion sort inside the buckets sorts exactly, and a count is the
+// bucket's offset plus a scan of that one (sorted) bucket. With one bucket per target this is
+// O(M) per sort and O(1) per query for any reasonably spread data: a query is a branchless
+// binary search of fixed length (log2 kWindow steps) in the kWindow targets from its bucket's
+// offset on (the sorted row is padded with +inf), run for several atoms in lockstep. When the
+// values cluster (a bucket over kWindow targets: outliers, a constant row, a tiny range) the token
+// falls back to an LSD radix sort of the order keys and full-length binary searches.
+
+constexpr int64_t kWindow = 32;  // a power of 2; also the largest bucket the index accepts
+
+template <typename T>
+struct SortedTargets {
+  const T* zs = nullptr;  // ascending, zeros as +0
+  int64_t m = 0;
+  bool bucketed = false;  // bucket index valid (else binary search)
+  T lo = 0, scale = 0;    // bucket(x) = floor((x - lo) * scale), clamped
+  int64_t nb = 0;
+  const int32_t* off = nullptr;  // [nb + 1] bucket offsets into zs
+};
+
+template <typename T>
+struct SortScratch {
+  T* zs;         // [m + kWindow]
+  int32_t* off;  // [m + 2]
+  int32_t* pos;  // [m + 1]
+  int32_t* bi;   // [m] bucket of each target
+  ukey_t<T>* ka;  // [m] radix keys
+  ukey_t<T>* kb;  // [m]
+};
+
+template <typename T>
+DVPO_INLINE int64_t bucket_of(T x, T lo, T scale, int64_t nb) {
+  T f = (x - lo) * scale;
+  f = f > T(0) ? f : T(0);  // also sends NaN to 0
+  const T top = static_cast<T>(nb - 1);
+  f = f < top ? f : top;
+  return static_cast<int64_t>(f);
+}
+
+// Insertion sort of out[0..n) in place (nearly sorted input: each element moves inside its bucket).
+template <typename T>
+DVPO_INLINE void insertion_sort(T* out, int64_t n) {
+  for (int64_t i = 1; i < n; ++i) {
+    const T v = out[i];
+    int64_t j = i - 1;
+    if (!(out[j] > v)) continue;
+    while (j >= 0 && out[j] > v) {
+      out[j + 1] = out[j];
+      --j;
+    }
+    out[j + 1] = v;
+  }
+}
+
+// LSD radix sort of the order keys (8 bits a pass, passes with a single digit value skipped).
+DVPO_INLINE void radix_sort(const float* x, int64_t n, float* out, uint32_t* ka, uint32_t* kb) {
+  uint32_t hist[4][256];
+  std::memset(hist, 0, sizeof(hist));
+  order_keys<float>(x, n, reinterpret_cast<int32_t*>(ka));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t k = ka[i] ^ 0x80000000u;  // signed order -> unsigned order
+    ka[i] = k;
+    hist[0][k & 0xff]++;
+    hist[1][(k >> 8) & 0xff]++;
+    hist[2][(k >> 16) & 0xff]++;
+    hist[3][k >> 24]++;
+  }
+  uint32_t* src = ka;
+  uint32_t* dst = kb;
+  for (int pass = 0; pass < 4; ++pass) {
+    uint32_t* h = hist[pass];
+    const int shift = 8 * pass;
+    if (h[(src[0] >> shift) & 0xff] == static_cast<uint32_t>(n)) continue;
+    uint32_t run = 0;
+    for (int d = 0; d < 256; ++d) {
+      const uint32_t c = h[d];
+      h[d] = run;
+      run += c;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t k = src[i];
+      dst[h[(k >> shift) & 0xff]++] = k;
+    }
+    std::swap(src, dst);
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = key_value<float>(static_cast<int32_t>(src[i] ^ 0x80000000u));
+}
+
+inline void radix_sort(const double* x, int64_t n, double* out, uint64_t*, uint64_t*) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] + 0.0;
+  std::sort(out, out + n);
+}
+
+// Sorts the m finite targets z into s.zs and builds the bucket index when the data allow it.
+template <typename T>
+DVPO_INLINE SortedTargets<T> sort_targets(const T* z, int64_t m, const SortScratch<T>& s) {
+  SortedTargets<T> r;
+  r.zs = s.zs;
+  r.m = m;
+  if (m <= 16) {
+    for (int64_t j = 0; j < m; ++j) s.zs[j] = z[j] + T(0);
+    insertion_sort(s.zs, m);
+    return r;
+  }
+  T zmin = z[0], zmax = z[0];
+#pragma omp simd reduction(min : zmin) reduction(max : zmax)
+  for (int64_t j = 0; j < m; ++j) {
+    zmin = z[j] < zmin ? z[j] : zmin;
+    zmax = z[j] > zmax ? z[j] : zmax;
+  }
+  const int64_t nb = m;
+  const T scale = static_cast<T>(nb) / (zmax - zmin);
+  bool ok = zmax > zmin && std::isfinite(scale) && scale > T(0);
+  if (ok) {
+    int32_t* cnt = s.off;  // cnt[b + 1] = size of bucket b
+    for (int64_t b = 0; b <= nb; ++b) cnt[b] = 0;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) s.bi[j] = static_cast<int32_t>(bucket_of<T>(z[j], zmin, scale, nb));
+    for (int64_t j = 0; j < m; ++j) cnt[s.bi[j] + 1]++;
+    int32_t biggest = 0;
+#pragma omp simd reduction(max : biggest)
+    for (int64_t b = 1; b <= nb; ++b) biggest = cnt[b] > biggest ? cnt[b] : biggest;
+    ok = biggest <= kWindow;
+  }
+  if (!ok) {
+    radix_sort(z, m, s.zs, s.ka, s.kb);
+    return r;
+  }
+  int32_t* off = s.off;
+  for (int64_t b = 0; b < nb; ++b) off[b + 1] += off[b];
+  for (int64_t b = 0; b < nb; ++b) s.pos[b] = off[b];
+  for (int64_t j = 0; j < m; ++j) s.zs[s.pos[s.bi[j]]++] = z[j] + T(0);
+  insertion_sort(s.zs, m);  // only reorders inside buckets
+  for (int64_t j = m; j < m + kWindow; ++j) s.zs[j] = std::numeric_limits<T>::infinity();  // window padding
+  r.bucketed = true;
+  r.lo = zmin;
+  r.scale = scale;
+  r.nb = nb;
+  r.off = off;
+  return r;
+}
+
+// Prefix sums over the sorted targets of y = z - c and y^2 (double; P[0] = 0), with c = the
+// middle target, so the region sums are of centred values.
+template <typename T>
+DVPO_INLINE double prefix_sums(const T* zs, int64_t m, double* p1, double* p2) {
+  const double c = static_cast<double>(zs[m / 2]);
+  double s1 = 0, s2 = 0;
+  p1[0] = 0;
+  p2[0] = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const double y = static_cast<double>(zs[j]) - c;
+    s1 += y;
+    s2 += y * y;
+    p1[j + 1] = s1;
+    p2[j + 1] = s2;
+  }
+  return c;
+}
+
+
+// Scratch of qh_sorted_sums for n atoms: 3 n region boundaries and 6 n gathered prefix sums.
+struct SortedSumsScratch {
+  int32_t* bnd;  // [3 n]
+  double* pre;   // [6 n]
+};
+
+// The region sums of every atom from its boundaries and the prefix sums gathered at them
+// (math::qh_from_regions in double), vectorized over the atoms.
+template <typename T>
+DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1, const int32_t* b2,
+                                    const int32_t* b3, const double* pre, int64_t m, double total1,
+                                    double centre, const math::QuantileWeights<T>* qw, T k, T* L, T* D) {
+  const double kd = static_cast<double>(k);
+  const double* s1a = pre;  // p1[b1], p1[b2], p1[b3], p2[b1], p2[b2], p2[b3]
+  const double* s1b = pre + n;
+  const double* s1c = pre + 2 * n;
+  const double* s2a = pre + 3 * n;
+  const double* s2b = pre + 4 * n;
+  const double* s2c = pre + 5 * n;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    math::QHRegions<double> r;
+    r.n1 = static_cast<double>(b1[i]);
+    r.s1 = s1a[i];
+    r.n2 = static_cast<double>(b2[i] - b1[i]);
+    r.s2 = s1b[i] - s1a[i];
+    r.q2 = s2b[i] - s2a[i];
+    r.n3 = static_cast<double>(b3[i] - b2[i]);
+    r.s3 = s1c[i] - s1b[i];
+    r.q3 = s2c[i] - s2b[i];
+    r.n4 = static_cast<double>(m - b3[i]);
+    r.s4 = total1 - s1c[i];
+    const math::QuantileWeights<double> w{static_cast<double>(qw[i].pos), static_cast<double>(qw[i].neg)};
+    double loss, dsum;
+    math::qh_from_regions<double>(r, static_cast<double>(theta[i]) - centre, w, kd, loss, dsum);
+    L[i] = static_cast<T>(loss);
+    D[i] = static_cast<T>(dsum);
+  }
+}
+
+// For i in [0, n): the same L[i], D[i] as qh_pairwise_sums, from the sorted targets and their
+// prefix sums. First the region boundaries b1 = #{z < theta - k}, b2 = #{z < theta},
+// b3 = #{z <= theta + k} of every atom and the prefix sums at them (into `scratch`), then the sums
+// (qh_regions_to_sums, vectorized). Bucketed targets: each count is the bucket's offset plus a fixed-length
+// search of the kWindow targets from there (the answer lies in that window). Otherwise full-length
+// branchless binary searches. Either way the searches of kBlock atoms (3 each) run in lockstep
+// (their length does not depend on the data), so 3 kBlock independent load chains hide each
+// other's latency; the steps multiply by the comparison instead of selecting (compilers emit a
+// branch for the select, which would mispredict half the time).
+template <typename T>
+DVPO_INLINE void qh_sorted_sums(const T* theta, int64_t n, const SortedTargets<T>& st, const double* p1,
+                                const double* p2, double centre, const math::QuantileWeights<T>* qw, T k,
+                                const SortedSumsScratch& scratch, T* L, T* D) {
+  constexpr int kBlock = 4;
+  const T* zs = st.zs;
+  const int64_t m = st.m;
+  int32_t* b1 = scratch.bnd;
+  int32_t* b2 = scratch.bnd + n;
+  int32_t* b3 = scratch.bnd + 2 * n;
+  double* pre = scratch.pre;
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int rows = static_cast<int>(std::min<int64_t>(kBlock, n - i));
+    T x1[kBlock], x2[kBlock], x3[kBlock];
+    const T* a1[kBlock];
+    const T* a2[kBlock];
+    const T* a3[kBlock];
+    for (int r = 0; r < kBlock; ++r) {
+      x2[r] = theta[i + (r < rows ? r : 0)];
+      x1[r] = x2[r] - k;
+      x3[r] = x2[r] + k;
+    }
+    int64_t len;
+    if (st.bucketed) {
+      for (int r = 0; r < kBlock; ++r) {
+        a1[r] = zs + st.off[bucket_of<T>(x1[r], st.lo, st.scale, st.nb)];
+        a2[r] = zs + st.off[bucket_of<T>(x2[r], st.lo, st.scale, st.nb)];
+        a3[r] = zs + st.off[bucket_of<T>(x3[r], st.lo, st.scale, st.nb)];
+      }
+      len = kWindow;
+    } else {
+      for (int r = 0; r < kBlock; ++r) a1[r] = a2[r] = a3[r] = zs;
+      len = m;
+    }
+    while (len > 1) {
+      const int64_t half = len / 2;
+      for (int r = 0; r < kBlock; ++r) {
+        a1[r] += half * static_cast<int64_t>(a1[r][half - 1] < x1[r]);
+        a2[r] += half * static_cast<int64_t>(a2[r][half - 1] < x2[r]);
+        a3[r] += half * static_cast<int64_t>(a3[r][half - 1] <= x3[r]);
+      }
+      len -= half;
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t c1 = (a1[r] - zs) + static_cast<int64_t>(*a1[r] < x1[r]);
+      const int64_t c2 = (a2[r] - zs) + static_cast<int64_t>(*a2[r] < x2[r]);
+      const int64_t c3 = (a3[r] - zs) + static_cast<int64_t>(*a3[r] <= x3[r]);
+      b1[i + r] = static_cast<int32_t>(c1);
+      b2[i + r] = static_cast<int32_t>(c2);
+      b3[i + r] = static_cast<int32_t>(c3);
+      pre[i + r] = p1[c1];  // gathered here (scalar loads), so the math below runs on vectors
+      pre[n + i + r] = p1[c2];
+      pre[2 * n + i + r] = p1[c3];
+      pre[3 * n + i + r] = p2[c1];
+      pre[4 * n + i + r] = p2[c2];
+      pre[5 * n + i + r] = p2[c3];
+    }
+  }
+  qh_regions_to_sums<T>(theta, n, b1, b2, b3, pre, m, p1[m], centre, qw, k, L, D);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Algorithm choice
+// ---------------------------------------------------------------------------------------------
+
+// Whether algorithm="auto" runs the sorted quantile Huber for N atoms and M targets per token.
+// Cost model in ns per token (fp32, AVX2 variant, one thread):
+//   pairwise ~ kPairNs N M + kPairAtomNs N,   sorted ~ kSortNs M + kSearchNs N + kFixedNs,
+// fitted (least squares on relative error) to 72 shapes N, M in {16..1000} x {16..2000} of both
+// kernels, quantile Huber alone, normal targets, measured with time.thread_time on the development
+// machine (AMD EPYC Zen 3 "Milan", 2 cores, shared with other jobs: +-20% noise). The fit classifies
+// 93% of the shapes right; the misses were within 10% of each other. Square shapes cross over near
+// N = M = 205 (the benchmark shape 200 x 200 stays pairwise: the two are within a few percent there).
+// The fused critic loss uses the same rule (its fit crosses over at about the same sizes: the sort
+// also replaces the target's tail selection, and the pairwise pass is shared by two terms).
+// bench/cpu_critic.py re-measures the crossover.
+constexpr double kPairNs = 0.14;
+constexpr double kPairAtomNs = 11.0;
+constexpr double kSortNs = 13.5;
+constexpr double kSearchNs = 25.0;
+constexpr double kFixedNs = 250.0;
+
+inline bool prefer_sorted(int64_t n, int64_t m) {
+  const double nd = static_cast<double>(n), md = static_cast<double>(m);
+  const double pairwise = kPairNs * nd * md + kPairAtomNs * nd;
+  const double sorted = kSortNs * md + kSearchNs * nd + kFixedNs;
+  return sorted < pairwise;
+}
+
+}  // namespace kern
+}  // namespace cpu
+}  // namespace dvpo
