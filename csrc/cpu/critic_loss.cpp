@@ -29,7 +29,8 @@ struct CriticArgs {
   const T* heads;   // [T, H, N]
   const T* target;  // [T, M]
   const T* mask;    // [T] or null
-  const math::QuantileWeights<T>* qw;  // [N]
+  const T* wpos;  // [N] |tau_i|
+  const T* wneg;  // [N] |tau_i - 1|
   const T* risk_w;  // [N]
   T kappa, qh_scale;
   T alpha_n, beta_n, alpha_m, beta_m;           // level * N for theta, level * M for the target
@@ -76,7 +77,7 @@ DVPO_INLINE void tails_of(const T* x, int64_t n, key_t<T>* keys, bool need_lo, b
   }
 }
 
-template <typename T>
+template <typename T, Isa isa>
 DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s, int64_t tok) {
   const int64_t H = a.H, N = a.N, M = a.M;
   T* out_terms = a.terms + tok * kTerms;
@@ -129,9 +130,9 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
       const kern::SortedTargets<T> st = kern::sort_targets<T>(z, M, s.sort);
       zs = st.zs;
       const double centre = kern::prefix_sums(zs, M, s.p1, s.p2);
-      kern::qh_sorted_sums<T>(theta, N, st, s.p1, s.p2, centre, a.qw, a.kappa, s.sums, s.L, s.D);
+      kern::qh_sorted_sums<T>(theta, N, st, s.p1, s.p2, centre, a.wpos, a.wneg, a.kappa, s.sums, s.L, s.D);
     } else {
-      kern::qh_pairwise_sums(theta, N, z, M, a.qw, a.kappa, s.L, s.D);
+      kern::qh_pairwise_sums<T, kern::atom_block<T>(isa)>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.L, s.D);
     }
     double lq = 0, lr = 0;
     for (int64_t i = 0; i < N; ++i) {
@@ -239,17 +240,17 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
   for (int t = 0; t < kTerms; ++t) out_terms[t] = term[t] * mw;
 }
 
-template <typename T>
+template <typename T, Isa isa>
 DVPO_INLINE void critic_chunk(const CriticArgs<T>& a, const CriticScratch<T>& s, int64_t begin, int64_t end) {
-  for (int64_t tok = begin; tok < end; ++tok) critic_token<T>(a, s, tok);
+  for (int64_t tok = begin; tok < end; ++tok) critic_token<T, isa>(a, s, tok);
 }
 
 DVPO_ISA_VARIANTS(critic_chunk_f32,
                   (const CriticArgs<float>& a, const CriticScratch<float>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk<float>)
+                  (a, s, b, e), critic_chunk, float)
 DVPO_ISA_VARIANTS(critic_chunk_f64,
                   (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk<double>)
+                  (a, s, b, e), critic_chunk, double)
 
 template <typename T>
 auto critic_chunk_for(Isa isa) {
@@ -301,8 +302,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
 
   AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_critic_loss_cpu", [&] {
     using T = scalar_t;
-    std::vector<math::QuantileWeights<T>> qw(N);
-    for (int64_t i = 0; i < N; ++i) qw[i] = math::quantile_weights<T>(t.data_ptr<T>()[i]);
+    std::vector<T> wpos(N), wneg(N);  // |tau - 1{u<0}| for u >= 0 and u < 0
+    for (int64_t i = 0; i < N; ++i) {
+      const math::QuantileWeights<T> w = math::quantile_weights<T>(t.data_ptr<T>()[i]);
+      wpos[i] = w.pos;
+      wneg[i] = w.neg;
+    }
     CriticArgs<T> args{};
     args.H = H;
     args.N = N;
@@ -310,7 +315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
     args.heads = hc.data_ptr<T>();
     args.target = z.data_ptr<T>();
     args.mask = ptr_or_null<T>(mk);
-    args.qw = qw.data();
+    args.wpos = wpos.data();
+    args.wneg = wneg.data();
     args.risk_w = rw.data_ptr<T>();
     args.kappa = static_cast<T>(kappa);
     args.qh_scale = math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M), args.kappa, normalize_kappa);

@@ -23,7 +23,7 @@ struct CVaRArgs {
   T* coef;   // [T, N]
 };
 
-template <typename T>
+template <typename T, Isa>
 DVPO_INLINE void cvar_chunk(const CVaRArgs<T>& a, kern::key_t<T>* keys, int64_t begin, int64_t end) {
   const int64_t N = a.N;
   for (int64_t row = begin; row < end; ++row) {
@@ -51,9 +51,9 @@ DVPO_INLINE void cvar_chunk(const CVaRArgs<T>& a, kern::key_t<T>* keys, int64_t 
 }
 
 DVPO_ISA_VARIANTS(cvar_chunk_f32, (const CVaRArgs<float>& a, int32_t* keys, int64_t b, int64_t e),
-                  (a, keys, b, e), cvar_chunk<float>)
+                  (a, keys, b, e), cvar_chunk, float)
 DVPO_ISA_VARIANTS(cvar_chunk_f64, (const CVaRArgs<double>& a, int64_t* keys, int64_t b, int64_t e),
-                  (a, keys, b, e), cvar_chunk<double>)
+                  (a, keys, b, e), cvar_chunk, double)
 
 template <typename T>
 void run_cvar_chunk(Isa isa, const CVaRArgs<T>& args, kern::key_t<T>* keys, int64_t begin, int64_t end) {

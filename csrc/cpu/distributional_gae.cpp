@@ -27,7 +27,7 @@ struct GAEArgs {
   T* returns;  // [B, T, M]
 };
 
-template <typename T>
+template <typename T, Isa>
 DVPO_INLINE void gae_tasks(const GAEArgs<T>& a, T* next_v, T* next_a, int64_t begin, int64_t end) {
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / a.blocks, blk = task % a.blocks;
@@ -61,9 +61,9 @@ DVPO_INLINE void gae_tasks(const GAEArgs<T>& a, T* next_v, T* next_a, int64_t be
 }
 
 DVPO_ISA_VARIANTS(gae_tasks_f32, (const GAEArgs<float>& a, float* nv, float* na, int64_t b, int64_t e),
-                  (a, nv, na, b, e), gae_tasks<float>)
+                  (a, nv, na, b, e), gae_tasks, float)
 DVPO_ISA_VARIANTS(gae_tasks_f64, (const GAEArgs<double>& a, double* nv, double* na, int64_t b, int64_t e),
-                  (a, nv, na, b, e), gae_tasks<double>)
+                  (a, nv, na, b, e), gae_tasks, double)
 
 template <typename T>
 void run_gae_tasks(Isa isa, const GAEArgs<T>& args, T* nv, T* na, int64_t begin, int64_t end) {

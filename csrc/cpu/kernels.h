@@ -80,17 +80,18 @@ DVPO_INLINE T key_value(key_t<T> key) {
 // Pairwise quantile Huber: per-quantile sums over the M targets
 // ---------------------------------------------------------------------------------------------
 
-// For i in [0, n): L[i] = sum_j |tau_i - 1{u<0}| L_k(u_ij), D[i] = sum_j |tau_i - 1{u<0}| L_k'(u_ij),
-// u_ij = z_j - theta_i (math::qh_pair_fused). Two atoms share each target load; the j loop is the
-// vectorized one (8 pairs per AVX2 instruction, 16 with AVX-512).
+// Pairwise sums, vectorized over the targets: for i in [0, n), L[i] = sum_j |tau_i - 1{u<0}| L_k(u_ij)
+// and D[i] = sum_j |tau_i - 1{u<0}| L_k'(u_ij), u_ij = z_j - theta_i (math::qh_pair_fused). Two
+// atoms share each target load. Each atom ends with a horizontal reduction, so this is the form
+// for few atoms (qh_pairwise_sums picks).
 template <typename T>
-DVPO_INLINE void qh_pairwise_sums(const T* theta, int64_t n, const T* z, int64_t m,
-                                  const math::QuantileWeights<T>* qw, T k, T* L, T* D) {
+DVPO_INLINE void qh_pairwise_sums_targets(const T* theta, int64_t n, const T* z, int64_t m, const T* wpos,
+                                          const T* wneg, T k, T* L, T* D) {
   const T nk = -k;
   int64_t i = 0;
   for (; i + 2 <= n; i += 2) {
     const T t0 = theta[i], t1 = theta[i + 1];
-    const math::QuantileWeights<T> w0 = qw[i], w1 = qw[i + 1];
+    const math::QuantileWeights<T> w0{wpos[i], wneg[i]}, w1{wpos[i + 1], wneg[i + 1]};
     T l0 = 0, d0 = 0, l1 = 0, d1 = 0;
 #pragma omp simd reduction(+ : l0, d0, l1, d1)
     for (int64_t j = 0; j < m; ++j) {
@@ -105,12 +106,92 @@ DVPO_INLINE void qh_pairwise_sums(const T* theta, int64_t n, const T* z, int64_t
   }
   if (i < n) {
     const T t0 = theta[i];
-    const math::QuantileWeights<T> w0 = qw[i];
+    const math::QuantileWeights<T> w0{wpos[i], wneg[i]};
     T l0 = 0, d0 = 0;
 #pragma omp simd reduction(+ : l0, d0)
     for (int64_t j = 0; j < m; ++j) math::qh_pair_fused<T>(z[j] - t0, w0, k, nk, l0, d0);
     L[i] = l0;
     D[i] = d0;
+  }
+}
+
+// The same sums for a block of B atoms (th, wpos, wneg: B values each), vectorized over the atoms:
+// each target is broadcast against the block, every accumulator is a lane of its own (no
+// horizontal reductions, a long inner loop). The float lanes are flushed into double every kChunk
+// targets, so the rounding error does not grow with M.
+template <typename T, int B>
+DVPO_INLINE void qh_atom_block(const T* th, const T* wpos, const T* wneg, const T* z, int64_t m, T k, T* L,
+                               T* D) {
+  constexpr int64_t kChunk = 64;
+  const T nk = -k;
+  T t[B], p[B], q[B];
+  double lacc[B], dacc[B];
+  for (int r = 0; r < B; ++r) {
+    t[r] = th[r];
+    p[r] = wpos[r];
+    q[r] = wneg[r];
+    lacc[r] = 0;
+    dacc[r] = 0;
+  }
+  for (int64_t j0 = 0; j0 < m; j0 += kChunk) {
+    const int64_t j1 = std::min(m, j0 + kChunk);
+    T l[B], d[B];
+    for (int r = 0; r < B; ++r) l[r] = d[r] = T(0);
+    for (int64_t j = j0; j < j1; ++j) {
+      const T zj = z[j];
+#pragma omp simd
+      for (int r = 0; r < B; ++r) math::qh_pair_fused<T>(zj - t[r], math::QuantileWeights<T>{p[r], q[r]}, k, nk, l[r], d[r]);
+    }
+#pragma omp simd
+    for (int r = 0; r < B; ++r) {
+      lacc[r] += static_cast<double>(l[r]);
+      dacc[r] += static_cast<double>(d[r]);
+    }
+  }
+  for (int r = 0; r < B; ++r) {
+    L[r] = static_cast<T>(lacc[r]);
+    D[r] = static_cast<T>(dacc[r]);
+  }
+}
+
+// Atoms per block of the atom-vectorized form: two vector registers of the variant's width (two
+// registers keep two independent dependency chains per accumulator; more would spill on SSE2/AVX2).
+template <typename T>
+constexpr int atom_block(Isa isa) {
+  return 2 * vector_bytes(isa) / static_cast<int>(sizeof(T));
+}
+
+// Targets per token up to which the atom-vectorized form is used (measured: it is 1.2-2x faster at
+// M <= 200, level at M = 1000, a few percent slower at M = 2000, where the per-atom overhead of the
+// target-vectorized form no longer matters).
+constexpr int64_t kAtomVecMaxTargets = 1024;
+
+// L[i], D[i] for i in [0, n) (see qh_pairwise_sums_targets). With at least B atoms and not too many
+// targets, blocks of B atoms vectorized over the atoms (the last, partial block padded with copies
+// of the last atom, whose results are dropped); otherwise vectorized over the targets.
+// wpos/wneg hold |tau_i| and |tau_i - 1| (math::quantile_weights).
+template <typename T, int B>
+DVPO_INLINE void qh_pairwise_sums(const T* theta, int64_t n, const T* z, int64_t m, const T* wpos,
+                                  const T* wneg, T k, T* L, T* D) {
+  if (n < B || m > kAtomVecMaxTargets) {
+    qh_pairwise_sums_targets<T>(theta, n, z, m, wpos, wneg, k, L, D);
+    return;
+  }
+  int64_t i = 0;
+  for (; i + B <= n; i += B) qh_atom_block<T, B>(theta + i, wpos + i, wneg + i, z, m, k, L + i, D + i);
+  if (i < n) {  // a padded last block
+    T th[B], wp[B], wn[B], l[B], d[B];
+    for (int r = 0; r < B; ++r) {
+      const int64_t src = std::min<int64_t>(i + r, n - 1);
+      th[r] = theta[src];
+      wp[r] = wpos[src];
+      wn[r] = wneg[src];
+    }
+    qh_atom_block<T, B>(th, wp, wn, z, m, k, l, d);
+    for (int64_t r = 0; r < n - i; ++r) {
+      L[i + r] = l[r];
+      D[i + r] = d[r];
+    }
   }
 }
 
@@ -539,7 +620,7 @@ struct SortedSumsScratch {
 template <typename T>
 DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1, const int32_t* b2,
                                     const int32_t* b3, const double* pre, int64_t m, double total1,
-                                    double centre, const math::QuantileWeights<T>* qw, T k, T* L, T* D) {
+                                    double centre, const T* wpos, const T* wneg, T k, T* L, T* D) {
   const double kd = static_cast<double>(k);
   const double* s1a = pre;  // p1[b1], p1[b2], p1[b3], p2[b1], p2[b2], p2[b3]
   const double* s1b = pre + n;
@@ -560,7 +641,7 @@ DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1
     r.q3 = s2c[i] - s2b[i];
     r.n4 = static_cast<double>(m - b3[i]);
     r.s4 = total1 - s1c[i];
-    const math::QuantileWeights<double> w{static_cast<double>(qw[i].pos), static_cast<double>(qw[i].neg)};
+    const math::QuantileWeights<double> w{static_cast<double>(wpos[i]), static_cast<double>(wneg[i])};
     double loss, dsum;
     math::qh_from_regions<double>(r, static_cast<double>(theta[i]) - centre, w, kd, loss, dsum);
     L[i] = static_cast<T>(loss);
@@ -579,7 +660,7 @@ DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1
 // branch for the select, which would mispredict half the time).
 template <typename T>
 DVPO_INLINE void qh_sorted_sums(const T* theta, int64_t n, const SortedTargets<T>& st, const double* p1,
-                                const double* p2, double centre, const math::QuantileWeights<T>* qw, T k,
+                                const double* p2, double centre, const T* wpos, const T* wneg, T k,
                                 const SortedSumsScratch& scratch, T* L, T* D) {
   constexpr int kBlock = 4;
   const T* zs = st.zs;
@@ -635,7 +716,7 @@ DVPO_INLINE void qh_sorted_sums(const T* theta, int64_t n, const SortedTargets<T
       pre[5 * n + i + r] = p2[c3];
     }
   }
-  qh_regions_to_sums<T>(theta, n, b1, b2, b3, pre, m, p1[m], centre, qw, k, L, D);
+  qh_regions_to_sums<T>(theta, n, b1, b2, b3, pre, m, p1[m], centre, wpos, wneg, k, L, D);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -645,19 +726,18 @@ DVPO_INLINE void qh_sorted_sums(const T* theta, int64_t n, const SortedTargets<T
 // Whether algorithm="auto" runs the sorted quantile Huber for N atoms and M targets per token.
 // Cost model in ns per token (fp32, AVX2 variant, one thread):
 //   pairwise ~ kPairNs N M + kPairAtomNs N,   sorted ~ kSortNs M + kSearchNs N + kFixedNs,
-// fitted (least squares on relative error) to 72 shapes N, M in {16..1000} x {16..2000} of both
-// kernels, quantile Huber alone, normal targets, measured with time.thread_time on the development
-// machine (AMD EPYC Zen 3 "Milan", 2 cores, shared with other jobs: +-20% noise). The fit classifies
-// 93% of the shapes right; the misses were within 10% of each other. Square shapes cross over near
-// N = M = 205 (the benchmark shape 200 x 200 stays pairwise: the two are within a few percent there).
-// The fused critic loss uses the same rule (its fit crosses over at about the same sizes: the sort
-// also replaces the target's tail selection, and the pairwise pass is shared by two terms).
-// bench/cpu_critic.py re-measures the crossover.
-constexpr double kPairNs = 0.14;
-constexpr double kPairAtomNs = 11.0;
-constexpr double kSortNs = 13.5;
-constexpr double kSearchNs = 25.0;
-constexpr double kFixedNs = 250.0;
+// fitted (least squares on relative error) to both kernels timed on 42 shapes, N in
+// {32, 100, 200, 300, 500, 1000} x M in {32, 100, 200, 300, 500, 1000, 2000}, quantile Huber
+// alone, normal targets, with time.thread_time on the development machine (AMD EPYC Zen 3, 2 cores,
+// shared with other jobs: +-20% noise). The rule picks the faster kernel on 88% of those shapes
+// (on 93% for the fused critic loss, whose own fit is close); the misses were within 10-20% of each
+// other. Square shapes cross over near N = M = 270, so the benchmark shape 200 x 200 stays
+// pairwise. bench/cpu_critic.py re-measures the crossover on any machine.
+constexpr double kPairNs = 0.16;
+constexpr double kPairAtomNs = 4.0;
+constexpr double kSortNs = 12.0;
+constexpr double kSearchNs = 35.0;
+constexpr double kFixedNs = 0.0;
 
 inline bool prefer_sorted(int64_t n, int64_t m) {
   const double nd = static_cast<double>(n), md = static_cast<double>(m);

@@ -23,7 +23,8 @@ struct QHArgs {
   const T* target;  // [T, M]
   const T* mask;    // [T] or null
   const T* weights;  // [N] or null
-  const math::QuantileWeights<T>* qw;  // [N]
+  const T* wpos;  // [N] |tau_i|
+  const T* wneg;  // [N] |tau_i - 1|
   T kappa, scale;
   bool sorted;
   T* loss;  // [T]
@@ -40,7 +41,7 @@ struct QHScratch {
   kern::SortedSumsScratch sums;  // region boundaries and prefix sums of the atoms
 };
 
-template <typename T>
+template <typename T, Isa isa>
 DVPO_INLINE void qh_token(const QHArgs<T>& a, const QHScratch<T>& s, int64_t tok) {
   const int64_t N = a.N, M = a.M;
   const T mw = a.mask ? a.mask[tok] : T(1);
@@ -56,9 +57,9 @@ DVPO_INLINE void qh_token(const QHArgs<T>& a, const QHScratch<T>& s, int64_t tok
   if (a.sorted && kern::all_finite(theta, N) && kern::all_finite(z, M)) {
     const kern::SortedTargets<T> st = kern::sort_targets<T>(z, M, s.sort);
     const double centre = kern::prefix_sums(st.zs, M, s.p1, s.p2);
-    kern::qh_sorted_sums<T>(theta, N, st, s.p1, s.p2, centre, a.qw, a.kappa, s.sums, s.L, s.D);
+    kern::qh_sorted_sums<T>(theta, N, st, s.p1, s.p2, centre, a.wpos, a.wneg, a.kappa, s.sums, s.L, s.D);
   } else {
-    kern::qh_pairwise_sums(theta, N, z, M, a.qw, a.kappa, s.L, s.D);
+    kern::qh_pairwise_sums<T, kern::atom_block<T>(isa)>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.L, s.D);
   }
   double loss = 0;
   T* g = a.grad + tok * N;
@@ -73,15 +74,15 @@ DVPO_INLINE void qh_token(const QHArgs<T>& a, const QHScratch<T>& s, int64_t tok
   a.loss[tok] = static_cast<T>(loss * static_cast<double>(a.scale)) * mw;
 }
 
-template <typename T>
+template <typename T, Isa isa>
 DVPO_INLINE void qh_chunk(const QHArgs<T>& a, const QHScratch<T>& s, int64_t begin, int64_t end) {
-  for (int64_t tok = begin; tok < end; ++tok) qh_token<T>(a, s, tok);
+  for (int64_t tok = begin; tok < end; ++tok) qh_token<T, isa>(a, s, tok);
 }
 
 DVPO_ISA_VARIANTS(qh_chunk_f32, (const QHArgs<float>& a, const QHScratch<float>& s, int64_t b, int64_t e),
-                  (a, s, b, e), qh_chunk<float>)
+                  (a, s, b, e), qh_chunk, float)
 DVPO_ISA_VARIANTS(qh_chunk_f64, (const QHArgs<double>& a, const QHScratch<double>& s, int64_t b, int64_t e),
-                  (a, s, b, e), qh_chunk<double>)
+                  (a, s, b, e), qh_chunk, double)
 
 template <typename T>
 auto qh_chunk_for(Isa isa) {
@@ -126,9 +127,13 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
 
   AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_quantile_huber_cpu", [&] {
     using T = scalar_t;
-    std::vector<math::QuantileWeights<T>> qw(N);
-    for (int64_t i = 0; i < N; ++i) qw[i] = math::quantile_weights<T>(t.data_ptr<T>()[i]);
-    QHArgs<T> args{N, M, p.data_ptr<T>(), z.data_ptr<T>(), ptr_or_null<T>(mk), ptr_or_null<T>(w), qw.data(),
+    std::vector<T> wpos(N), wneg(N);  // |tau - 1{u<0}| for u >= 0 and u < 0
+    for (int64_t i = 0; i < N; ++i) {
+      const math::QuantileWeights<T> w = math::quantile_weights<T>(t.data_ptr<T>()[i]);
+      wpos[i] = w.pos;
+      wneg[i] = w.neg;
+    }
+    QHArgs<T> args{N, M, p.data_ptr<T>(), z.data_ptr<T>(), ptr_or_null<T>(mk), ptr_or_null<T>(w), wpos.data(), wneg.data(),
                    static_cast<T>(kappa), math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M),
                                                             static_cast<T>(kappa), normalize_kappa),
                    sorted, loss.data_ptr<T>(), grad.data_ptr<T>()};

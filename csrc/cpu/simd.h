@@ -94,24 +94,36 @@ inline Isa active_isa() {
 }  // namespace dvpo
 
 // Defines three internal functions `NAME_avx512`, `NAME_avx2`, `NAME_baseline` with the parameter
-// list PARAMS (parenthesized, with names) whose body is `IMPL ARGS;` compiled for that ISA, and
-// `NAME(Isa)`, which returns a pointer to the variant to run. IMPL must be force-inlined
-// (DVPO_INLINE), as must everything hot it calls, so that each variant gets its own copy of the loops.
-// Resolve the variant once per op call (active_isa() reads the environment), outside parallel loops.
+// list PARAMS (parenthesized, with names) whose body is `IMPL<T, isa> ARGS;` compiled for that ISA
+// (so IMPL can also pick ISA-specific block sizes at compile time), and `NAME(Isa)`, which returns a
+// pointer to the variant to run. IMPL must be force-inlined (DVPO_INLINE), as must everything hot it
+// calls, so that each variant gets its own copy of the loops. Resolve the variant once per op call
+// (active_isa() reads the environment), outside parallel loops.
 #if DVPO_X86_MULTIVERSION
-#define DVPO_ISA_VARIANTS(NAME, PARAMS, ARGS, IMPL)                                  \
-  DVPO_TARGET_AVX512 DVPO_NOINLINE static void NAME##_avx512 PARAMS { IMPL ARGS; }    \
-  DVPO_TARGET_AVX2 DVPO_NOINLINE static void NAME##_avx2 PARAMS { IMPL ARGS; }        \
-  DVPO_NOINLINE static void NAME##_baseline PARAMS { IMPL ARGS; }                     \
-  static auto NAME(::dvpo::cpu::Isa isa) -> decltype(&NAME##_baseline) {               \
-    switch (isa) {                                                                     \
-      case ::dvpo::cpu::Isa::avx512: return &NAME##_avx512;                            \
-      case ::dvpo::cpu::Isa::avx2: return &NAME##_avx2;                                \
-      default: return &NAME##_baseline;                                                \
-    }                                                                                  \
+#define DVPO_ISA_VARIANTS(NAME, PARAMS, ARGS, IMPL, T)                                               \
+  DVPO_TARGET_AVX512 DVPO_NOINLINE static void NAME##_avx512 PARAMS {                                \
+    IMPL<T, ::dvpo::cpu::Isa::avx512> ARGS;                                                           \
+  }                                                                                                  \
+  DVPO_TARGET_AVX2 DVPO_NOINLINE static void NAME##_avx2 PARAMS { IMPL<T, ::dvpo::cpu::Isa::avx2> ARGS; } \
+  DVPO_NOINLINE static void NAME##_baseline PARAMS { IMPL<T, ::dvpo::cpu::Isa::baseline> ARGS; }     \
+  static auto NAME(::dvpo::cpu::Isa isa) -> decltype(&NAME##_baseline) {                              \
+    switch (isa) {                                                                                   \
+      case ::dvpo::cpu::Isa::avx512: return &NAME##_avx512;                                          \
+      case ::dvpo::cpu::Isa::avx2: return &NAME##_avx2;                                              \
+      default: return &NAME##_baseline;                                                              \
+    }                                                                                                \
   }
 #else
-#define DVPO_ISA_VARIANTS(NAME, PARAMS, ARGS, IMPL)                    \
-  DVPO_NOINLINE static void NAME##_baseline PARAMS { IMPL ARGS; }       \
+#define DVPO_ISA_VARIANTS(NAME, PARAMS, ARGS, IMPL, T)                                          \
+  DVPO_NOINLINE static void NAME##_baseline PARAMS { IMPL<T, ::dvpo::cpu::Isa::baseline> ARGS; } \
   static auto NAME(::dvpo::cpu::Isa) -> decltype(&NAME##_baseline) { return &NAME##_baseline; }
 #endif
+
+namespace dvpo {
+namespace cpu {
+
+// Bytes per vector register of each variant (the widest its loops use).
+constexpr int vector_bytes(Isa isa) { return isa == Isa::avx512 ? 64 : (isa == Isa::avx2 ? 32 : 16); }
+
+}  // namespace cpu
+}  // namespace dvpo
