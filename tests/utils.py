@@ -51,7 +51,31 @@ def critic_inputs(lead, h, n, m, dtype=torch.float32, *, ties=False, device="cpu
     else:
         heads = randn(tuple(lead) + (h, n), dtype, device=device, generator=generator)
     target = randn(tuple(lead) + (m,), dtype, ties=ties, scale=1.5, device=device, generator=generator)
+    if ties:
+        _redraw_tied_tail_variances(row[..., 0, :], target, dtype, generator)
     return heads, target
+
+
+def _redraw_tied_tail_variances(theta, target, dtype, generator, levels=(0.1, 0.15, 0.2, 0.3)):
+    """On a tie grid the tail variances of theta and target can be mathematically equal, which puts
+    the tail-shape ReLU exactly at its kink; the float64 reference then picks a side by rounding
+    noise (seen: 5.6e-17 instead of 0), so no backend can be expected to pick the same subgradient. Redraw the
+    targets of such tokens (in place; nothing else is redrawn, so other data is unchanged)."""
+    from dvpo import reference as ref
+
+    flat_t, flat_x = target.view(-1, target.shape[-1]), theta.reshape(-1, theta.shape[-1])
+    for _ in range(50):
+        x64, t64 = flat_x.double().cpu(), flat_t.double().cpu()
+        bad = torch.zeros(x64.shape[0], dtype=torch.bool)
+        for level in levels:
+            for upper in (False, True):
+                d = ref.tail_variance(x64, level, upper) - ref.tail_variance(t64, level, upper)
+                bad |= (d != 0) & (d.abs() < 1e-9)  # exactly 0 (e.g. one-atom tails) is exact everywhere
+        if not bad.any():
+            return
+        rows = int(bad.sum())
+        fresh = randn((rows, flat_t.shape[-1]), dtype, ties=True, scale=1.5, generator=generator)
+        flat_t[bad.to(flat_t.device)] = fresh.to(flat_t.device)
 
 
 @contextlib.contextmanager
