@@ -1,6 +1,9 @@
 """Advantage estimators and losses of the five algorithms (pure functions on tensors).
 
 All per-token tensors are `[B, T]` over response tokens with a mask (1 = real token, EOS included).
+The losses are token means; their optional `denom` replaces the local token count as the divisor
+(under torchrun each rank passes global tokens / world size, so DDP's gradient average is the
+gradient of the token mean over the global batch).
 
 - dvpo:       distributional critic [B, T, H, N]; targets and advantages from
               `dvpo.ops.distributional_gae` on the ensemble's quantiles; the actor's advantage is
@@ -26,9 +29,12 @@ ALGOS = ("dvpo", "ppo", "grpo", "robust-ppo", "reinforce++")
 CRITIC_ALGOS = ("dvpo", "ppo", "robust-ppo")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, denom: Optional[float] = None) -> torch.Tensor:
+    """Mean of x over the real tokens; with `denom` (dim=None only) the masked sum / denom."""
     m = mask.to(x.dtype)
     if dim is None:
+        if denom is not None:
+            return (x * m).sum() / denom
         return (x * m).sum() / m.sum().clamp(min=1)
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
@@ -99,29 +105,32 @@ def grpo_advantages(outcome: torch.Tensor, group_size: int, mask: torch.Tensor, 
     return centred.reshape(-1, 1) * mask.float()
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """REINFORCE++: return-to-go of the per-token rewards, whitened over the batch."""
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                            whiten: bool = True) -> torch.Tensor:
+    """REINFORCE++: return-to-go of the per-token rewards, whitened over the batch (`whiten=False`:
+    the raw return-to-go, for a caller that whitens over a larger batch)."""
     ret = torch.zeros_like(rewards, dtype=torch.float32)
     running = torch.zeros(rewards.shape[0], dtype=torch.float32, device=rewards.device)
     m = mask.float()
     for t in reversed(range(rewards.shape[1])):
         running = rewards[:, t].float() + gamma * running * m[:, t]
         ret[:, t] = running * m[:, t]
-    return masked_whiten(ret, mask)
+    return masked_whiten(ret, mask) if whiten else ret
 
 
 # ---- losses ------------------------------------------------------------------------------------
 
-def policy_loss(logp, old_logp, advantages, mask, clip_eps: float) -> Tuple[torch.Tensor, Dict]:
+def policy_loss(logp, old_logp, advantages, mask, clip_eps: float,
+                denom: Optional[float] = None) -> Tuple[torch.Tensor, Dict]:
     """PPO clipped surrogate, token-mean over the real tokens:
     mean_t max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps)), r_t = exp(logp_t - old_logp_t)."""
     ratio = torch.exp(logp - old_logp)
     loss1 = -advantages * ratio
     loss2 = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(loss1, loss2), mask)
+    loss = masked_mean(torch.maximum(loss1, loss2), mask, denom=denom)
     with torch.no_grad():
-        stats = {"clipfrac": float(masked_mean((loss2 > loss1).float(), mask)),
-                 "approx_kl": float(masked_mean(0.5 * (logp - old_logp) ** 2, mask))}
+        stats = {"clipfrac": float(masked_mean((loss2 > loss1).float(), mask, denom=denom)),
+                 "approx_kl": float(masked_mean(0.5 * (logp - old_logp) ** 2, mask, denom=denom))}
     return loss, stats
 
 
@@ -136,21 +145,24 @@ def kl_penalty(logp, ref_logp, kind: str = "k1") -> torch.Tensor:
     raise ValueError(kind)
 
 
-def scalar_value_loss(values, old_values, returns, mask, clip: float) -> torch.Tensor:
+def scalar_value_loss(values, old_values, returns, mask, clip: float, denom: Optional[float] = None) -> torch.Tensor:
     """0.5 * mean_t max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clamp(V - V_old, -c, c); no
     clipping when clip <= 0. `values` may carry a trailing head dim [B, T, H] (each head, averaged)."""
     if values.dim() == returns.dim() + 1:
         returns, mask_h = returns.unsqueeze(-1), mask.unsqueeze(-1).expand_as(values)
+        if denom is not None:
+            denom = denom * values.shape[-1]
     else:
         mask_h = mask
     err = (values - returns) ** 2
     if clip and clip > 0:
         clipped = old_values + (values - old_values).clamp(-clip, clip)
         err = torch.maximum(err, (clipped - returns) ** 2)
-    return 0.5 * masked_mean(err, mask_h)
+    return 0.5 * masked_mean(err, mask_h, denom=denom)
 
 
-def distributional_value_loss(theta, old_theta, targets, mask, config, clip: float, taus=None):
+def distributional_value_loss(theta, old_theta, targets, mask, config, clip: float, taus=None,
+                              denom: Optional[float] = None):
     """The DVPO critic loss through the fused op: `theta` heads [B, T, H, N], `targets` [B, T, N].
 
     With clip > 0 the per-token loss is the max of the op's loss at theta and at the clipped
@@ -160,7 +172,10 @@ def distributional_value_loss(theta, old_theta, targets, mask, config, clip: flo
         out = ops.critic_loss(theta, targets, taus, mask=mask, config=config, reduction="none")
         clipped = old_theta + (theta - old_theta).clamp(-clip, clip)
         out_c = ops.critic_loss(clipped, targets, taus, mask=mask, config=config, reduction="none")
-        loss = masked_mean(torch.maximum(out.loss, out_c.loss), mask)
+        loss = masked_mean(torch.maximum(out.loss, out_c.loss), mask, denom=denom)
         return loss, out.terms
+    if denom is not None:
+        out = ops.critic_loss(theta, targets, taus, mask=mask, config=config, reduction="none")
+        return masked_mean(out.loss, mask, denom=denom), out.terms
     out = ops.critic_loss(theta, targets, taus, mask=mask, config=config, reduction="token-mean")
     return out.loss, out.terms

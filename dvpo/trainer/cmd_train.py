@@ -1,4 +1,6 @@
-"""`dvpo train`: one RL run (SFT warm start from the cache, then DVPO or a baseline)."""
+"""`dvpo train`: one RL run (SFT warm start from the cache, then DVPO or a baseline).
+
+Multi-process: `torchrun --standalone --nproc_per_node N -m dvpo train ...` (see `distributed.py`)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ def run(args) -> int:
     from .loop import train
 
     cfg = resolve_config(args)
-    summary = train(cfg)
+    summary = train(cfg)        # under torchrun: on every rank (sharded batch, rank 0 writes the files)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0 if summary["status"] == "ok" else 2
     keys = ("status", "steps", "heldout_acc_initial", "heldout_acc_final", "heldout_acc_sampled_initial",
             "heldout_acc_sampled_final", "reward_true_last10pct", "sec_per_step_median", "wall_seconds")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=1))

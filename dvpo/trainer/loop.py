@@ -1,5 +1,11 @@
 """The RL loop: rollouts, (noisy) rewards, advantages, PPO-style updates, evaluation, metrics,
-checkpoints and exact resume. `train(TrainConfig) -> summary`."""
+checkpoints and exact resume. `train(TrainConfig) -> summary`.
+
+Under `torchrun` (see `distributed.py`) the same loop runs on every rank: each rank samples, scores
+and updates on its contiguous shard of the global batch's prompts (whole GRPO groups), with the
+sampling and noise draws made for the global batch (so the samples do not depend on the number of
+ranks), global token-mean losses under DDP, global advantage whitening and metrics reduced over the
+ranks; rank 0 alone writes files and logs. One process without torchrun: no process group at all."""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 from . import algos as A
 from . import checkpoint as ck
 from .config import TrainConfig, from_dict, to_dict
+from .distributed import Dist, shard
 
 # config fields that do not change a run's trajectory (may differ when resuming)
 RUNTIME_FIELDS = {"steps", "resume", "progress", "plots", "threads", "device", "save_every", "eval_every",
@@ -71,6 +78,7 @@ class Trainer:
         self.noise = parse_noise(cfg.noise, salt=cfg.seed)
         self.closs_cfg = cfg.critic_loss_config() if cfg.algo == "dvpo" else None
         self.max_new = cfg.max_new_tokens or self.task.max_new_tokens
+        self.dist = Dist.single()
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self):
@@ -78,14 +86,25 @@ class Trainer:
         from .sft import sft
 
         cfg = self.cfg
+        self.dist = dist = Dist.from_env(cfg.device)     # Dist.single() outside torchrun
+        main = dist.is_main
+        if not main:
+            self.log = lambda *a, **k: None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = pick_device(cfg.device)
+        elif dist.enabled:
+            # several ranks share the machine's cores: one thread each unless OMP_NUM_THREADS says otherwise
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or 1)))
+        self.device = dist.device(cfg.device) if dist.enabled else pick_device(cfg.device)
+        if dist.enabled and cfg.prompts_per_step < dist.world:
+            raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be >= the number of processes "
+                             f"({dist.world}): each rank samples whole prompt groups")
         ckpt = os.path.join(self.out, "ckpt")
         resuming = cfg.resume and os.path.exists(os.path.join(ckpt, "state.json"))
         if not resuming and os.path.exists(os.path.join(ckpt, "state.json")):
             raise FileExistsError(f"{self.out} already holds a run: pass resume=True (--resume) or another out dir")
-        os.makedirs(self.out, exist_ok=True)
+        if main:
+            os.makedirs(self.out, exist_ok=True)
         if resuming:
             saved = from_dict(TrainConfig, ck.read_json(os.path.join(self.out, "config.json")))
             diff = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
@@ -95,8 +114,14 @@ class Trainer:
         ref_dir = os.path.join(self.out, "ref")
         if resuming and os.path.exists(ref_dir):
             init_dir = ref_dir
+        elif cfg.init:
+            init_dir = cfg.init
         else:
-            init_dir = cfg.init or sft(cfg.sft_config(), log=self.log if self.log else False)
+            # rank 0 trains (or finds) the cached SFT warm start; the others load it after a barrier
+            init_dir = sft(cfg.sft_config(), log=self.log if self.log else False) if main else None
+        dist.barrier()       # every rank has checked the run dir before rank 0 writes anything
+        if init_dir is None:
+            init_dir = sft(cfg.sft_config(), log=False)
         self.init_dir = init_dir
         self.policy, self.tok = load_policy(os.path.join(ckpt, "policy") if resuming else init_dir,
                                             self.device, cfg.attn, cfg.bf16)
@@ -106,7 +131,7 @@ class Trainer:
             self.ref = copy.deepcopy(self.policy)       # the same weights as init_dir, without a reload
         for p in self.ref.parameters():
             p.requires_grad_(False)
-        if not resuming and init_dir != ref_dir:
+        if main and not resuming and init_dir != ref_dir:
             self.policy.save_pretrained(ref_dir)     # the reference policy travels with the run
             self.tok.save_pretrained(ref_dir)
         shape = cfg.critic_shape()
@@ -124,8 +149,11 @@ class Trainer:
             self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr,
                                                 weight_decay=cfg.weight_decay)
         gdev = self.device if self.device.type == "cuda" else "cpu"
+        # every rank holds the same generators and draws for the whole global batch (then uses its rows)
         self.g_sample = torch.Generator(device=gdev)
         self.g_sample.manual_seed(_derived_seed(cfg.seed, "sample"))
+        # vote:K labels are drawn per prompt (`_vote_uniforms`); this generator only keeps the
+        # checkpoint format (its state is saved and restored, nothing draws from it)
         self.g_vote = torch.Generator(device=gdev)
         self.g_vote.manual_seed(_derived_seed(cfg.seed, "vote"))
         self.g_shuffle = torch.Generator()
@@ -140,12 +168,20 @@ class Trainer:
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         if resuming:
             self._load(ckpt)
-            self._truncate_metrics(self.step)
-        else:
+            if main:
+                self._truncate_metrics(self.step)
+        elif main:
             if os.path.exists(self.metrics_path):
                 os.remove(self.metrics_path)
             ck.write_json(os.path.join(self.out, "config.json"), to_dict(cfg))
         self.use_bf16 = cfg.bf16 and self.device.type == "cuda"
+        # the modules of the training forward passes: DDP wrappers under torchrun (the same modules in
+        # one process); sampling, scoring of rollouts, evaluation and checkpoints use the plain modules
+        self.policy_train = dist.wrap(self.policy)
+        self.critic_train = self.critic
+        if self.critic is not None and not cfg.shared_critic:
+            self.critic_train = dist.wrap(self.critic)
+        dist.barrier()
         return resuming
 
     def autocast(self):
@@ -155,10 +191,17 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self):
+        """Rank 0 writes the checkpoint (every rank calls this: the vote labels are gathered)."""
         from safetensors.torch import save_file
 
         from .models import save_critic
 
+        votes = dict(self.votes)
+        if self.dist.enabled:
+            for part in self.dist.gather_objects(self.votes):
+                votes.update(part)
+        if not self.dist.is_main:
+            return
         path = os.path.join(self.out, "ckpt")
         tmp = ck.begin(path)
         self.policy.save_pretrained(os.path.join(tmp, "policy"))
@@ -178,7 +221,7 @@ class Trainer:
             "rng": {"sample": ck.generator_state(self.g_sample), "vote": ck.generator_state(self.g_vote),
                     "shuffle": ck.generator_state(self.g_shuffle), "noise": ck.generator_state(self.g_noise),
                     "prompts": ck.python_random_state(self.prompt_rng), "global": ck.global_rng_states()},
-            "votes": [[k, list(v) if v is not None else None] for k, v in self.votes.items()],
+            "votes": [[k, list(v) if v is not None else None] for k, v in votes.items()],
         }
         ck.write_json(os.path.join(tmp, "state.json"), state)
         ck.commit(tmp, path)
@@ -215,6 +258,8 @@ class Trainer:
             f.writelines(rows)
 
     def _write_metrics(self, row: Dict):
+        if not self.dist.is_main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({k: _json_float(v) for k, v in row.items()}) + "\n")
 
@@ -223,6 +268,13 @@ class Trainer:
         from .rollout import encode_prompts
 
         return encode_prompts(self.tok, prompts, self.device)
+
+    def _vote_uniforms(self, prompt: str, k: int) -> torch.Tensor:
+        """The sampling draws [k, max_new] of a prompt's vote:K samples, from a generator seeded by the
+        run's seed and the prompt: the labels do not depend on the batch, the order or the rank."""
+        g = torch.Generator()
+        g.manual_seed(_derived_seed(self.cfg.seed, "vote:" + prompt))
+        return torch.rand(k, max(1, self.max_new), generator=g)
 
     @torch.no_grad()
     def vote_labels(self, problems) -> List[Optional[tuple]]:
@@ -237,9 +289,10 @@ class Trainer:
         if need:
             prompts = [p.prompt for p in need for _ in range(k)]
             ids, mask = self._encode(prompts)
+            u = torch.cat([self._vote_uniforms(p.prompt, k) for p in need]).to(self.device)
             with self.autocast():
                 r_ids, r_mask = sample(self.ref, ids, mask, self.max_new, self.tok.eos_token_id,
-                                       self.tok.pad_token_id, generator=self.g_vote, temperature=self.cfg.temperature)
+                                       self.tok.pad_token_id, temperature=self.cfg.temperature, uniforms=u)
             texts = decode(self.tok, r_ids, r_mask)
             for i, p in enumerate(need):
                 self.votes[p.prompt] = self.task.majority(p, texts[i * k:(i + 1) * k])
@@ -247,28 +300,47 @@ class Trainer:
 
     @torch.no_grad()
     def rollout(self, row: Dict) -> Dict:
+        """Sample, reward and score this rank's shard of the step's global batch (all of it in one
+        process). Metrics in `row` are over the global batch."""
         from .rollout import critic_values, decode, sample, score
 
-        cfg, task = self.cfg, self.task
+        cfg, task, dist = self.cfg, self.task, self.dist
+        g = cfg.group_size
         t0 = time.perf_counter()
-        problems = [task.train_problem(self.prompt_rng) for _ in range(cfg.prompts_per_step)]
-        rep = [p for p in problems for _ in range(cfg.group_size)]
+        all_problems = [task.train_problem(self.prompt_rng) for _ in range(cfg.prompts_per_step)]
+        p_lo, p_hi = shard(len(all_problems), dist.world, dist.rank)
+        problems = all_problems[p_lo:p_hi]
+        lo, n_global = p_lo * g, len(all_problems) * g
+        rep = [p for p in problems for _ in range(g)]
+        # the draws of the whole global batch, on every rank; this rank samples with its rows
+        gdev = self.g_sample.device
+        u = torch.rand(n_global, max(1, self.max_new), generator=self.g_sample, device=gdev)
+        u = u[lo:lo + len(rep)].to(self.device)
         p_ids, p_mask = self._encode([p.prompt for p in rep])
         with self.autocast():
             r_ids, r_mask = sample(self.policy, p_ids, p_mask, self.max_new, self.tok.eos_token_id,
-                                   self.tok.pad_token_id, generator=self.g_sample, temperature=cfg.temperature)
+                                   self.tok.pad_token_id, temperature=cfg.temperature, uniforms=u)
         texts = decode(self.tok, r_ids, r_mask)
         t1 = time.perf_counter()
         true = [task.reward(p, t) for p, t in zip(rep, texts)]
-        vote_r = None
+        correct = [task.correct(p, t) for p, t in zip(rep, texts)]
+        vote_r, labels = None, None
         if self.noise.vote_k:
             labels = self.vote_labels(problems)
             lab = {p.prompt: l for p, l in zip(problems, labels)}
             vote_r = [task.vote_reward(p, t, lab[p.prompt]) for p, t in zip(rep, texts)]
+        # per-sample values of the global batch (rank order = the global order): the reward noise and
+        # the logged rates are computed from them exactly as in one process
+        per_row = dist.gather_lists(list(zip(true, correct, texts, vote_r or [None] * len(rep))))
+        g_true = [r[0] for r in per_row]
+        g_rep = [p for p in all_problems for _ in range(g)]
+        if labels is not None:
+            g_labels = dist.gather_lists(labels)
             row["vote_label_acc"] = sum(
-                task.vote_reward(p, p.gold, l) for p, l in zip(problems, labels)) / len(problems)
-        noisy, info = self.noise.apply(true, generator=self.g_noise, prompts=[p.prompt for p in rep],
-                                       responses=texts, vote_rewards=vote_r)
+                task.vote_reward(p, p.gold, l) for p, l in zip(all_problems, g_labels)) / len(all_problems)
+        noisy, info = self.noise.apply(g_true, generator=self.g_noise, prompts=[p.prompt for p in g_rep],
+                                       responses=[r[2] for r in per_row],
+                                       vote_rewards=[r[3] for r in per_row] if vote_r is not None else None)
         missing = [x != x for x in noisy]
         noisy = [cfg.missing_fill if m else x for x, m in zip(noisy, missing)]
         t2 = time.perf_counter()
@@ -282,24 +354,52 @@ class Trainer:
                 values = (self.critic.heads_from_hidden(hidden) if cfg.shared_critic
                           else critic_values(self.critic, p_ids, p_mask, r_ids, r_mask)).float()
         t3 = time.perf_counter()
-        n = len(rep)
-        true_t = torch.tensor(true, device=self.device)
+        n = n_global
+        lens = mask.sum(1)
+        tok_means = dist.mean_pairs({
+            "kl": (float(((logp - ref_logp) * mask).sum()), float(lens.sum())),
+            "kl_k3": (float((A.kl_penalty(logp, ref_logp, "k3") * mask).sum()), float(lens.sum())),
+            "entropy": (float((ent * mask).sum()), float(lens.sum())),
+            "resp_len": (float(lens.sum()), float(len(rep)))})
         row.update({
-            "reward_true": sum(true) / n, "reward_noisy": sum(noisy) / n,
-            "acc_train": sum(task.correct(p, t) for p, t in zip(rep, texts)) / n,
-            "noise_disagree": sum(abs(a - b) > 1e-9 for a, b in zip(true, noisy)) / n,
+            "reward_true": sum(g_true) / n, "reward_noisy": sum(noisy) / n,
+            "acc_train": sum(r[1] for r in per_row) / n,
+            "noise_disagree": sum(abs(a - b) > 1e-9 for a, b in zip(g_true, noisy)) / n,
             "noise_missing": sum(missing) / n,
-            "kl": float(A.masked_mean(logp - ref_logp, mask)),
-            "kl_k3": float(A.masked_mean(A.kl_penalty(logp, ref_logp, "k3"), mask)),
-            "entropy": float(A.masked_mean(ent, mask)),
-            "resp_len": float(mask.sum(1).mean()),
+            **tok_means,
             "t_sample": t1 - t0, "t_reward": t2 - t1, "t_score": t3 - t2,
         })
+        my_noisy = noisy[lo:lo + len(rep)]
         return {"problems": problems, "texts": texts, "p_ids": p_ids, "p_mask": p_mask, "r_ids": r_ids,
                 "mask": mask, "old_logp": logp.float(), "ref_logp": ref_logp.float(), "values": values,
-                "outcome": torch.tensor(noisy, dtype=torch.float32, device=self.device), "true": true_t}
+                "outcome": torch.tensor(my_noisy, dtype=torch.float32, device=self.device),
+                "true": torch.tensor(true, device=self.device),
+                # where this shard sits in the global batch, and every row's token count (minibatch
+                # denominators under torchrun)
+                "lo": lo, "n_global": n_global,
+                "lens": torch.tensor(dist.gather_lists(lens.tolist()), dtype=torch.float64)}
 
     # ---- advantages -----------------------------------------------------------------------------
+    def _mean(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
+        """Mean of x over the real tokens (all entries without a mask) of the global batch."""
+        if mask is None:
+            return self.dist.mean_pairs({"m": (float(x.sum()), float(x.numel()))})["m"]
+        if not self.dist.enabled:
+            return float(A.masked_mean(x, mask))
+        m = mask.to(x.dtype)
+        return self.dist.mean_pairs({"m": (float((x * m).sum()), float(m.sum()))})["m"]
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8):
+        """(x - mean) / std over the real tokens of the global batch (population variance), 0 at
+        padding; also returns the raw std. One process: `algos.masked_whiten`."""
+        if not self.dist.enabled:
+            std = float(torch.sqrt(A.masked_mean((x - A.masked_mean(x, mask)) ** 2, mask)))
+            return A.masked_whiten(x, mask, eps), std
+        m = mask.to(x.dtype)
+        mean = self._mean(x, mask)
+        var = self.dist.mean_pairs({"v": (float((((x - mean) ** 2) * m).sum()), float(m.sum()))})["v"]
+        return (x - mean) * (1.0 / math.sqrt(var + eps)) * m, math.sqrt(var)
+
     def advantages(self, b: Dict, row: Dict):
         cfg = self.cfg
         mask = b["mask"]
@@ -315,82 +415,104 @@ class Trainer:
             n = quant.shape[-1]
             lo, hi = max(0, int(0.1 * n)), min(n - 1, int(0.9 * n))
             srt = quant.sort(-1).values
-            row.update({"value_mean": float(first.mean()),
-                        "value_spread": float(A.masked_mean(srt[..., hi] - srt[..., lo], mask)),
-                        "value_crossing": float(A.masked_mean((quant.diff(dim=-1) < 0).float().mean(-1), mask))})
+            row.update({"value_mean": self._mean(first),
+                        "value_spread": self._mean(srt[..., hi] - srt[..., lo], mask),
+                        "value_crossing": self._mean((quant.diff(dim=-1) < 0).float().mean(-1), mask)})
         elif cfg.algo == "ppo":
             adv, returns = A.gae_advantages(rewards, b["values"][..., 0, 0], mask, gamma=cfg.gamma, lam=cfg.lam)
             b["returns"] = returns
-            row["value_mean"] = float(b["values"][:, 0, 0, 0].mean())
+            row["value_mean"] = self._mean(b["values"][:, 0, 0, 0])
         elif cfg.algo == "robust-ppo":
             worst = b["values"][..., 0].min(-1).values                       # min over the H critics
             adv, returns = A.gae_advantages(rewards, worst, mask, gamma=cfg.gamma, lam=cfg.lam)
             b["returns"] = returns
-            row.update({"value_mean": float(worst[:, 0].mean()),
-                        "value_head_spread": float(A.masked_mean(
-                            b["values"][..., 0].max(-1).values - worst, mask))})
+            row.update({"value_mean": self._mean(worst[:, 0]),
+                        "value_head_spread": self._mean(b["values"][..., 0].max(-1).values - worst, mask)})
         elif cfg.algo == "grpo":
-            adv = A.grpo_advantages(b["outcome"], cfg.group_size, mask, scale=cfg.grpo_scale)
+            adv = A.grpo_advantages(b["outcome"], cfg.group_size, mask, scale=cfg.grpo_scale)  # groups are local
         elif cfg.algo == "reinforce++":
-            adv = A.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma)
-        row["adv_raw_std"] = float(torch.sqrt(A.masked_mean((adv - A.masked_mean(adv, mask)) ** 2, mask)))
+            adv = A.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma, whiten=not self.dist.enabled)
+            if self.dist.enabled:
+                adv, _ = self._whiten(adv, mask)                          # over the global batch
         if cfg.algo in A.CRITIC_ALGOS:
-            adv = A.masked_whiten(adv, mask)
+            adv, row["adv_raw_std"] = self._whiten(adv, mask)
+        else:
+            row["adv_raw_std"] = self._whiten(adv, mask)[1]
         b["adv"] = adv
 
     # ---- update -----------------------------------------------------------------------------------
-    def _critic_loss(self, values, b, idx, acc):
+    def _critic_loss(self, values, b, idx, acc, mask=None, denom=None):
         cfg = self.cfg
-        mask = b["mask"][idx]
+        mask = b["mask"][idx] if mask is None else mask
         old = b["values"][idx]
         if cfg.algo == "dvpo":
             t0 = time.perf_counter()
             loss, terms = A.distributional_value_loss(values, old, b["returns"][idx], mask, self.closs_cfg,
-                                                      cfg.cliprange_value, taus=self.taus)
+                                                      cfg.cliprange_value, taus=self.taus, denom=denom)
             acc["t_critic_loss"] = acc.get("t_critic_loss", 0.0) + time.perf_counter() - t0
             for name, v in terms.items():
-                acc.setdefault("term_" + name, []).append(float(A.masked_mean(v.float(), mask)))
+                acc.setdefault("term_" + name, []).append(float(A.masked_mean(v.float(), mask, denom=denom)))
             return loss
         if cfg.algo == "ppo":
-            return A.scalar_value_loss(values[..., 0, 0], old[..., 0, 0], b["returns"][idx], mask, cfg.cliprange_value)
-        return A.scalar_value_loss(values[..., 0], old[..., 0], b["returns"][idx], mask, cfg.cliprange_value)
+            return A.scalar_value_loss(values[..., 0, 0], old[..., 0, 0], b["returns"][idx], mask,
+                                       cfg.cliprange_value, denom=denom)
+        return A.scalar_value_loss(values[..., 0], old[..., 0], b["returns"][idx], mask, cfg.cliprange_value,
+                                   denom=denom)
+
+    def _minibatch(self, b: Dict, gidx: torch.Tensor):
+        """(local row indices, their mask, loss denominator) of a minibatch given by global row indices.
+
+        One process: the rows themselves and no denominator (token means of the minibatch). Under
+        torchrun: this rank's rows of the minibatch, in the minibatch's order, and the denominator
+        global tokens / world size (DDP averages the gradients). A rank with no row in the minibatch
+        runs one of its rows with a zero mask, so that it takes part in the gradient all-reduce."""
+        if not self.dist.enabled:
+            idx = gidx.to(self.device)
+            return idx, b["mask"][idx], None
+        lo, nl = b["lo"], b["mask"].shape[0]
+        mine = (gidx >= lo) & (gidx < lo + nl)
+        idx = (gidx[mine] - lo).to(self.device)
+        denom = max(float(b["lens"][gidx].sum()), 1.0) / self.dist.world
+        if idx.numel() == 0:
+            idx = torch.zeros(1, dtype=torch.long, device=self.device)
+            return idx, torch.zeros_like(b["mask"][idx]), denom
+        return idx, b["mask"][idx], denom
 
     def update(self, b: Dict, row: Dict):
         from .rollout import critic_values, score
 
-        cfg = self.cfg
-        n = b["r_ids"].shape[0]
+        cfg, dist = self.cfg, self.dist
+        n = b["n_global"]
         mb = max(1, math.ceil(n / max(1, cfg.minibatches)))
         acc: Dict = {}
         skipped, bad = 0, False
         pol_params = [p for g in self.opt.param_groups for p in g["params"]]
+        shared = self.critic is not None and cfg.shared_critic
         for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, generator=self.g_shuffle).to(self.device)
+            perm = torch.randperm(n, generator=self.g_shuffle)          # global rows, the same on every rank
             for start in range(0, n, mb):
-                idx = perm[start:start + mb]
-                mask = b["mask"][idx]
+                idx, mask, denom = self._minibatch(b, perm[start:start + mb])
                 with self.autocast():
-                    shared = self.critic is not None and cfg.shared_critic
-                    logp, ent, hidden = score(self.policy, b["p_ids"][idx], b["p_mask"][idx], b["r_ids"][idx],
+                    logp, ent, hidden = score(self.policy_train, b["p_ids"][idx], b["p_mask"][idx], b["r_ids"][idx],
                                               mask.long(), want_entropy=cfg.entropy_coef > 0, want_hidden=shared)
-                    pg, st = A.policy_loss(logp, b["old_logp"][idx], b["adv"][idx], mask, cfg.clip_eps)
+                    pg, st = A.policy_loss(logp, b["old_logp"][idx], b["adv"][idx], mask, cfg.clip_eps, denom=denom)
                     loss = pg
                     if cfg.entropy_coef > 0:
-                        loss = loss - cfg.entropy_coef * A.masked_mean(ent, mask)
+                        loss = loss - cfg.entropy_coef * A.masked_mean(ent, mask, denom=denom)
                     if cfg.algo == "grpo" and cfg.kl_coef:
-                        kl_loss = A.masked_mean(A.kl_penalty(logp, b["ref_logp"][idx], "k3"), mask)
+                        kl_loss = A.masked_mean(A.kl_penalty(logp, b["ref_logp"][idx], "k3"), mask, denom=denom)
                         loss = loss + cfg.kl_coef * kl_loss
                         acc.setdefault("kl_loss", []).append(float(kl_loss.detach()))
                     vloss = None
                     if self.critic is not None:
                         values = (self.critic.heads_from_hidden(hidden) if shared else
-                                  critic_values(self.critic, b["p_ids"][idx], b["p_mask"][idx], b["r_ids"][idx],
-                                                mask.long())).float()
-                        vloss = self._critic_loss(values, b, idx, acc)
+                                  critic_values(self.critic_train, b["p_ids"][idx], b["p_mask"][idx],
+                                                b["r_ids"][idx], mask.long())).float()
+                        vloss = self._critic_loss(values, b, idx, acc, mask=mask, denom=denom)
                         if shared:
                             loss = loss + cfg.vf_coef * vloss
                 finite = bool(torch.isfinite(loss)) and (vloss is None or bool(torch.isfinite(vloss)))
-                if not finite:
+                if not dist.all_true(finite):                    # skipped on every rank together
                     skipped += 1
                     bad = True
                     continue
@@ -400,6 +522,9 @@ class Trainer:
                     (loss + vloss).backward()    # disjoint parameters: one backward for both
                 else:
                     loss.backward()
+                if shared:
+                    dist.average_grads(self.critic.heads.parameters())    # not under DDP
+                # after DDP's all-reduce: the global gradient, the same norm on every rank
                 gn = torch.nn.utils.clip_grad_norm_(pol_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 cgn = None
                 if self.critic_opt is not None:
@@ -420,6 +545,9 @@ class Trainer:
                     acc.setdefault("critic_loss", []).append(float(vloss.detach()))
                 if cgn is not None:
                     acc.setdefault("critic_grad_norm", []).append(float(cgn))
+        # per-minibatch values: each rank's is its share x world size, so the global one is the mean
+        # over ranks (the grad norms are already global: equal on every rank)
+        acc.update(dist.mean_lists({k: v for k, v in acc.items() if isinstance(v, list)}))
         for k, v in acc.items():
             row[k] = (sum(v) / len(v)) if isinstance(v, list) else v
         row["skipped_updates"] = skipped
@@ -427,13 +555,14 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, step: int) -> Dict:
+        """Held-out evaluation (sharded over the ranks under torchrun; the single-process numbers)."""
         from .evaluate import evaluate
 
         t0 = time.perf_counter()
         with self.autocast():
             res = evaluate(self.policy, self.tok, self.task, self.heldout, self.max_new,
                            sampled_seed=_derived_seed(self.cfg.seed, f"eval:{step}"),
-                           temperature=self.cfg.temperature)
+                           temperature=self.cfg.temperature, dist=self.dist)
         res["t_eval"] = time.perf_counter() - t0
         return res
 
@@ -477,7 +606,8 @@ class Trainer:
             self.log(f"[{cfg.algo} {cfg.task} noise={cfg.noise} seed={cfg.seed}] step 0: held-out accuracy "
                      f"{row['heldout_acc']:.3f} (sampled {row['heldout_acc_sampled']:.3f})")
         status = "ok"
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.algo} {cfg.task}", disable=not cfg.progress)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.algo} {cfg.task}",
+                   disable=not cfg.progress or not self.dist.is_main)
         last_eval = None
         while self.step < cfg.steps:
             self.step += 1
@@ -518,6 +648,11 @@ class Trainer:
         return self.finish(status, time.time() - t_start)
 
     def finish(self, status: str, wall: float) -> Dict:
+        """The summary (rank 0 writes it and the plots; every rank returns it)."""
+        summary = self._finish(status, wall) if self.dist.is_main else None
+        return self.dist.broadcast_object(summary)
+
+    def _finish(self, status: str, wall: float) -> Dict:
         rows = read_metrics(self.out)
         evals = [r for r in rows if "heldout_acc" in r]
         steps = [r for r in rows if r["step"] > 0]
@@ -536,7 +671,7 @@ class Trainer:
             "sec_per_step_median": sorted(r["t_step"] for r in steps)[len(steps) // 2] if steps else None,
             "cpu_sec_per_step_median": sorted(r["t_step_cpu"] for r in steps)[len(steps) // 2] if steps else None,
             "bad_steps": sum(bool(r.get("bad_step")) for r in steps),
-            "wall_seconds": wall,
+            "wall_seconds": wall, "world_size": self.dist.world,
         }
         if self.cfg.plots:
             from .plots import plot_run
@@ -571,8 +706,16 @@ def train(config: TrainConfig, *, stop_at: Optional[int] = None, checkpoint_on_s
     with `checkpoint_on_stop` after a checkpoint of step k, without it after only the metrics row
     (a resume then restarts from the last periodic checkpoint and drops the later rows).
     Returns the summary (also in OUT/summary.json): status ("ok", "aborted", "stopped"), held-out
-    accuracy initial/final/best, rewards, timings."""
-    return Trainer(config, log=log).run(stop_at=stop_at, checkpoint_on_stop=checkpoint_on_stop)
+    accuracy initial/final/best, rewards, timings.
+
+    Under torchrun every rank calls this (`torchrun ... -m dvpo train ...`): the process group is
+    initialised from the environment (or an existing one is used), the batch is sharded over the
+    ranks, and every rank returns the same summary."""
+    trainer = Trainer(config, log=log)
+    try:
+        return trainer.run(stop_at=stop_at, checkpoint_on_stop=checkpoint_on_stop)
+    finally:
+        trainer.dist.cleanup()
 
 
 def evaluate_checkpoint(path: str, *, task: Optional[str] = None, n_eval: int = 256, seed: int = 0,
