@@ -20,6 +20,20 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cache_kwarg(model) -> str:
+    """The name under which this model's forward takes a KV cache: `cache` in recent transformers
+    5.x, `past_key_values` before (5.17 and 4.x). Both forwards take **kwargs, so passing the wrong
+    name is silently ignored and every decoding step would see only its new token."""
+    import inspect
+
+    fwd = getattr(model, "module", model).forward  # DDP-wrapped models too
+    try:
+        params = inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def attn_implementation(device: torch.device, requested: str = "auto", bf16: bool = True) -> str:
     """flash_attention_2 on a GPU when flash-attn is importable (and the forward passes run under bf16
     autocast, which it needs), else SDPA (also on CPU)."""

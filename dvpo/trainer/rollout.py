@@ -12,6 +12,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .models import cache_kwarg
+
 
 def encode_prompts(tokenizer, prompts: Sequence[str], device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask; BOS is prepended when the tokenizer has one."""
@@ -41,8 +43,14 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
            pad_id: int, generator: Optional[torch.Generator] = None, temperature: float = 1.0,
-           greedy: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sample responses (`generator` drives the draws; `greedy` takes the argmax).
+           greedy: bool = False, uniforms: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sample responses (`greedy` takes the argmax).
+
+    The draws: with `uniforms` ([B, max_new_tokens] in [0, 1), one per row and position), token t of
+    row b is the inverse CDF of its distribution at `uniforms[b, t]`, so a row's sample depends on its
+    own uniforms only, not on the batch it is in (the trainer draws them for the whole global batch
+    and gives each rank its rows: sharding does not change the samples). Otherwise `generator` drives
+    `torch.multinomial`.
 
     Returns (response ids [B, R], response mask [B, R]) with R <= max_new_tokens (the loop stops once
     every row has emitted EOS); tokens after EOS are `pad_id` with mask 0."""
@@ -50,6 +58,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     device = prompt_ids.device
     attn = prompt_mask.long()
     pos = positions(attn)
+    cache_name = cache_kwarg(model)
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     logits = out.logits[:, -1, :]
@@ -61,7 +70,10 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
             tok = logits.argmax(-1)
         else:
             probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if uniforms is not None:
+                tok = inverse_cdf(probs, uniforms[:, step])
+            else:
+                tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         real = ~done
         tok = torch.where(real, tok, torch.full_like(tok, pad_id))
         tokens.append(tok)
@@ -71,11 +83,26 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
             break
         attn = torch.cat([attn, real.long().unsqueeze(-1)], dim=1)
         out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos,
-                    cache=cache, use_cache=True)
+                    use_cache=True, **{cache_name: cache})
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
     return torch.stack(tokens, 1), torch.stack(masks, 1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Categorical samples [B] from probabilities [B, V] and uniforms [B]: the first index whose
+    cumulative probability exceeds u * total (float64 sums; a zero-probability token is never picked)."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.double() * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    idx = idx.clamp(max=probs.shape[-1] - 1)
+    # past the last nonzero-probability token only through rounding: step back to it
+    bad = probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1) <= 0
+    if bool(bad.any()):
+        last = (probs > 0).long().cumsum(-1).argmax(-1)
+        idx = torch.where(bad, last, idx)
+    return idx
 
 
 def decode(tokenizer, resp_ids: torch.Tensor, resp_mask: torch.Tensor) -> List[str]:
