@@ -17,6 +17,8 @@ COMMANDS = {
     "train": ("dvpo.trainer.cmd_train", "one RL run: --algo dvpo|ppo|grpo|robust-ppo|reinforce++ --task --noise"),
     "eval": ("dvpo.trainer.cmd_eval", "held-out accuracy of a run or policy checkpoint (--ckpt DIR)"),
     "demo": ("dvpo.trainer.cmd_demo", "SFT warm-up + a short DVPO run on a tiny model (a few minutes on a CPU)"),
+    "experiment": ("dvpo.experiments.cmd", "run an experiment grid (algos x noise x seeds x tasks), resumable; "
+                                           "results.csv/.md and plots"),
     "bench": ("dvpo.bench_cli", "benchmark every op and backend against eager PyTorch and torch.compile"),
 }
 

@@ -1,0 +1,73 @@
+"""`dvpo experiment`: run an experiment grid (algorithms x noise models x seeds x tasks) and report it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+
+def _seeds(text: str):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--grid", required=True,
+                        help="a built-in grid (main, ablation, sensitivity, smoke) or a grid TOML file")
+    parser.add_argument("--out", required=True, help="output dir: runs/, sft_cache/, results.csv/.md, plots")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel run processes (default: os.cpu_count())")
+    parser.add_argument("--list", action="store_true", help="print the runs (and their state) and exit")
+    parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                        help="run only runs whose name block/task/algo[-variant]/noise/sSEED contains this "
+                             "(repeatable: any of them)")
+    parser.add_argument("--steps", type=int, default=None, help="override the grid's RL steps (quick looks)")
+    parser.add_argument("--seeds", type=_seeds, default=None, help="override the grid's seeds, e.g. 0,1")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rebuild results.csv, results.md and the plots from the finished runs")
+    parser.add_argument("--sft-cache", default=None, help="SFT warm-start cache (default: OUT/sft_cache)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from .grid import expand, load_grid
+    from .runner import run_grid, run_state
+
+    grid = load_grid(args.grid)
+    out = os.path.abspath(args.out)
+    specs = expand(grid, steps=args.steps, seeds=args.seeds)
+    selected = [s for s in specs if not args.only or any(o in s.name for o in args.only)]
+    if args.list:
+        print(f"grid {grid.name} ({grid.path}): {len(selected)} of {len(specs)} runs, out {out}")
+        for s in selected:
+            steps = s.config(out, "").steps
+            print(f"{run_state(os.path.join(out, s.rel_dir), steps):8s} {s.name:60s} steps={steps} "
+                  f"{s.rel_dir}")
+        return 0
+    os.makedirs(out, exist_ok=True)
+    if not args.report_only:
+        try:
+            shutil.copyfile(grid.path, os.path.join(out, f"grid_{grid.name}.toml"))
+        except shutil.SameFileError:
+            pass
+        res = run_grid(selected, out, jobs=args.jobs, sft_cache=args.sft_cache, progress=not args.no_progress)
+        print(f"runs: {res['ok']} finished now, {res['skipped']} already finished, {res['failed']} failed")
+    rep = __import__("dvpo.experiments.report", fromlist=["write_report"]).write_report(
+        grid, specs, out, plots=not args.no_plots)
+    print(f"{rep['finished']} of {rep['total']} runs finished")
+    print(f"results: {rep['csv']}")
+    print(f"table: {rep['md']}")
+    for p in rep["plots"]:
+        print(f"plot: {p}")
+    failed = 0 if args.report_only else res["failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    from dvpo.cli import main
+
+    sys.exit(main(["experiment"] + sys.argv[1:]))

@@ -1,0 +1,288 @@
+"""The grid's results: `results.csv` (one row per run), `results.md` (mean ± std over seeds per
+algorithm x noise model) and PNG plots (final accuracy vs noise model, learning curves)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+from typing import Dict, List, Optional, Sequence
+
+from .grid import Grid, RunSpec, sanitize
+from .runner import FINISHED, read_summary
+
+COLUMNS = [
+    "block", "task", "algo", "variant", "noise", "seed", "steps", "status",
+    "heldout_acc_final", "heldout_acc_sampled_final", "heldout_reward_final",
+    "reward_true_last10pct", "reward_noisy_last10pct", "sec_per_step_median", "wall_s", "run_dir",
+    # extras
+    "heldout_acc_initial", "heldout_acc_sampled_initial", "heldout_reward_initial",
+    "heldout_reward_sampled_final", "score_initial", "score_final", "score_sampled_final",
+    "score_sampled_initial", "cpu_sec_per_step_median", "error",
+]
+
+
+def score_key(task: str) -> str:
+    """The tables' metric: exact-match accuracy, or for dialogue its 0..1 constraint score."""
+    return "heldout_reward" if task.partition(":")[0] == "dialogue" else "heldout_acc"
+
+
+def metric_name(task: str, sampled: bool = False) -> str:
+    what = "score" if score_key(task) == "heldout_reward" else "accuracy"
+    return f"held-out {'sampled' if sampled else 'greedy'} {what} (true reward)"
+
+
+def _read_metrics(run_dir: str) -> List[Dict]:
+    from dvpo.trainer.loop import read_metrics
+
+    try:
+        return read_metrics(run_dir)
+    except (OSError, ValueError):
+        return []
+
+
+def _num(x) -> Optional[float]:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def collect(specs: Sequence[RunSpec], out: str) -> List[Dict]:
+    """One row per run (pending runs included, their numbers empty), plus its eval curve under '_curve'."""
+    rows = []
+    for s in specs:
+        run_dir = os.path.join(out, s.rel_dir)
+        summ = read_summary(run_dir) or {}
+        status = summ.get("status") or ("partial" if os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+                                        else "pending")
+        row = {"block": s.block, "task": s.task, "algo": s.algo, "variant": s.variant, "noise": s.noise,
+               "seed": s.seed, "steps": summ.get("steps"), "status": status, "run_dir": s.rel_dir,
+               "error": summ.get("error", "")}
+        curve = []
+        if status in FINISHED:
+            metrics = _read_metrics(run_dir)
+            evals = [r for r in metrics if "heldout_acc" in r]
+            first, last = (evals[0], evals[-1]) if evals else ({}, {})
+            key = score_key(s.task)
+            row.update({
+                "heldout_acc_final": summ.get("heldout_acc_final", last.get("heldout_acc")),
+                "heldout_acc_sampled_final": summ.get("heldout_acc_sampled_final", last.get("heldout_acc_sampled")),
+                "heldout_reward_final": summ.get("heldout_reward_final", last.get("heldout_reward")),
+                "reward_true_last10pct": summ.get("reward_true_last10pct"),
+                "reward_noisy_last10pct": summ.get("reward_noisy_last10pct"),
+                "sec_per_step_median": summ.get("sec_per_step_median"),
+                "cpu_sec_per_step_median": summ.get("cpu_sec_per_step_median"),
+                "wall_s": summ.get("wall_seconds"),
+                "heldout_acc_initial": first.get("heldout_acc"),
+                "heldout_acc_sampled_initial": first.get("heldout_acc_sampled"),
+                "heldout_reward_initial": first.get("heldout_reward"),
+                "heldout_reward_sampled_final": last.get("heldout_reward_sampled"),
+                "score_initial": first.get(key),
+                "score_final": last.get(key),
+                "score_sampled_final": last.get(key + "_sampled"),
+                "score_sampled_initial": first.get(key + "_sampled"),
+            })
+            curve = [(r["step"], _num(r.get(key))) for r in evals if _num(r.get(key)) is not None]
+        row["_curve"] = curve
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: List[Dict], path: str) -> str:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+    return path
+
+
+def _stats(values) -> Optional[tuple]:
+    v = [x for x in (_num(y) for y in values) if x is not None]
+    if not v:
+        return None
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
+
+
+def _cell(st, bold=False) -> str:
+    if st is None:
+        return "–"
+    text = f"{st[0]:.3f} ± {st[1]:.3f} ({st[2]})"
+    return f"**{text}**" if bold else text
+
+
+def _groups(grid: Grid, rows: List[Dict]):
+    """(block, task, labels in grid order, noises in grid order, rows of that block/task)."""
+    for b in grid.blocks:
+        labels = [f"{a}-{v}" if v else a for a in b["algos"] for v in b["variants"]]
+        for task in b["tasks"]:
+            sub = [r for r in rows if r["block"] == b["name"] and r["task"] == task]
+            if sub:
+                yield b["name"], task, labels, b["noises"], sub
+
+
+def _label(r: Dict) -> str:
+    return f"{r['algo']}-{r['variant']}" if r["variant"] else r["algo"]
+
+
+def _table(labels, noises, sub, final_key, initial_key) -> List[str]:
+    done = [r for r in sub if r["status"] in FINISHED]
+    lines = ["| algorithm | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]
+    init = []
+    for n in noises:
+        per_seed = {}
+        for r in done:
+            if r["noise"] == n and _num(r.get(initial_key)) is not None:
+                per_seed.setdefault(r["seed"], r[initial_key])
+        init.append(_stats(per_seed.values()))
+    lines.append("| SFT start (initial) | " + " | ".join(_cell(s) for s in init) + " |")
+    cells = {(lab, n): _stats(r.get(final_key) for r in done if _label(r) == lab and r["noise"] == n)
+             for lab in labels for n in noises}
+    best = {}
+    for n in noises:
+        means = [cells[(lab, n)][0] for lab in labels if cells[(lab, n)] is not None]
+        best[n] = max(means) if len(means) > 1 and max(means) > min(means) else None
+    for lab in labels:
+        lines.append(f"| {lab} | " + " | ".join(
+            _cell(cells[(lab, n)], bold=best[n] is not None and cells[(lab, n)] is not None
+                  and cells[(lab, n)][0] == best[n]) for n in noises) + " |")
+    return lines
+
+
+def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> str:
+    done = [r for r in rows if r["status"] in FINISHED]
+    failed = [r for r in rows if r["status"] == "failed"]
+    seeds = sorted({r["seed"] for r in rows})
+    steps = sorted({int(r["steps"]) for r in done if r.get("steps") is not None})
+    lines = [f"# Experiment grid `{grid.name}`", ""]
+    if grid.description:
+        lines += [grid.description, ""]
+    lines += [
+        f"- grid file: `{grid.path}`",
+        f"- seeds: {len(seeds)} ({', '.join(map(str, seeds))}); each seed's runs start from the same SFT warm start",
+        f"- RL steps per run: {', '.join(map(str, steps)) if steps else '–'}",
+        f"- runs: {len(done)} finished of {len(rows)}" + (f", {len(failed)} failed" if failed else ""),
+        f"- results.csv: {csv_rows} rows (one per run)",
+        "- cells: mean ± std over seeds (n seeds) of the final held-out evaluation under the true reward; "
+        "best mean per column in bold",
+        "",
+    ]
+    for block, task, labels, noises, sub in _groups(grid, rows):
+        lines += [f"## {block} — {task}", "", f"Final {metric_name(task)}:", ""]
+        lines += _table(labels, noises, sub, "score_final", "score_initial")
+        lines += ["", f"Final {metric_name(task, sampled=True)}:", ""]
+        lines += _table(labels, noises, sub, "score_sampled_final", "score_sampled_initial")
+        lines.append("")
+    if done:
+        lines += ["## Time", "", "| algorithm | median s/step (median over runs) | runs |", "|---|---|---|"]
+        by = {}
+        for r in done:
+            if _num(r.get("sec_per_step_median")) is not None:
+                by.setdefault(_label(r), []).append(float(r["sec_per_step_median"]))
+        for lab, v in by.items():
+            lines.append(f"| {lab} | {statistics.median(v):.2f} | {len(v)} |")
+        lines.append("")
+    if failed:
+        lines += ["## Failed runs", ""]
+        lines += [f"- `{r['run_dir']}`: {r.get('error', '')}" for r in failed]
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def _tight_layout(fig) -> None:
+    try:
+        fig.tight_layout()
+    except ValueError as exc:
+        import warnings
+
+        warnings.warn(f"plots: tight_layout failed ({exc}); saving with the default layout", RuntimeWarning)
+
+
+def write_plots(grid: Grid, rows: List[Dict], out: str) -> List[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for block, task, labels, noises, sub in _groups(grid, rows):
+        done = [r for r in sub if r["status"] in FINISHED]
+        if not done:
+            continue
+        # final accuracy vs noise model
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(noises) + 2.5), 4.0))
+        width = 0.6 / max(1, len(labels))
+        for i, lab in enumerate(labels):
+            xs, ms, ss = [], [], []
+            for j, n in enumerate(noises):
+                st = _stats(r["score_final"] for r in done if _label(r) == lab and r["noise"] == n)
+                if st is not None:
+                    xs.append(j + (i - (len(labels) - 1) / 2) * width)
+                    ms.append(st[0])
+                    ss.append(st[1])
+            if xs:
+                ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=lab,
+                            linestyle="-" if len(noises) > 1 else "none")
+        init = [_stats({r["seed"]: r["score_initial"] for r in done if r["noise"] == n}.values()) for n in noises]
+        if any(s is not None for s in init):
+            ax.plot([j for j, s in enumerate(init) if s is not None], [s[0] for s in init if s is not None],
+                    "k:", marker="_", markersize=20, label="SFT start")
+        ax.set_xticks(range(len(noises)))
+        ax.set_xticklabels(noises)
+        ax.set_xlim(-0.6, len(noises) - 0.4)
+        ax.set_xlabel("reward noise model")
+        ax.set_ylabel(f"final {metric_name(task)}")
+        ax.set_title(f"{grid.name}: {block} / {task} (mean ± std over seeds)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        _tight_layout(fig)
+        p = os.path.join(out, f"acc_vs_noise_{sanitize(block)}_{sanitize(task)}.png")
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+        # learning curves
+        for n in noises:
+            runs = [r for r in done if r["noise"] == n and r["_curve"]]
+            if not runs:
+                continue
+            fig, ax = plt.subplots(figsize=(6.5, 4.0))
+            for lab in labels:
+                curves = [dict(r["_curve"]) for r in runs if _label(r) == lab]
+                if not curves:
+                    continue
+                common = sorted(set.intersection(*(set(c) for c in curves)))
+                if not common:
+                    continue
+                mean = [statistics.fmean(c[s] for c in curves) for s in common]
+                std = [statistics.stdev([c[s] for c in curves]) if len(curves) > 1 else 0.0 for s in common]
+                line, = ax.plot(common, mean, marker=".", label=f"{lab} (n={len(curves)})")
+                ax.fill_between(common, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.15)
+            ax.set_xlabel("RL step")
+            ax.set_ylabel(metric_name(task))
+            ax.set_title(f"{grid.name}: {block} / {task} / noise {n} (mean ± std over seeds)", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            _tight_layout(fig)
+            p = os.path.join(out, f"curves_{sanitize(block)}_{sanitize(task)}_{sanitize(n)}.png")
+            fig.savefig(p, dpi=100)
+            plt.close(fig)
+            paths.append(p)
+    return paths
+
+
+def write_report(grid: Grid, specs: Sequence[RunSpec], out: str, plots: bool = True) -> Dict:
+    """results.csv, results.md and the plots in `out`; returns their paths."""
+    rows = collect(specs, out)
+    os.makedirs(out, exist_ok=True)
+    res = {"csv": write_csv(rows, os.path.join(out, "results.csv"))}
+    res["md"] = write_markdown(grid, rows, os.path.join(out, "results.md"), csv_rows=len(rows))
+    res["plots"] = write_plots(grid, rows, out) if plots else []
+    res["finished"] = sum(r["status"] in FINISHED for r in rows)
+    res["total"] = len(rows)
+    return res

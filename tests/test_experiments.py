@@ -1,0 +1,159 @@
+"""`dvpo experiment`: grid files, the runner (SFT first, process pool, resume) and the report
+(results.csv schema, results.md tables, plots). Runs the built-in smoke grid end to end."""
+
+import csv
+import os
+
+import pytest
+
+from dvpo.cli import main
+from dvpo.experiments import builtin_grids, expand, load_grid
+from dvpo.experiments.report import COLUMNS
+
+SPEC_COLUMNS = ["block", "task", "algo", "variant", "noise", "seed", "steps", "status", "heldout_acc_final",
+                "heldout_acc_sampled_final", "heldout_reward_final", "reward_true_last10pct",
+                "reward_noisy_last10pct", "sec_per_step_median", "wall_s", "run_dir"]
+
+
+def test_builtin_grids_load_and_expand():
+    assert {"main", "ablation", "sensitivity", "smoke"} <= set(builtin_grids())
+    main_runs = expand(load_grid("main"))
+    assert len(main_runs) == 5 * 5 * 3 + 5 * 2 * 3
+    assert {s.algo for s in main_runs} == {"dvpo", "ppo", "grpo", "robust-ppo", "reinforce++"}
+    assert [s.seed for s in main_runs] == sorted(s.seed for s in main_runs)      # seeds interleave
+    assert len({s.rel_dir for s in main_runs}) == len(main_runs)
+    steps = {s.config("/o", "/c").steps for s in main_runs}
+    assert len(steps) == 1                                                       # same budget per run
+    abl = expand(load_grid("ablation"))
+    assert len(abl) == 6 * 3
+    qr = next(s.config("/o", "/c") for s in abl if s.variant == "qr_only")
+    assert qr.loss_qh == 1.0 and qr.loss_risk == qr.loss_consist == qr.loss_shape == 0.0
+    full = next(s.config("/o", "/c") for s in abl if s.variant == "+consist")
+    assert full.loss_consist == full.loss_risk == 1.0
+    sens = {s.variant: s.config("/o", "/c") for s in expand(load_grid("sensitivity"), seeds=[0])}
+    assert sens["n500"].n_quantiles == 500 and sens["ab02"].alpha == sens["ab02"].beta == 0.2
+    only = expand(load_grid("main"), seeds=[1], steps=7, only=["/vote:5/"])
+    assert len(only) == 5 and all(s.seed == 1 and s.config("/o", "/c").steps == 7 for s in only)
+
+
+@pytest.mark.parametrize("bad, key", [
+    ("[base]\nstepz = 3\n", "stepz"),
+    ("[base]\nsteps = 3\n[[block]]\nname='b'\ntasks=['math']\nalgos=['dvpo']\nlearning_rate=1\n", "learning_rate"),
+    ("[[block]]\nname='b'\ntasks=['math']\nalgos=['dvpo']\n[block.variants]\nv = { n_quantile = 3 }\n",
+     "n_quantile"),
+    ("[[block]]\nname='b'\ntasks=['math']\nalgos=['dvpo', 'sac']\n", "sac"),
+    ("[base]\nalgo = 'ppo'\n[[block]]\nname='b'\ntasks=['math']\nalgos=['dvpo']\n", "algo"),
+    ("colour = 1\n", "colour"),
+])
+def test_bad_grid_key_raises(tmp_path, bad, key):
+    p = tmp_path / "bad.toml"
+    p.write_text(bad)
+    with pytest.raises(ValueError) as e:
+        load_grid(str(p))
+    assert key in str(e.value) and "bad.toml" in str(e.value)
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        return r.fieldnames, list(r)
+
+
+def test_smoke_grid_end_to_end(tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["experiment", "--grid", "smoke", "--out", str(out), "--list"]) == 0
+    listed = [l for l in capsys.readouterr().out.splitlines() if l.startswith("pending")]
+    assert len(listed) == 8 and "smoke/math/dvpo/flip:0.4/s1" in "\n".join(listed)
+
+    assert main(["experiment", "--grid", "smoke", "--out", str(out), "--jobs", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    cols, rows = _csv(out / "results.csv")
+    assert cols == COLUMNS and cols[:len(SPEC_COLUMNS)] == SPEC_COLUMNS
+    assert len(rows) == 8
+    assert {(r["algo"], r["noise"], r["seed"]) for r in rows} == {
+        (a, n, s) for a in ("dvpo", "ppo") for n in ("none", "flip:0.4") for s in ("0", "1")}
+    for r in rows:
+        assert r["status"] == "ok" and r["steps"] == "2", r
+        assert 0.0 <= float(r["heldout_acc_final"]) <= 1.0
+        assert float(r["sec_per_step_median"]) > 0
+        assert os.path.exists(out / r["run_dir"] / "summary.json")
+    # the same SFT warm start for every run of a seed
+    import json
+    sft_dirs = {}
+    for r in rows:
+        with open(out / r["run_dir"] / "summary.json") as f:
+            sft_dirs.setdefault(r["seed"], set()).add(json.load(f)["sft_dir"])
+    assert all(len(v) == 1 for v in sft_dirs.values()) and sft_dirs["0"] != sft_dirs["1"]
+
+    md = (out / "results.md").read_text()
+    assert "| algorithm | none | flip:0.4 |" in md
+    assert "SFT start (initial)" in md and "| dvpo |" in md and "| ppo |" in md
+    assert "seeds: 2" in md and "(2)" in md
+    for name in ("acc_vs_noise_smoke_math.png", "curves_smoke_math_none.png", "curves_smoke_math_flip_0.4.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+    # resumable: a second invocation skips every run
+    before = {r["run_dir"]: os.path.getmtime(out / r["run_dir"] / "summary.json") for r in rows}
+    assert main(["experiment", "--grid", "smoke", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "all 8 runs already finished" in text
+    assert before == {d: os.path.getmtime(out / d / "summary.json") for d in before}
+    assert main(["experiment", "--grid", "smoke", "--out", str(out), "--list"]) == 0
+    assert sum(l.startswith("done") for l in capsys.readouterr().out.splitlines()) == 8
+
+    # --report-only rebuilds the outputs
+    os.remove(out / "results.csv")
+    assert main(["experiment", "--grid", "smoke", "--out", str(out), "--report-only", "--no-plots"]) == 0
+    assert len(_csv(out / "results.csv")[1]) == 8
+
+
+def test_failed_and_interrupted_runs(tmp_path, capsys):
+    """A failing run is recorded without stopping the grid; a run cut short resumes from its checkpoint."""
+    grid = tmp_path / "g.toml"
+    grid.write_text("""
+seeds = [0]
+[base]
+steps = 2
+eval_every = 1
+n_eval = 4
+save_every = 1
+prompts_per_step = 2
+group_size = 2
+hidden = 16
+layers = 1
+heads = 2
+ffn = 32
+n_quantiles = 4
+n_heads = 2
+sft_steps = 5
+sft_batch = 8
+sft_eval_every = 5
+[[block]]
+name = "b"
+tasks = ["math"]
+algos = ["ppo", "grpo"]
+noises = ["none"]
+[block.variants]
+ok = {}
+bad = { advantage = "nonsense" }
+""")
+    out = tmp_path / "exp"
+    rc = main(["experiment", "--grid", str(grid), "--out", str(out), "--jobs", "1", "--no-progress",
+               "--only", "ppo-ok"])
+    assert rc == 0
+    # cut the finished run back to "interrupted after step 1": resume must finish it
+    run = out / "runs" / "b" / "math" / "ppo-ok" / "none" / "s0"
+    os.remove(run / "summary.json")
+    from dvpo.trainer.loop import read_metrics
+    assert [r["step"] for r in read_metrics(str(run))] == [0, 1, 2]
+    rc = main(["experiment", "--grid", str(grid), "--out", str(out), "--jobs", "1", "--no-progress"])
+    assert rc == 1                                              # some runs failed
+    assert [r["step"] for r in read_metrics(str(run))] == [0, 1, 2]
+    text = capsys.readouterr().out
+    assert "FAILED" in text or "failed" in text
+    _, rows = _csv(out / "results.csv")
+    status = {(r["algo"], r["variant"]): r["status"] for r in rows}
+    assert status[("ppo", "ok")] == "ok" and status[("grpo", "ok")] == "ok"
+    assert status[("ppo", "bad")] == "failed"
+    assert "nonsense" in next(r["error"] for r in rows if (r["algo"], r["variant"]) == ("ppo", "bad"))
+    assert "Failed runs" in (out / "results.md").read_text()
