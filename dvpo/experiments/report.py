@@ -235,16 +235,9 @@ def write_plots(grid: Grid, rows: List[Dict], out: str) -> List[str]:
         ax.set_xticks(range(len(noises)))
         ax.set_xticklabels(noises)
         ax.set_xlim(-0.6, len(noises) - 0.4)
-        ax.set_xlabel("reward noise model")
-        ax.set_ylabel(f"final {metric_name(task)}")
-        ax.set_title(f"{grid.name}: {block} / {task} (mean ± std over seeds)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        _tight_layout(fig)
-        p = os.path.join(out, f"acc_vs_noise_{sanitize(block)}_{sanitize(task)}.png")
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, ax, "reward noise model", f"final {metric_name(task)}",
+                           f"{grid.name}: {block} / {task} (mean ± std over seeds)",
+                           os.path.join(out, f"acc_vs_noise_{sanitize(block)}_{sanitize(task)}.png")))
         # learning curves
         for n in noises:
             runs = [r for r in done if r["noise"] == n and r["_curve"]]
@@ -263,17 +256,25 @@ def write_plots(grid: Grid, rows: List[Dict], out: str) -> List[str]:
                 line, = ax.plot(common, mean, marker=".", label=f"{lab} (n={len(curves)})")
                 ax.fill_between(common, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 color=line.get_color(), alpha=0.15)
-            ax.set_xlabel("RL step")
-            ax.set_ylabel(metric_name(task))
-            ax.set_title(f"{grid.name}: {block} / {task} / noise {n} (mean ± std over seeds)", fontsize=10)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            _tight_layout(fig)
-            p = os.path.join(out, f"curves_{sanitize(block)}_{sanitize(task)}_{sanitize(n)}.png")
-            fig.savefig(p, dpi=100)
-            plt.close(fig)
-            paths.append(p)
+            paths.append(_save(fig, ax, "RL step", metric_name(task),
+                               f"{grid.name}: {block} / {task} / noise {n} (mean ± std over seeds)",
+                               os.path.join(out, f"curves_{sanitize(block)}_{sanitize(task)}_{sanitize(n)}.png")))
     return paths
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    """Label, lay out, write and close one figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _tight_layout(fig)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_report(grid: Grid, specs: Sequence[RunSpec], out: str, plots: bool = True) -> Dict:
