@@ -24,8 +24,11 @@ def test_builtin_grids_load_and_expand():
     assert len({s.rel_dir for s in main_runs}) == len(main_runs)
     steps = {s.config("/o", "/c").steps for s in main_runs}
     assert len(steps) == 1                                                       # same budget per run
-    abl = expand(load_grid("ablation"))
-    assert len(abl) == 6 * 3
+    abl_all = expand(load_grid("ablation"))
+    abl = [s for s in abl_all if s.variant != "adv_cvar25"]
+    assert len(abl) == 6 * 3 and len(abl_all) == 7 * 3  # 6 cumulative term groups + the actor's CVaR advantage
+    adv = next(s.config("/o", "/c") for s in abl_all if s.variant == "adv_cvar25")
+    assert adv.advantage == "cvar:0.25" and adv.noise == "rm:0.72"
     qr = next(s.config("/o", "/c") for s in abl if s.variant == "qr_only")
     assert qr.loss_qh == 1.0 and qr.loss_risk == qr.loss_consist == qr.loss_shape == 0.0
     full = next(s.config("/o", "/c") for s in abl if s.variant == "+consist")
