@@ -9,6 +9,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence
 
+from ..trainer.plots import tight_layout
 from .grid import Grid, RunSpec, sanitize
 from .runner import FINISHED, read_summary
 
@@ -194,15 +195,6 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
     return path
 
 
-def _tight_layout(fig) -> None:
-    try:
-        fig.tight_layout()
-    except ValueError as exc:
-        import warnings
-
-        warnings.warn(f"plots: tight_layout failed ({exc}); saving with the default layout", RuntimeWarning)
-
-
 def write_plots(grid: Grid, rows: List[Dict], out: str) -> List[str]:
     import matplotlib
 
@@ -271,7 +263,7 @@ def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _tight_layout(fig)
+    tight_layout(fig)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

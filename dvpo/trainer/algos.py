@@ -168,14 +168,14 @@ def distributional_value_loss(theta, old_theta, targets, mask, config, clip: flo
     With clip > 0 the per-token loss is the max of the op's loss at theta and at the clipped
     theta_old + clamp(theta - theta_old, -c, c) (PPO's value clipping, per quantile), token-mean.
     Returns (loss, terms: dict of the eight per-token terms at theta)."""
-    if clip and clip > 0:
-        out = ops.critic_loss(theta, targets, taus, mask=mask, config=config, reduction="none")
+    clipping = bool(clip and clip > 0)
+    if not clipping and denom is None:      # the op reduces itself
+        out = ops.critic_loss(theta, targets, taus, mask=mask, config=config, reduction="token-mean")
+        return out.loss, out.terms
+    out = ops.critic_loss(theta, targets, taus, mask=mask, config=config, reduction="none")
+    per_token = out.loss
+    if clipping:
         clipped = old_theta + (theta - old_theta).clamp(-clip, clip)
         out_c = ops.critic_loss(clipped, targets, taus, mask=mask, config=config, reduction="none")
-        loss = masked_mean(torch.maximum(out.loss, out_c.loss), mask, denom=denom)
-        return loss, out.terms
-    if denom is not None:
-        out = ops.critic_loss(theta, targets, taus, mask=mask, config=config, reduction="none")
-        return masked_mean(out.loss, mask, denom=denom), out.terms
-    out = ops.critic_loss(theta, targets, taus, mask=mask, config=config, reduction="token-mean")
-    return out.loss, out.terms
+        per_token = torch.maximum(per_token, out_c.loss)
+    return masked_mean(per_token, mask, denom=denom), out.terms

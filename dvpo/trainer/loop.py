@@ -431,9 +431,8 @@ class Trainer:
         elif cfg.algo == "grpo":
             adv = A.grpo_advantages(b["outcome"], cfg.group_size, mask, scale=cfg.grpo_scale)  # groups are local
         elif cfg.algo == "reinforce++":
-            adv = A.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma, whiten=not self.dist.enabled)
-            if self.dist.enabled:
-                adv, _ = self._whiten(adv, mask)                          # over the global batch
+            adv = A.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma, whiten=False)
+            adv, _ = self._whiten(adv, mask)                              # over the global batch
         if cfg.algo in A.CRITIC_ALGOS:
             adv, row["adv_raw_std"] = self._whiten(adv, mask)
         else:

@@ -17,7 +17,7 @@ def _smooth(ys: List[float], k: int) -> List[float]:
     return out
 
 
-def _tight_layout(fig) -> None:
+def tight_layout(fig) -> None:
     """tight_layout, tolerating the tick-locator ValueError ("arange: cannot compute length") seen
     once in CI after the full suite (not reproduced alone): a layout glitch must not lose the plot
     or a finished run; the figure is then saved with matplotlib's default layout."""
@@ -60,7 +60,7 @@ def plot_run(out: str, rows: List[Dict], fan: Optional[Dict] = None) -> List[str
         axes[1].set_title("held-out accuracy")
         axes[1].legend(fontsize=8)
         fig.suptitle(title)
-        _tight_layout(fig)
+        tight_layout(fig)
         p = os.path.join(out, "rewards.png")
         fig.savefig(p, dpi=100)
         plt.close(fig)
@@ -76,7 +76,7 @@ def plot_run(out: str, rows: List[Dict], fan: Optional[Dict] = None) -> List[str
         ax.set_xlabel("step")
         ax.set_title("DVPO critic loss terms (per token, unweighted)")
         ax.legend(fontsize=7, ncol=2)
-        _tight_layout(fig)
+        tight_layout(fig)
         p = os.path.join(out, "critic_terms.png")
         fig.savefig(p, dpi=100)
         plt.close(fig)
@@ -108,7 +108,7 @@ def plot_run(out: str, rows: List[Dict], fan: Optional[Dict] = None) -> List[str
         ax.set_title(f"{fan['algo']} critic on {fan['prompt']!r} -> {fan['response']!r} "
                      f"(true reward {fan['true_reward']:.2f})", fontsize=9)
         ax.legend(fontsize=7)
-        _tight_layout(fig)
+        tight_layout(fig)
         p = os.path.join(out, "value_fan.png")
         fig.savefig(p, dpi=100)
         plt.close(fig)
