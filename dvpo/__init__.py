@@ -18,6 +18,11 @@ __version__ = "0.1.0"
 __all__ = ["ops", "taus", "CriticLossConfig", "CriticLossOutput", "TERM_NAMES", "__version__"]
 
 
+from .build_info import warn_if_cuda_unbuilt as _warn_if_cuda_unbuilt
+
+_warn_if_cuda_unbuilt()
+
+
 def taus(n: int, kind: str = "midpoint", *, device=None, dtype=_torch.float32) -> _torch.Tensor:
     """Quantile levels of N atoms: midpoints (2i-1)/(2N) (default) or the paper's grid i/N."""
     return _reference_taus(n, kind, device=device, dtype=dtype)

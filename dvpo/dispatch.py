@@ -33,7 +33,11 @@ def _load(name: str):
         try:
             _loaded[name] = importlib.import_module(_MODULES[name])
         except Exception as exc:  # a missing build or package is a reason, not a crash
-            _load_errors[name] = f"{type(exc).__name__}: {exc}"
+            if name == "cuda" and "_cuda_C" in str(exc):
+                from .build_info import cuda_not_built_reason
+                _load_errors[name] = f"not built: {cuda_not_built_reason()}"
+            else:
+                _load_errors[name] = f"{type(exc).__name__}: {exc}"
     return _loaded.get(name)
 
 
@@ -63,7 +67,8 @@ def backends(device: Optional[torch.device] = None) -> Dict[str, str]:
     for name in BACKENDS:
         module = _load(name)
         if module is None:
-            out[name] = f"not available: {_load_errors[name]}"
+            err = _load_errors[name]
+            out[name] = err if err.startswith("not built") else f"not available: {err}"
         elif device is not None and _device_reason(name, torch.device(device)):
             out[name] = f"not for {device}: {_device_reason(name, torch.device(device))}"
         else:
