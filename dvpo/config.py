@@ -15,19 +15,43 @@ REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "none")
 
 ALGORITHMS = ("auto", "pairwise", "sorted")
 
+TAIL_TARGETS = ("consistent", "recipe")
+
+# The float list every backend's critic-loss kernel takes (the op's `params` argument), in this order:
+# the eight term weights, then the tail-term mode (0 recipe, 1 consistent) and its three scalars.
+PARAM_NAMES = TERM_NAMES + ("tail_mode", "lo_scale", "hi_scale", "shift_expectile")
+
 
 @dataclasses.dataclass(frozen=True)
 class CriticLossConfig:
-    """Hyper-parameters of the fused DVPO critic loss (DESIGN.md, term 10).
+    """Hyper-parameters of the fused DVPO critic loss (docs/math.md, "The critic loss").
 
-    A weight of 0 switches its term off: backends skip its work and report the term as 0.
+    Loss shape: `kappa` is the Huber threshold of the quantile loss and `normalize_kappa` divides it
+    by kappa (so a small kappa is the plain quantile loss with gradients of size 1). `alpha`, `beta`
+    are the lower and upper tail levels; `risk_gamma` the slope of the risk weights.
+
+    Tail terms (cvar, gain, shift, shape): `tail_targets="consistent"` (default) compares the critic's
+    tails with targets whose expectation over per-sample returns is the tail of the pooled return
+    distribution (no collapse); `"recipe"` is the published recipe's form, kept for reproduction
+    (it collapses the distribution under per-sample targets). In consistent mode the method's
+    asymmetry is explicit: `lower_contraction` (rho_lo in [0, 1)) shrinks the lower tail's spread
+    below its VaR by the factor 1 - rho_lo, `upper_expansion` (rho_hi >= 0) widens the upper tail's by
+    1 + rho_hi, and `shift_expectile` (in (0, 1); 0.5 = the mean) tilts the mean anchor upwards
+    above 0.5. All 0 / 0.5 make every term consistent with the true distribution.
+
+    Weights `qh, risk, cvar, gain, shift, shape, curv, consist`: 0 switches a term off (its work is
+    skipped and it is reported as 0). `CriticLossConfig.recipe()` gives the published recipe.
     """
 
-    kappa: float = 1.0
+    kappa: float = 0.01
     alpha: float = 0.1
     beta: float = 0.1
     risk_gamma: float = 1.0
-    normalize_kappa: bool = False
+    normalize_kappa: bool = True
+    tail_targets: str = "consistent"
+    lower_contraction: float = 0.25
+    upper_expansion: float = 0.0
+    shift_expectile: float = 0.5
     qh: float = 1.0
     risk: float = 1.0
     cvar: float = 1.0
@@ -44,14 +68,44 @@ class CriticLossConfig:
             level = getattr(self, name)
             if not 0.0 < level <= 1.0:
                 raise ValueError(f"config.{name} must be in (0, 1], got {level}")
+        if self.tail_targets not in TAIL_TARGETS:
+            raise ValueError(f"config.tail_targets must be one of {', '.join(TAIL_TARGETS)}, "
+                             f"got {self.tail_targets!r}")
+        if not 0.0 <= self.lower_contraction < 1.0:
+            raise ValueError(f"config.lower_contraction must be in [0, 1), got {self.lower_contraction}")
+        if not (0.0 <= self.upper_expansion < float("inf")):
+            raise ValueError(f"config.upper_expansion must be a finite number >= 0, got {self.upper_expansion}")
+        if not 0.0 < self.shift_expectile < 1.0:
+            raise ValueError(f"config.shift_expectile must be in (0, 1), got {self.shift_expectile}")
         for name in TERM_NAMES:
             w = getattr(self, name)
             if not (isinstance(w, (int, float)) and w >= 0 and w == w and w != float("inf")):
                 raise ValueError(f"config.{name} (a loss weight) must be a finite number >= 0, got {w!r}")
 
+    @classmethod
+    def recipe(cls, **overrides) -> "CriticLossConfig":
+        """The published recipe's exact settings: kappa 1 (not normalized), every weight 1, the
+        recipe's tail terms. It collapses the distribution under per-sample targets (docs/math.md)."""
+        fields = dict(kappa=1.0, normalize_kappa=False, tail_targets="recipe")
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def symmetric(cls, **overrides) -> "CriticLossConfig":
+        """The default with the asymmetric parts off: every term consistent with the true distribution."""
+        fields = dict(lower_contraction=0.0, upper_expansion=0.0, shift_expectile=0.5)
+        fields.update(overrides)
+        return cls(**fields)
+
     def term_weights(self) -> list:
         """The eight weights in TERM_NAMES order, as Python floats."""
         return [float(getattr(self, name)) for name in TERM_NAMES]
+
+    def kernel_params(self) -> list:
+        """The kernels' `params` list (PARAM_NAMES order), as Python floats."""
+        consistent = self.tail_targets == "consistent"
+        return self.term_weights() + [1.0 if consistent else 0.0, 1.0 - float(self.lower_contraction),
+                                      1.0 + float(self.upper_expansion), float(self.shift_expectile)]
 
 
 @dataclasses.dataclass

@@ -57,14 +57,15 @@ def _(x, level, upper):
 
 @torch.library.custom_op("dvpo::critic_loss", mutates_args=())
 def critic_loss(heads: Tensor, target: Tensor, taus: Tensor, risk_weights: Tensor, mask: Optional[Tensor],
-                kappa: float, alpha: float, beta: float, normalize_kappa: bool, weights: List[float],
+                kappa: float, alpha: float, beta: float, normalize_kappa: bool, params: List[float],
                 algorithm: str) -> Tuple[Tensor, Tensor, Tensor]:
+    # params: the eight term weights, then the tail-term mode and scalars (dvpo.config.PARAM_NAMES)
     return _backend("critic_loss", heads).critic_loss(
-        heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa, list(weights), algorithm)
+        heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa, list(params), algorithm)
 
 
 @critic_loss.register_fake
-def _(heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa, weights, algorithm):
+def _(heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa, params, algorithm):
     acc = acc_dtype(heads.dtype)
     t = heads.shape[0]
     return (heads.new_empty((t,), dtype=acc), heads.new_empty((t, len(TERM_NAMES)), dtype=acc),

@@ -132,6 +132,57 @@ def tail_shape_per_token(theta, target, alpha, beta):
     return lo + hi
 
 
+# Consistent tail terms (tail_targets="consistent"): targets whose expectation over per-sample returns
+# is the property of the pooled return distribution. The VaR v is the critic's own boundary atom and,
+# like the targets built from it, is held constant in the gradient (a semi-gradient, as TD targets).
+
+def var_atom(x: torch.Tensor, level: float, upper: bool = False) -> torch.Tensor:
+    """The tail's boundary atom (detached): max of x over c > 0 (min from the top when `upper`)."""
+    x = x.detach()
+    inside = cvar_coefficients(x, level, upper) > 0
+    fill = torch.full_like(x, float("inf") if upper else float("-inf"))
+    v = torch.where(inside, x, fill)
+    return v.amin(-1) if upper else v.amax(-1)
+
+
+def tail_targets(target, v, level, scale, upper=False):
+    """(y, s): the Rockafellar-Uryasev CVaR target and the tail's second moment about v, each with the
+    tail's deviations from v scaled by `scale`:
+    y = v + scale E[min(z - v, 0)] / level, s = scale^2 E[min(z - v, 0)^2] / level (max for `upper`)."""
+    d = target - v.unsqueeze(-1)
+    part = d.clamp(min=0.0) if upper else d.clamp(max=0.0)
+    y = v + scale * part.mean(-1) / level
+    s = scale * scale * (part * part).mean(-1) / level
+    return y.detach(), s.detach()
+
+
+def tail_second_moment(x, v, level, upper=False):
+    """S = sum_i c_i (x_i - v)^2: the critic's tail spread about its (detached) VaR."""
+    c = cvar_coefficients(x, level, upper)
+    return (c * (x - v.unsqueeze(-1)) ** 2).sum(-1)
+
+
+def consistent_tail_terms(theta, target, alpha, beta, lo_scale, hi_scale):
+    """cvar, gain and shape in consistent form: (C_lo - y_lo)^2, (C_hi - y_hi)^2, and
+    (S_lo - s_lo)^2 + (S_hi - s_hi)^2."""
+    v_lo, v_hi = var_atom(theta, alpha), var_atom(theta, beta, upper=True)
+    y_lo, s_lo = tail_targets(target, v_lo, alpha, lo_scale)
+    y_hi, s_hi = tail_targets(target, v_hi, beta, hi_scale, upper=True)
+    cvar_term = (cvar(theta, alpha) - y_lo) ** 2
+    gain_term = (cvar(theta, beta, upper=True) - y_hi) ** 2
+    shape_term = ((tail_second_moment(theta, v_lo, alpha) - s_lo) ** 2
+                  + (tail_second_moment(theta, v_hi, beta, upper=True) - s_hi) ** 2)
+    return cvar_term, gain_term, shape_term
+
+
+def expectile_shift_per_token(theta, target, tau):
+    """2 |tau - 1{d < 0}| d^2, d = mean(z) - mean(theta): an asymmetric square whose fixed point over
+    per-sample targets is the tau-expectile of the sampled means (the mean at tau = 0.5)."""
+    d = target.mean(-1) - theta.mean(-1)
+    omega = torch.where(d > 0, torch.full_like(d, tau), torch.full_like(d, 1.0 - tau))
+    return 2.0 * omega * d * d
+
+
 def curvature_counts(n: int, alpha: float, beta: float):
     """How many second differences each tail of the curvature term averages (DESIGN.md, term 8)."""
     return max(1, math.floor(alpha * (n - 2))), max(1, math.floor(beta * (n - 2)))
@@ -164,14 +215,26 @@ def critic_terms_per_token(heads, target, taus, config: CriticLossConfig):
     c = config
     theta = heads.mean(-2)
     zero = theta.sum(-1) * 0.0
+    consistent = c.tail_targets == "consistent"
+    lo_scale, hi_scale = 1.0 - c.lower_contraction, 1.0 + c.upper_expansion
+    tails = {}
+
+    def tail(k):  # the three consistent tail terms share their VaRs and targets
+        if not tails:
+            tails.update(zip(("cvar", "gain", "shape"),
+                             consistent_tail_terms(theta, target, c.alpha, c.beta, lo_scale, hi_scale)))
+        return tails[k]
+
     compute = {
         "qh": lambda: quantile_huber_per_token(theta, target, taus, c.kappa, None, c.normalize_kappa),
         "risk": lambda: quantile_huber_per_token(
             theta, target, taus, c.kappa, risk_weights(taus, c.risk_gamma), c.normalize_kappa),
-        "cvar": lambda: cvar_loss_per_token(theta, target, c.alpha),
-        "gain": lambda: gain_per_token(theta, target, c.beta),
-        "shift": lambda: mean_shift_per_token(theta, target),
-        "shape": lambda: tail_shape_per_token(theta, target, c.alpha, c.beta),
+        "cvar": (lambda: tail("cvar")) if consistent else (lambda: cvar_loss_per_token(theta, target, c.alpha)),
+        "gain": (lambda: tail("gain")) if consistent else (lambda: gain_per_token(theta, target, c.beta)),
+        "shift": ((lambda: expectile_shift_per_token(theta, target, c.shift_expectile)) if consistent
+                  else (lambda: mean_shift_per_token(theta, target))),
+        "shape": ((lambda: tail("shape")) if consistent
+                  else (lambda: tail_shape_per_token(theta, target, c.alpha, c.beta))),
         "curv": lambda: curvature_per_token(theta, c.alpha, c.beta),
         "consist": lambda: consistency_per_token(heads),
     }

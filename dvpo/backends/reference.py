@@ -8,7 +8,9 @@ returning per-token values *and* the gradient w.r.t. the prediction, computed in
                    normalize_kappa, algorithm) -> (loss[T], grad[T,N])
     cvar(x[T,N], level, upper) -> (value[T], coef[T,N])
     critic_loss(heads[T,H,N], target[T,M], taus[N], risk_w[N], mask[T]|None, kappa, alpha, beta,
-                normalize_kappa, weights[8], algorithm) -> (total[T], terms[T,8], grad[T,H,N])
+                normalize_kappa, params[12], algorithm) -> (total[T], terms[T,8], grad[T,H,N])
+
+`params` holds the eight term weights and the tail-term mode and scalars (dvpo.config.PARAM_NAMES).
     distributional_gae(rewards[B,T], values[B,T,M], mask[B,T], gamma, lam) -> (adv[B,T], ret[B,T,M])
 
 Outputs are in the accumulation dtype (fp64 for fp64 inputs, else fp32); masked tokens give 0 (the
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
-from ..config import TERM_NAMES
+from ..config import PARAM_NAMES, TERM_NAMES
 
 # Pair-tensor elements per chunk of tokens (bounds the fallback's peak memory to ~100 MB).
 _PAIRS_PER_CHUNK = 1 << 22
@@ -114,15 +116,30 @@ def _curvature(theta, alpha, beta):
     return torch.relu(lo) + torch.relu(hi), grad
 
 
-def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, weights,
+def _consistent_tail(theta, target, level, scale, upper):
+    """Consistent-mode tail pieces: CVaR, coefficients c, the CVaR target y, the second moment
+    S = sum c (theta - v)^2 with d S / d theta = 2 c (theta - v), and its target s (v, y, s constant)."""
+    c = ref.cvar_coefficients(theta, level, upper)
+    value = (c * theta).sum(-1)
+    v = ref.var_atom(theta, level, upper)
+    y, s = ref.tail_targets(target, v, level, scale, upper)
+    dev = theta - v.unsqueeze(-1)
+    return value, c, y, (c * dev * dev).sum(-1), 2.0 * c * dev, s
+
+
+def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params,
                 algorithm="auto"):
+    if len(params) != len(PARAM_NAMES):
+        raise ValueError(f"params must hold {len(PARAM_NAMES)} values ({', '.join(PARAM_NAMES)}), got {len(params)}")
     acc = ref.acc_dtype(heads.dtype)
     h = ref._zero_masked(heads.to(acc), mask, 2)
     z = ref._zero_masked(target.to(acc), mask, 1)
     taus = taus.to(acc)
     t_len, n_heads, n = h.shape
     theta = h.mean(1)
+    weights = [float(x) for x in params[:len(TERM_NAMES)]]
     w = dict(zip(TERM_NAMES, weights))
+    consistent, lo_scale, hi_scale, tau_s = params[len(TERM_NAMES)] != 0, *params[len(TERM_NAMES) + 1:]
     terms = theta.new_zeros(t_len, len(TERM_NAMES))
     g_theta = torch.zeros_like(theta)  # d total / d theta (ensemble mean)
 
@@ -135,25 +152,44 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
         add(0, *_qh_loss_grad(theta, z, taus, kappa, None, normalize_kappa))
     if w["risk"]:
         add(1, *_qh_loss_grad(theta, z, taus, kappa, risk_w.to(acc), normalize_kappa))
-    if w["cvar"] or w["shape"]:
-        lo_t, c_lo, vlo_t, dvlo_t = _tail(theta, alpha, False)
-        lo_z, _, vlo_z, _ = _tail(z, alpha, False)
-    if w["gain"] or w["shape"]:
-        hi_t, c_hi, vhi_t, dvhi_t = _tail(theta, beta, True)
-        hi_z, _, vhi_z, _ = _tail(z, beta, True)
-    if w["cvar"]:
-        diff = lo_t - lo_z
-        add(2, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
-    if w["gain"]:
-        diff = hi_t - hi_z
-        add(3, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
-    if w["shift"]:
-        gap = z.mean(-1) - theta.mean(-1)
-        add(4, torch.relu(gap), -(gap > 0).to(acc).unsqueeze(-1).expand(-1, n) / n)
-    if w["shape"]:
-        lo, hi = vlo_t - vlo_z, vhi_z - vhi_t
-        grad = (lo > 0).to(acc).unsqueeze(-1) * dvlo_t - (hi > 0).to(acc).unsqueeze(-1) * dvhi_t
-        add(5, torch.relu(lo) + torch.relu(hi), grad)
+    if consistent:
+        if w["cvar"] or w["shape"]:
+            lo_t, c_lo, y_lo, s_lo_t, ds_lo, s_lo_z = _consistent_tail(theta, z, alpha, lo_scale, False)
+        if w["gain"] or w["shape"]:
+            hi_t, c_hi, y_hi, s_hi_t, ds_hi, s_hi_z = _consistent_tail(theta, z, beta, hi_scale, True)
+        if w["cvar"]:
+            diff = lo_t - y_lo
+            add(2, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
+        if w["gain"]:
+            diff = hi_t - y_hi
+            add(3, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
+        if w["shift"]:
+            gap = z.mean(-1) - theta.mean(-1)
+            omega = torch.where(gap > 0, torch.full_like(gap, tau_s), torch.full_like(gap, 1.0 - tau_s))
+            add(4, 2.0 * omega * gap * gap, (-4.0 * omega * gap / n).unsqueeze(-1).expand(-1, n))
+        if w["shape"]:
+            d_lo, d_hi = s_lo_t - s_lo_z, s_hi_t - s_hi_z
+            add(5, d_lo ** 2 + d_hi ** 2, 2.0 * d_lo.unsqueeze(-1) * ds_lo + 2.0 * d_hi.unsqueeze(-1) * ds_hi)
+    else:
+        if w["cvar"] or w["shape"]:
+            lo_t, c_lo, vlo_t, dvlo_t = _tail(theta, alpha, False)
+            lo_z, _, vlo_z, _ = _tail(z, alpha, False)
+        if w["gain"] or w["shape"]:
+            hi_t, c_hi, vhi_t, dvhi_t = _tail(theta, beta, True)
+            hi_z, _, vhi_z, _ = _tail(z, beta, True)
+        if w["cvar"]:
+            diff = lo_t - lo_z
+            add(2, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
+        if w["gain"]:
+            diff = hi_t - hi_z
+            add(3, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
+        if w["shift"]:
+            gap = z.mean(-1) - theta.mean(-1)
+            add(4, torch.relu(gap), -(gap > 0).to(acc).unsqueeze(-1).expand(-1, n) / n)
+        if w["shape"]:
+            lo, hi = vlo_t - vlo_z, vhi_z - vhi_t
+            grad = (lo > 0).to(acc).unsqueeze(-1) * dvlo_t - (hi > 0).to(acc).unsqueeze(-1) * dvhi_t
+            add(5, torch.relu(lo) + torch.relu(hi), grad)
     if w["curv"]:
         add(6, *_curvature(theta, alpha, beta))
     grad = (g_theta / n_heads).unsqueeze(1).expand(-1, n_heads, -1).clone()
