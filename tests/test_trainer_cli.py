@@ -56,11 +56,45 @@ def test_train_from_a_local_checkpoint(tmp_path):
     assert read_metrics(out)[-1]["step"] == 1
 
 
-def test_bad_arguments():
-    with pytest.raises(SystemExit):
-        main(["train", "--algo", "sac"])
-    with pytest.raises(ValueError):
-        main(["train", "--noise", "flip:7", "--steps", "0", "--out", "/nonexistent/never"])
+def test_bad_arguments(capsys):
+    """Usage errors, not tracebacks (tests/test_cli_errors.py checks every flag)."""
+    for argv in (["train", "--algo", "sac"], ["train", "--noise", "flip:7", "--out", "/nonexistent/never"],
+                 ["train", "--steps", "0", "--out", "/nonexistent/never"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_eval_of_a_run_repeats_the_runs_own_evaluation(tmp_path, capsys):
+    """`dvpo eval --ckpt RUN` gives exactly the held-out numbers (greedy and sampled) that the run logged
+    for the step of its checkpoint: same problems, same sampling draw. The SFT is long enough (80 steps)
+    that the accuracies are not 0, which would make the comparison vacuous."""
+    out = str(tmp_path / "run")
+    sft = ["--sft-steps", "80", "--sft-lr", "0.01", "--sft-batch", "32", "--sft-eval-every", "20"]
+    args = ["train", "--algo", "dvpo", "--task", "science", "--steps", "2", "--out", out,
+            "--sft-cache", str(tmp_path / "cache"), *TINY, *RUN, *sft, "--n-eval", "32"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out[:captured.out.index("metrics:")])
+    assert summary["sec_per_step_p90"] >= summary["sec_per_step_median"] > 0
+    # the CLI shows its own progress only: no transformers bars ("Loading weights", "Writing model shards")
+    assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err
+    last = read_metrics(out)[-1]
+    assert last["step"] == 2 and 0 < last["heldout_acc_sampled"] < 1
+    assert main(["eval", "--ckpt", out]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["step"] == 2 and res["n_eval"] == 32
+    assert res["heldout_acc"] == last["heldout_acc"]
+    assert res["heldout_acc_sampled"] == last["heldout_acc_sampled"]
+    assert res["heldout_reward"] == last["heldout_reward"]
+    # the Python API agrees; another --seed is another draw (the old fixed seed 0 was one)
+    from dvpo.trainer import evaluate_checkpoint
+
+    again = evaluate_checkpoint(out)
+    assert again["heldout_acc_sampled"] == last["heldout_acc_sampled"]
+    other = evaluate_checkpoint(out, seed=0)
+    assert other["sampled_seed"] == 0 and other["heldout_acc"] == last["heldout_acc"]
 
 
 def test_parser_has_the_trainer_commands():

@@ -10,22 +10,43 @@ import sys
 
 def _seeds(text: str):
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected distinct comma-separated integers, "
+                                          f"e.g. 0,1,2")
+    return seeds
+
+
+def _grid(text: str) -> str:
+    """A grid name or file that loads (a bad grid is a one-line usage error naming what is wrong)."""
+    from .grid import load_grid
+
+    try:
+        load_grid(text)
+    except (ValueError, OSError) as exc:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}") from None
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--grid", required=True,
-                        help="a built-in grid (main, ablation, sensitivity, smoke) or a grid TOML file")
-    parser.add_argument("--out", required=True, help="output dir: runs/, sft_cache/, results.csv/.md, plots")
-    parser.add_argument("--jobs", type=int, default=None, help="parallel run processes (default: os.cpu_count())")
+    from dvpo import cli
+
+    parser.add_argument("--grid", required=True, type=_grid,
+                        help="a built-in grid (main, ablation, sensitivity, smoke) or a grid TOML file (required)")
+    parser.add_argument("--out", required=True,
+                        help="output dir: runs/, sft_cache/, results.csv/.md, plots (required)")
+    parser.add_argument("--jobs", type=cli.positive_int, default=None,
+                        help="parallel run processes (default: os.cpu_count())")
     parser.add_argument("--list", action="store_true", help="print the runs (and their state) and exit")
     parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
                         help="run only runs whose name block/task/algo[-variant]/noise/sSEED contains this "
-                             "(repeatable: any of them)")
-    parser.add_argument("--steps", type=int, default=None, help="override the grid's RL steps (quick looks)")
-    parser.add_argument("--seeds", type=_seeds, default=None, help="override the grid's seeds, e.g. 0,1")
+                             "(repeatable: any of them; default: every run)")
+    parser.add_argument("--steps", type=cli.positive_int, default=None,
+                        help="override the grid's RL steps for quick looks (default: the grid's)")
+    parser.add_argument("--seeds", type=_seeds, default=None, help="override the grid's seeds, e.g. 0,1 "
+                                                                  "(default: the grid's)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rebuild results.csv, results.md and the plots from the finished runs")
     parser.add_argument("--sft-cache", default=None, help="SFT warm-start cache (default: OUT/sft_cache)")
@@ -37,9 +58,14 @@ def run(args) -> int:
     from .grid import expand, load_grid
     from .runner import run_grid, run_state
 
+    from dvpo.cli import usage_error
+
     grid = load_grid(args.grid)
     out = os.path.abspath(args.out)
-    specs = expand(grid, steps=args.steps, seeds=args.seeds)
+    try:
+        specs = expand(grid, steps=args.steps, seeds=args.seeds)
+    except ValueError as exc:                 # a grid whose runs would share a directory
+        usage_error(args, f"argument --grid: invalid value {args.grid!r}: {exc}")
     selected = [s for s in specs if not args.only or any(o in s.name for o in args.only)]
     if args.list:
         print(f"grid {grid.name} ({grid.path}): {len(selected)} of {len(specs)} runs, out {out}")

@@ -28,6 +28,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 KINDS = ("none", "flip", "gauss", "rm", "missing", "vote")
+# the accepted forms, as error messages (and the CLI's usage errors) spell them
+FORMS = "none, flip:P, gauss:S, rm:ACC, missing:P or vote:K (chained with '+', e.g. vote:8+flip:0.1)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,18 +50,18 @@ def _parse_stage(text: str) -> NoiseStage:
         return NoiseStage("none")
     kind, sep, value = text.partition(":")
     if kind not in KINDS or kind == "none" or not sep:
-        raise ValueError(f"noise must be none, flip:P, gauss:S, rm:ACC, missing:P or vote:K "
-                         f"(chained with '+'), got {text!r}")
+        raise ValueError(f"unknown noise model {text!r}: expected {FORMS}")
     try:
         x = float(value)
     except ValueError:
         raise ValueError(f"noise {kind}: the parameter must be a number, got {value!r}") from None
     if kind in ("flip", "rm", "missing") and not 0.0 <= x <= 1.0:
-        raise ValueError(f"noise {kind}:P needs P in [0, 1], got {x}")
+        what = "ACC" if kind == "rm" else "P"
+        raise ValueError(f"noise {kind}:{what} needs {what} in [0, 1] (a probability), got {value!r}")
     if kind == "gauss" and not (x >= 0 and math.isfinite(x)):
-        raise ValueError(f"noise gauss:S needs S >= 0, got {x}")
+        raise ValueError(f"noise gauss:S needs a finite S >= 0 (a standard deviation), got {value!r}")
     if kind == "vote" and not (x >= 1 and x == int(x)):
-        raise ValueError(f"noise vote:K needs an integer K >= 1, got {value!r}")
+        raise ValueError(f"noise vote:K needs an integer K >= 1 (samples per prompt), got {value!r}")
     return NoiseStage(kind, x)
 
 

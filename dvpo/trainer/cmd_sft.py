@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .config import SFTConfig, add_config_arguments, config_from_args
+from .config import SFTConfig, add_config_arguments, check_config, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -18,6 +18,11 @@ def run(args) -> int:
     from .sft import sft
 
     cfg = config_from_args(SFTConfig, args)
+    bad = check_config(cfg)
+    if bad:
+        from dvpo.cli import usage_error
+
+        usage_error(args, f"argument {bad[0]}: invalid value {bad[1]!r}: expected {bad[2]}")
     path = sft(cfg, force=args.force)
     with open(os.path.join(path, "sft.json")) as f:
         meta = json.load(f)

@@ -159,6 +159,91 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
+def task_arg(text: str) -> str:
+    """A task spec NAME[:LEVELS] (argparse type), checked by building the task (cheap: no data yet)."""
+    from dvpo.tasks import TASKS, get_task
+
+    name = str(text).partition(":")[0]
+    if name not in TASKS:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected one of {', '.join(TASKS)}, "
+                                          f"optionally with levels NAME:LEVELS (e.g. math:1-5)")
+    try:
+        get_task(text)
+    except ValueError:
+        levels = list(get_task(name).levels_available)
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected {name}:LEVELS with levels among {levels} "
+            f"(e.g. {name}:{levels[0]}, {name}:{levels[0]}-{levels[-1]} or {name}:all)") from None
+    return text
+
+
+def noise_arg(text: str) -> str:
+    """A noise spec (argparse type): the error says which part is wrong and lists the accepted forms."""
+    from dvpo.tasks.noise import FORMS, parse_noise
+
+    try:
+        parse_noise(text)
+    except ValueError as exc:
+        msg = str(exc)
+        if FORMS not in msg:
+            msg += f"; accepted: {FORMS}"
+        elif "+" not in str(text):
+            msg = f"expected {FORMS}"             # the message would only repeat the value
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {msg}") from None
+    return text
+
+
+def advantage_arg(text: str) -> str:
+    """An actor-advantage spec (argparse type): mean or cvar:ALPHA."""
+    if text == "mean":
+        return text
+    kind, _, value = str(text).partition(":")
+    try:
+        ok = kind == "cvar" and 0.0 < float(value) <= 1.0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected mean or cvar:ALPHA with ALPHA "
+                                          f"in (0, 1] (e.g. cvar:0.25)")
+    return text
+
+
+def _value_types() -> dict:
+    """Strict argparse types for the fields that have a valid range: a bad value is a one-line usage
+    error naming the flag, the value and what is accepted (instead of a traceback from deep inside).
+    Fields not listed here (new ones included) get the plain type of their default."""
+    from dvpo import cli
+
+    attn = cli.one_of("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+    types = {
+        "model": cli.existing_dir, "init": cli.existing_dir, "attn": attn, "device": cli.device,
+        "threads": cli.nonneg_int, "sft_target_acc": cli.probability, "sft_lr": cli.positive_float,
+        "sft_warmup": cli.nonneg_int, "sft_seed": cli.any_int, "seed": cli.any_int, "task": task_arg,
+        "noise": noise_arg, "advantage": advantage_arg, "temperature": cli.positive_float,
+        "max_new_tokens": cli.nonneg_int, "clip_eps": cli.nonneg_float, "cliprange_value": cli.nonneg_float,
+        "policy_lr": cli.nonneg_float, "critic_lr": cli.nonneg_float, "weight_decay": cli.nonneg_float,
+        "grad_clip": cli.nonneg_float, "kl_coef": cli.nonneg_float, "entropy_coef": cli.finite_float,
+        "vf_coef": cli.nonneg_float, "gamma": cli.probability, "lam": cli.probability,
+        "kappa": cli.positive_float, "alpha": cli.level, "beta": cli.level, "risk_gamma": cli.finite_float,
+        "missing_fill": cli.finite_float,
+    }
+    for name in ("hidden", "layers", "heads", "ffn", "max_positions", "sft_steps", "sft_batch", "sft_eval_every",
+                 "steps", "prompts_per_step", "group_size", "ppo_epochs", "minibatches", "n_heads", "n_quantiles",
+                 "eval_every", "n_eval", "save_every", "max_bad_steps"):
+        types[name] = cli.positive_int
+    for name in ("loss_qh", "loss_risk", "loss_cvar", "loss_gain", "loss_shift", "loss_shape", "loss_curv",
+                 "loss_consist"):
+        types[name] = cli.nonneg_float
+    return types
+
+
+# what a default of None means, for --help
+_NONE_DEFAULTS = {
+    "model": "none: the tiny config", "init": "none: the SFT warm start",
+    "out": "runs/ALGO_TASK_NOISE_sSEED",
+}
+
+
 class Default:
     """An argparse default that remembers it was not given on the command line."""
 
@@ -168,28 +253,47 @@ class Default:
     def __repr__(self):
         return repr(self.value)
 
+    def __str__(self):
+        return str(self.value)
+
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), defaults=None):
     """One ``--name`` per field (underscores become dashes); booleans take ``--name`` / ``--no-name``.
-    Defaults are wrapped in `Default` so `explicit_fields` can tell what the user gave."""
+    Defaults are wrapped in `Default` so `explicit_fields` can tell what the user gave. Every help
+    text ends with the default; values are checked by `_value_types` (one-line usage errors)."""
     defaults = defaults or {}
+    types = _value_types()
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default)
-        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
+        help_text = f.metadata.get("help", "")
+        if "default" not in help_text.lower():
+            shown = _NONE_DEFAULTS.get(f.name, "none") if default is None else default
+            help_text += f" (default: {shown})"
         if isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=Default(default),
-                                help=f.metadata.get("help", "") + f" (default: {default})")
+                                help=help_text)
             continue
         kind = type(f.default) if f.default is not None else str
         if f.name in ("sft_seed",):
             kind = int
         elif f.name in ("sft_target_acc",):
             kind = float
+        kind = types.get(f.name, kind)
         kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
         parser.add_argument(flag, dest=f.name, type=kind, default=Default(default), help=help_text, **kw)
+
+
+def check_config(cfg) -> Optional[tuple]:
+    """What the per-flag types cannot see (several fields together): None, or (flag, value, what is
+    expected) for a one-line usage error."""
+    if getattr(cfg, "algo", None) == "grpo" and cfg.group_size < 2:
+        return "--group-size", cfg.group_size, "an integer >= 2 for --algo grpo (group statistics)"
+    if not cfg.model and cfg.hidden % cfg.heads:         # transformers rejects it with a long traceback
+        return "--heads", cfg.heads, f"a divisor of --hidden ({cfg.hidden})"
+    return None
 
 
 def _unwrap(v):

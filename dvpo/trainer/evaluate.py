@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
@@ -74,4 +76,85 @@ def evaluate(model, tok, task, problems, max_new_tokens: int, *, sampled_seed: O
     if examples:
         res["examples"] = [{"prompt": p.prompt, "response": t, "gold": p.gold, "reward": r}
                            for p, t, r in list(zip(problems, texts, rewards))[:examples]]
+    return res
+
+
+class CheckpointError(ValueError):
+    """`path` is not something `evaluate_checkpoint` can evaluate; `reason` says why, in one line."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path!r}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def describe_checkpoint(path: str) -> Dict:
+    """What `path` holds: {"policy_dir", "run" (the run's TrainConfig dict, or None), "sft" (the SFT config
+    dict of a cached warm start, or None), "step" (the run checkpoint's step, or None)}. Raises a
+    CheckpointError when the path does not exist or holds no policy checkpoint."""
+    if not os.path.exists(path):
+        raise CheckpointError(path, "the path does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointError(path, "the path is a file, not a run dir (dvpo train --out) or a policy "
+                                    "checkpoint dir")
+
+    def read(p):
+        try:
+            with open(p) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    run_cfg = read(os.path.join(path, "config.json")) if not os.path.exists(os.path.join(path, "sft.json")) else None
+    if not (isinstance(run_cfg, dict) and "algo" in run_cfg):
+        run_cfg = None                                 # a Hugging Face config.json, not a run's
+    sft_meta = read(os.path.join(path, "sft.json"))
+    sft_cfg = sft_meta.get("config") if isinstance(sft_meta, dict) else None
+    policy_dir, step = path, None
+    if os.path.exists(os.path.join(path, "ckpt", "policy")):
+        policy_dir = os.path.join(path, "ckpt", "policy")
+        state = read(os.path.join(path, "ckpt", "state.json"))
+        step = state.get("step") if isinstance(state, dict) else None
+    elif run_cfg is not None:
+        raise CheckpointError(path, "the run dir has no checkpoint yet (no ckpt/policy)")
+    elif not os.path.exists(os.path.join(path, "config.json")):
+        raise CheckpointError(path, "the dir is neither a run dir (no ckpt/policy) nor a policy checkpoint "
+                                    "(no config.json)")
+    return {"policy_dir": policy_dir, "run": run_cfg, "sft": sft_cfg, "step": step}
+
+
+def evaluate_checkpoint(path: str, *, task: Optional[str] = None, n_eval: Optional[int] = None,
+                        seed: Optional[int] = None, device: str = "auto") -> Dict:
+    """Held-out evaluation of a run dir (its latest `ckpt/policy`) or a policy checkpoint dir.
+
+    For a run dir the defaults repeat the trainer's own evaluation of that checkpoint: the run's task,
+    `n_eval`, response length cap, temperature, attention and bf16 settings, and the sampled-accuracy
+    draw the trainer made at the checkpoint's step (its seed is derived from the run's seed and the
+    step), so `heldout_acc` and `heldout_acc_sampled` equal that step's row of metrics.jsonl (at the
+    same thread count and device). `seed` picks another draw; `task`/`n_eval` another problem set.
+    For a policy dir (an SFT warm start or any saved policy): n_eval 256, seed 0, temperature 1."""
+    from dvpo.tasks import get_task
+
+    from .loop import _derived_seed
+    from .models import autocast, load_policy, pick_device
+
+    info = describe_checkpoint(path)
+    run = info["run"] or {}
+    task_spec = task or run.get("task") or (info["sft"] or {}).get("task")
+    if task_spec is None:
+        raise CheckpointError(path, "cannot tell the task (no run or SFT config there): pass task=")
+    t = get_task(task_spec)
+    same_task = bool(run) and task_spec == run.get("task")
+    n_eval = int(n_eval if n_eval is not None else run.get("n_eval", 256))
+    if seed is None:
+        step = info["step"]
+        seed = _derived_seed(run["seed"], f"eval:{step}") if run and step is not None else 0
+    max_new = (run.get("max_new_tokens") or t.max_new_tokens) if same_task else t.max_new_tokens
+    bf16 = bool(run.get("bf16", True))
+    dev = pick_device(device)
+    model, tok = load_policy(info["policy_dir"], dev, run.get("attn", "auto"), bf16)
+    with autocast(dev, bf16):
+        res = evaluate(model, tok, t, t.heldout_set(n_eval), max_new, sampled_seed=seed,
+                       temperature=float(run.get("temperature", 1.0)), examples=5)
+    res.update({"checkpoint": info["policy_dir"], "task": task_spec, "n_eval": n_eval, "step": info["step"],
+                "sampled_seed": int(seed)})
     return res

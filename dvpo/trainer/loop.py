@@ -717,33 +717,10 @@ def train(config: TrainConfig, *, stop_at: Optional[int] = None, checkpoint_on_s
         trainer.dist.cleanup()
 
 
-def evaluate_checkpoint(path: str, *, task: Optional[str] = None, n_eval: int = 256, seed: int = 0,
-                        device: str = "auto") -> Dict:
-    """Held-out evaluation of a run dir (its latest `ckpt/policy`) or a policy checkpoint dir."""
-    from dvpo.tasks import get_task
+def evaluate_checkpoint(path: str, *, task: Optional[str] = None, n_eval: Optional[int] = None,
+                        seed: Optional[int] = None, device: str = "auto") -> Dict:
+    """Held-out evaluation of a run dir (its latest `ckpt/policy`) or a policy checkpoint dir; for a run
+    dir the same numbers as the run's own evaluation at that step (see `evaluate.evaluate_checkpoint`)."""
+    from .evaluate import evaluate_checkpoint as _evaluate_checkpoint
 
-    from .evaluate import evaluate
-    from .models import autocast, load_policy, pick_device
-
-    policy_dir, cfg = path, None
-    if os.path.exists(os.path.join(path, "ckpt", "policy")):
-        policy_dir = os.path.join(path, "ckpt", "policy")
-    if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(os.path.join(path, "sft.json")):
-        try:
-            cfg = ck.read_json(os.path.join(path, "config.json"))
-            if "algo" not in cfg:
-                cfg = None
-        except Exception:
-            cfg = None
-    if cfg is None and os.path.exists(os.path.join(path, "sft.json")):
-        cfg = ck.read_json(os.path.join(path, "sft.json"))["config"]
-    task_spec = task or (cfg or {}).get("task")
-    if task_spec is None:
-        raise ValueError(f"cannot tell the task of {path}: pass task=")
-    t = get_task(task_spec)
-    dev = pick_device(device)
-    model, tok = load_policy(policy_dir, dev)
-    with autocast(dev):
-        res = evaluate(model, tok, t, t.heldout_set(n_eval), t.max_new_tokens, sampled_seed=seed, examples=5)
-    res.update({"checkpoint": policy_dir, "task": task_spec, "n_eval": n_eval})
-    return res
+    return _evaluate_checkpoint(path, task=task, n_eval=n_eval, seed=seed, device=device)
