@@ -18,6 +18,8 @@ import sys
 
 COMMANDS = {
     # name: (module, one-line help)
+    "info": ("dvpo.build_info", "what was built and why (CUDA decision), versions, CPU ISA, available backends"),
+    "calibrate": ("dvpo.calibrate", "known-answer suite: does the critic loss learn the true return distribution?"),
     "check": ("dvpo.check", "run the fused critic loss on every available backend against the reference"),
     "sft": ("dvpo.trainer.cmd_sft", "SFT warm-up of the policy on a task (cached by task, model and seed)"),
     "train": ("dvpo.trainer.cmd_train", "one RL run: --algo dvpo|ppo|grpo|robust-ppo|reinforce++ --task --noise"),

@@ -245,7 +245,7 @@ def critic_loss(theta: Tensor, target: Tensor, taus: Optional[Tensor] = None, *,
     total, terms, _ = library.critic_loss(
         heads.reshape(tokens, h, n), target.detach().reshape(tokens, m), t, risk_w, _mask_arg(mask, acc),
         float(config.kappa), float(config.alpha), float(config.beta), bool(config.normalize_kappa),
-        config.term_weights(), algorithm)
+        config.kernel_params(), algorithm)
     terms = terms.reshape(lead + (len(TERM_NAMES),))
     return CriticLossOutput(
         loss=ref.reduce_tokens(total.reshape(lead), mask, reduction),
