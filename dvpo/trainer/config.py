@@ -100,6 +100,8 @@ class TrainConfig(SFTConfig):
     beta: float = _f(0.1, "critic loss: upper-tail level beta")
     risk_gamma: float = _f(1.0, "critic loss: risk weight exponent gamma")
     normalize_kappa: bool = _f(False, "critic loss: divide the Huber loss by kappa")
+    tail_targets: str = _f("consistent", "critic loss tail terms: consistent with per-sample targets, or the "
+                           "published recipe's (which collapses the distribution)", choices=("consistent", "recipe"))
     loss_qh: float = _f(1.0, "critic loss weight: quantile Huber")
     loss_risk: float = _f(1.0, "critic loss weight: risk-weighted quantile loss")
     loss_cvar: float = _f(1.0, "critic loss weight: lower-tail CVaR alignment")
@@ -121,7 +123,7 @@ class TrainConfig(SFTConfig):
         from dvpo import CriticLossConfig
 
         return CriticLossConfig(kappa=self.kappa, alpha=self.alpha, beta=self.beta, risk_gamma=self.risk_gamma,
-                                normalize_kappa=self.normalize_kappa, qh=self.loss_qh, risk=self.loss_risk,
+                                normalize_kappa=self.normalize_kappa, tail_targets=self.tail_targets, qh=self.loss_qh, risk=self.loss_risk,
                                 cvar=self.loss_cvar, gain=self.loss_gain, shift=self.loss_shift,
                                 shape=self.loss_shape, curv=self.loss_curv, consist=self.loss_consist)
 
