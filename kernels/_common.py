@@ -13,10 +13,11 @@ quantities are [BLOCK_T] vectors and rows are [BLOCK_T, n] tiles reduced along a
   is the largest t with #{key < t} <= k - 1; it is built bit by bit from the top (one count, i.e.
   one block reduction, per key bit: 32 for fp32, 64 for fp64), never sorting. `kth_key2` runs the
   lower- and the upper-tail select of one row at once, both counts packed in one int32 sum.
-* `tail_stats`: CVaR and the c-weighted tail variance from the threshold, in closed form: with
-  L = #{key < t} and a_n = level * n, the atoms below the threshold have c = 1/a_n and the atoms
-  tied at it share the remaining weight (a_n - L)/a_n in total (how it is split among them by index
-  does not change the value).
+* `tail_stats`: CVaR, the VaR atom (the threshold value) and the c-weighted tail variance (or the
+  second moment about the VaR atom) from the threshold, in closed form: with L = #{key < t} and
+  a_n = level * n, the atoms below the threshold have c = 1/a_n and the atoms tied at it share the
+  remaining weight (a_n - L)/a_n in total (how it is split among them by index does not change the
+  value).
 * `tail_coef`: the per-atom coefficients c_i = clamp(a_n - rank_i, 0, 1)/a_n of a tile, with
   rank_i = L + #{k < i: x_k tied at the threshold} from an exclusive cumsum plus a carry across
   tiles: exactly the index tie-break of DESIGN.md (rank_i = #{x_k < x_i} + #{k < i: x_k == x_i}).
@@ -257,9 +258,12 @@ def tail_select(x, valid, k_lo, k_hi, DO_LO: tl.constexpr, DO_HI: tl.constexpr, 
 
 
 @triton.jit
-def tail_stats(x, key, t, L, a_n, UPPER: tl.constexpr, IS_F64: tl.constexpr, WANT_VAR: tl.constexpr):
-    """(CVaR, tail variance) per row of x [BLOCK_T, n] given the threshold key t and L = #{key < t}:
-    atoms below weigh 1/a_n, the atoms tied at the threshold value weigh (a_n - L)/a_n in total."""
+def tail_stats(x, key, t, L, a_n, UPPER: tl.constexpr, IS_F64: tl.constexpr, SPREAD: tl.constexpr):
+    """(CVaR, VaR atom, spread) per row of x [BLOCK_T, n] given the threshold key t and L = #{key < t}:
+    atoms below weigh 1/a_n, the atoms tied at the threshold value weigh (a_n - L)/a_n in total.
+    The VaR atom is the threshold value itself (the tail's boundary atom: max of x over c > 0, min
+    from the top). SPREAD: 0 none (0), 1 the tail variance sum_i c_i (x_i - CVaR)^2, 2 the second
+    moment about the VaR atom sum_i c_i (x_i - VaR)^2 (the tied atoms add 0 to it)."""
     tk = t
     if UPPER:
         tk = -1 - t
@@ -270,12 +274,15 @@ def tail_stats(x, key, t, L, a_n, UPPER: tl.constexpr, IS_F64: tl.constexpr, WAN
     below = key < t[:, None]
     w_at = a_n - L.to(x.dtype)
     cv = (tl.reduce(tl.where(below, x, 0.0), 1, SUM) + w_at * x_at) / a_n
-    var = cv * 0.0
-    if WANT_VAR:
+    spread = cv * 0.0
+    if SPREAD == 1:
         d = tl.where(below, x - cv[:, None], 0.0)
         d_at = x_at - cv
-        var = (tl.reduce(d * d, 1, SUM) + w_at * d_at * d_at) / a_n
-    return cv, var
+        spread = (tl.reduce(d * d, 1, SUM) + w_at * d_at * d_at) / a_n
+    elif SPREAD == 2:
+        d = tl.where(below, x - x_at[:, None], 0.0)
+        spread = tl.reduce(d * d, 1, SUM) / a_n
+    return cv, x_at, spread
 
 
 @triton.jit

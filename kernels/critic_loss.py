@@ -4,15 +4,25 @@ the gradient w.r.t. every head, in one kernel launch.
 Grid: one program per block of BLOCK_T tokens (BLOCK_T = 1 for large rows). Targets are detached,
 so the gradient is computed here, in the forward pass; the autograd backward only scales it.
 
+Two tail-term modes (params[8], the TAIL_MODE constexpr: each mode is its own specialization):
+recipe (0: the targets' own tails, terms as DESIGN.md) and consistent (1: dvpo.reference's
+consistent_tail_terms / expectile_shift_per_token: targets about theta's own VaR atoms, built from
+one pass over the target row, no target selection).
+
 Phase A (row statistics, rows in registers: theta = mean of the heads [BLOCK_T, N_PAD], targets
 [BLOCK_T, M_PAD]):
-  * tail thresholds of theta and of the targets, sorting-free: rank counting on an [n, n] tile for
-    short rows (padded n <= RANK_SELECT_MAX), else the exact bisection select (`kth_key2`: the
-    lower- and upper-tail selects of a row share one reduction per key bit); CVaR_alpha,
-    CVaR+_beta and the tail variances in closed form from the thresholds (`tail_stats`);
+  * tail thresholds of theta (and, in recipe mode, of the targets), sorting-free: rank counting on
+    an [n, n] tile for short rows (padded n <= RANK_SELECT_MAX), else the exact bisection select
+    (`kth_key2`: the lower- and upper-tail selects of a row share one reduction per key bit);
+    CVaR_alpha, CVaR+_beta, the VaR atoms v (the threshold values) and the tail spreads in closed
+    form from the thresholds (`tail_stats`);
   * terms 4 (cvar), 5 (gain), 7 (shape) and their per-atom gradient factors
-    dT/dtheta_i = c_lo_i (A_lo + B_lo (theta_i - CVaR_lo)) + c_hi_i (A_hi + B_hi (theta_i - CVaR_hi));
-  * term 6 (shift: relu(mean z - mean theta)) and term 8 (curvature: each tail mean of second
+    dT/dtheta_i = c_lo_i (A_lo + B_lo (theta_i - ctr_lo)) + c_hi_i (A_hi + B_hi (theta_i - ctr_hi)),
+    ctr = CVaR (recipe: the tail variances) or v (consistent: the second moments about v; v and
+    the targets y = v + scale E[min(z - v, 0)] / level, s = scale^2 E[min(z - v, 0)^2] / level
+    (max for the upper tail) are constants of the gradient, a semi-gradient);
+  * term 6 (shift: recipe relu(mean z - mean theta); consistent 2 omega d^2, omega = tau_s or
+    1 - tau_s by the sign of d = mean z - mean theta) and term 8 (curvature: each tail mean of second
     differences telescopes to four atoms, so its value and gradient weights are per-index constants).
 Phase B (tiles of BLOCK_N quantiles; theta re-derived from the heads bitwise identically):
   * terms 1-2: the quantile Huber pair loop over the targets in tiles of BLOCK_M (the same sums
@@ -57,8 +67,8 @@ def _prune(configs_, named_args, **kwargs):
     return prune_tiles(configs_, named_args, row_regs=True, rank_row=rank_row)
 
 
-@triton.autotune(configs=configs(_GPU_CONFIGS, _INTERP_CONFIGS), key=["N", "M", "H", "RANK_N", "RANK_M"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=configs(_GPU_CONFIGS, _INTERP_CONFIGS),
+                 key=["N", "M", "H", "RANK_N", "RANK_M", "TAIL_MODE"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _critic_loss_kernel(
         heads_ptr, target_ptr, taus_ptr, riskw_ptr, mask_ptr, total_ptr, terms_ptr, grad_ptr,
@@ -68,6 +78,8 @@ def _critic_loss_kernel(
         a_lo_n_: tl.float64, a_hi_n_: tl.float64, a_lo_m_: tl.float64, a_hi_m_: tl.float64,
         w_qh_: tl.float64, w_risk_: tl.float64, w_cvar_: tl.float64, w_gain_: tl.float64,
         w_shift_: tl.float64, w_shape_: tl.float64, w_curv_: tl.float64, w_consist_: tl.float64,
+        y_lo_k_: tl.float64, s_lo_k_: tl.float64, y_hi_k_: tl.float64, s_hi_k_: tl.float64,
+        tau_s_: tl.float64, TAIL_MODE: tl.constexpr,
         HAS_MASK: tl.constexpr, DO_QH: tl.constexpr, DO_RISK: tl.constexpr, DO_CVAR: tl.constexpr,
         DO_GAIN: tl.constexpr, DO_SHIFT: tl.constexpr, DO_SHAPE: tl.constexpr, DO_CURV: tl.constexpr,
         DO_CONSIST: tl.constexpr, DO_LO: tl.constexpr, DO_HI: tl.constexpr,
@@ -125,35 +137,73 @@ def _critic_loss_kernel(
         if DO_HI:
             a_hi_n = tl.full((), a_hi_n_, ACC)
             a_hi_m = tl.full((), a_hi_m_, ACC)
+        SPREAD: tl.constexpr = DO_SHAPE * (TAIL_MODE + 1)  # 0 none, 1 variance (recipe), 2 about v
         kt_lo, t_lo, L_lo, kt_hi, t_hi, L_hi = tail_select(theta, vn[None, :], k_lo_n, k_hi_n, DO_LO, DO_HI,
                                                            RANK_N, IS_F64)
-        kz_lo, u_lo, Lu_lo, kz_hi, u_hi, Lu_hi = tail_select(z, vm[None, :], k_lo_m, k_hi_m, DO_LO, DO_HI,
-                                                             RANK_M, IS_F64)
-        if DO_LO:
-            cv_lo, var_t_lo = tail_stats(theta, kt_lo, t_lo, L_lo, a_lo_n, False, IS_F64, DO_SHAPE)
-            cz_lo, var_z_lo = tail_stats(z, kz_lo, u_lo, Lu_lo, a_lo_m, False, IS_F64, DO_SHAPE)
-        if DO_HI:
-            cv_hi, var_t_hi = tail_stats(theta, kt_hi, t_hi, L_hi, a_hi_n, True, IS_F64, DO_SHAPE)
-            cz_hi, var_z_hi = tail_stats(z, kz_hi, u_hi, Lu_hi, a_hi_m, True, IS_F64, DO_SHAPE)
-        if DO_CVAR:
-            d_lo = cv_lo - cz_lo
-            cvar_t = d_lo * d_lo
-            A_lo = 2.0 * w_cvar * d_lo
-        if DO_GAIN:
-            d_hi = cv_hi - cz_hi
-            gain_t = d_hi * d_hi
-            A_hi = 2.0 * w_gain * d_hi
-        if DO_SHAPE:
-            v_lo = var_t_lo - var_z_lo  # the lower tail may not be wider than the target's
-            v_hi = var_z_hi - var_t_hi  # the upper tail may not be narrower
-            shape_t = tl.maximum(v_lo, 0.0) + tl.maximum(v_hi, 0.0)
-            B_lo = tl.where(v_lo > 0, 2.0 * w_shape, 0.0)
-            B_hi = tl.where(v_hi > 0, -2.0 * w_shape, 0.0)
         g_shift = zero
-        if DO_SHIFT:
-            gap = tl.reduce(z, 1, SUM) / M - tl.reduce(theta, 1, SUM) / N
-            shift_t = tl.maximum(gap, 0.0)
-            g_shift = tl.where(gap > 0, -w_shift / N, 0.0)
+        if TAIL_MODE == 0:
+            # recipe: the target's own CVaR / tail variance (a selection over the target row)
+            kz_lo, u_lo, Lu_lo, kz_hi, u_hi, Lu_hi = tail_select(z, vm[None, :], k_lo_m, k_hi_m, DO_LO, DO_HI,
+                                                                 RANK_M, IS_F64)
+            if DO_LO:
+                cv_lo, vt_lo, var_t_lo = tail_stats(theta, kt_lo, t_lo, L_lo, a_lo_n, False, IS_F64, SPREAD)
+                cz_lo, vz_lo, var_z_lo = tail_stats(z, kz_lo, u_lo, Lu_lo, a_lo_m, False, IS_F64, SPREAD)
+            if DO_HI:
+                cv_hi, vt_hi, var_t_hi = tail_stats(theta, kt_hi, t_hi, L_hi, a_hi_n, True, IS_F64, SPREAD)
+                cz_hi, vz_hi, var_z_hi = tail_stats(z, kz_hi, u_hi, Lu_hi, a_hi_m, True, IS_F64, SPREAD)
+            ctr_lo = cv_lo  # the gradient factors' centres: d var / d theta_i = 2 c_i (theta_i - CVaR)
+            ctr_hi = cv_hi
+            if DO_CVAR:
+                d_lo = cv_lo - cz_lo
+                cvar_t = d_lo * d_lo
+                A_lo = 2.0 * w_cvar * d_lo
+            if DO_GAIN:
+                d_hi = cv_hi - cz_hi
+                gain_t = d_hi * d_hi
+                A_hi = 2.0 * w_gain * d_hi
+            if DO_SHAPE:
+                v_lo = var_t_lo - var_z_lo  # the lower tail may not be wider than the target's
+                v_hi = var_z_hi - var_t_hi  # the upper tail may not be narrower
+                shape_t = tl.maximum(v_lo, 0.0) + tl.maximum(v_hi, 0.0)
+                B_lo = tl.where(v_lo > 0, 2.0 * w_shape, 0.0)
+                B_hi = tl.where(v_hi > 0, -2.0 * w_shape, 0.0)
+            if DO_SHIFT:
+                gap = tl.reduce(z, 1, SUM) / M - tl.reduce(theta, 1, SUM) / N
+                shift_t = tl.maximum(gap, 0.0)
+                g_shift = tl.where(gap > 0, -w_shift / N, 0.0)
+        else:
+            # consistent: targets about theta's own VaR atoms v (constants in the gradient), one pass
+            # over the target row per tail, no selection of the target
+            ctr_lo = zero
+            ctr_hi = zero
+            if DO_LO:
+                cv_lo, ctr_lo, S_lo = tail_stats(theta, kt_lo, t_lo, L_lo, a_lo_n, False, IS_F64, SPREAD)
+                dz = tl.where(vm[None, :], tl.minimum(z - ctr_lo[:, None], 0.0), 0.0)
+                if DO_CVAR:
+                    d_lo = cv_lo - (ctr_lo + tl.full((), y_lo_k_, ACC) * tl.reduce(dz, 1, SUM))
+                    cvar_t = d_lo * d_lo
+                    A_lo = 2.0 * w_cvar * d_lo
+                if DO_SHAPE:
+                    e_lo = S_lo - tl.full((), s_lo_k_, ACC) * tl.reduce(dz * dz, 1, SUM)
+                    shape_t += e_lo * e_lo
+                    B_lo = 4.0 * w_shape * e_lo
+            if DO_HI:
+                cv_hi, ctr_hi, S_hi = tail_stats(theta, kt_hi, t_hi, L_hi, a_hi_n, True, IS_F64, SPREAD)
+                dz = tl.where(vm[None, :], tl.maximum(z - ctr_hi[:, None], 0.0), 0.0)
+                if DO_GAIN:
+                    d_hi = cv_hi - (ctr_hi + tl.full((), y_hi_k_, ACC) * tl.reduce(dz, 1, SUM))
+                    gain_t = d_hi * d_hi
+                    A_hi = 2.0 * w_gain * d_hi
+                if DO_SHAPE:
+                    e_hi = S_hi - tl.full((), s_hi_k_, ACC) * tl.reduce(dz * dz, 1, SUM)
+                    shape_t += e_hi * e_hi
+                    B_hi = 4.0 * w_shape * e_hi
+            if DO_SHIFT:
+                tau_s = tl.full((), tau_s_, ACC)
+                gap = tl.reduce(z, 1, SUM) / M - tl.reduce(theta, 1, SUM) / N
+                om = tl.where(gap > 0, tau_s, 1.0 - tau_s)
+                shift_t = 2.0 * om * gap * gap
+                g_shift = -4.0 * w_shift * om * gap / N
         f_lo = zero
         f_hi = zero
         if DO_CURV:
@@ -197,10 +247,10 @@ def _critic_loss_kernel(
                 k_lo, k_hi = row_keys2(th, valid[None, :], IS_F64)
             if DO_LO:
                 c, carry_lo = tail_coef(k_lo, t_lo, L_lo, a_lo_n, carry_lo)
-                g += c * (A_lo[:, None] + B_lo[:, None] * (th - cv_lo[:, None]))
+                g += c * (A_lo[:, None] + B_lo[:, None] * (th - ctr_lo[:, None]))
             if DO_HI:
                 c, carry_hi = tail_coef(k_hi, t_hi, L_hi, a_hi_n, carry_hi)
-                g += c * (A_hi[:, None] + B_hi[:, None] * (th - cv_hi[:, None]))
+                g += c * (A_hi[:, None] + B_hi[:, None] * (th - ctr_hi[:, None]))
             if DO_SHIFT:
                 g += g_shift[:, None]
             if DO_CURV:
@@ -249,10 +299,14 @@ def _critic_loss_kernel(
             tl.store(o_base + k, zero, mask=tv)
 
 
-def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, weights, select="auto"):
+N_PARAMS = 12  # dvpo.config.PARAM_NAMES: the 8 term weights, tail_mode, lo_scale, hi_scale, shift_expectile
+
+
+def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params, select="auto"):
     """Launch: heads [T, H, N], target [T, M] (any strides; fp16/bf16/fp32/fp64), taus [N], risk_w [N],
-    mask [T] (a float weight) or None, weights: the 8 term weights (TERM_NAMES order)
-    -> (total [T], terms [T, 8], grad [T, H, N]) in fp32 (fp64 for fp64 inputs).
+    mask [T] (a float weight) or None, params: the 12 kernel parameters (dvpo.config.PARAM_NAMES: the
+    8 term weights in TERM_NAMES order, tail_mode 0 recipe / 1 consistent, lo_scale, hi_scale,
+    shift_expectile) -> (total [T], terms [T, 8], grad [T, H, N]) in fp32 (fp64 for fp64 inputs).
 
     `select`: how the CVaR thresholds are found: "rank" (rank counting), "bisect" (bisection
     select) or "auto" (rank counting for rows of at most RANK_SELECT_MAX padded atoms)."""
@@ -261,15 +315,19 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
     if max(pow2(N), pow2(M)) > _common.MAX_ROW:
         raise ValueError(f"the fused Triton critic loss holds a token's rows in registers: N and M must be "
                          f"<= {_common.MAX_ROW}, got N={N}, M={M}")
+    p = [float(x) for x in params]
+    if len(p) != N_PARAMS:
+        raise ValueError(f"params must hold the {N_PARAMS} kernel parameters (8 term weights, tail_mode, "
+                         f"lo_scale, hi_scale, shift_expectile), got {len(p)}")
+    consistent = p[8] != 0  # tail_mode: 0 recipe, 1 (any other value, as the reference) consistent
+    w = p[:N_TERMS]
+    lo_scale, hi_scale, tau_s = p[9:12]
     acc = acc_dtype(heads.dtype)
     total = heads.new_empty((T,), dtype=acc)
     terms = heads.new_empty((T, N_TERMS), dtype=acc)
     grad = heads.new_empty((T, H, N), dtype=acc)
     if T == 0:
         return total, terms, grad
-    w = [float(x) for x in weights]
-    if len(w) != N_TERMS:
-        raise ValueError(f"weights must hold the {N_TERMS} term weights, got {len(w)}")
     do = {name: w[k] != 0 for k, name in enumerate(("qh", "risk", "cvar", "gain", "shift", "shape", "curv",
                                                        "consist"))}
     do["curv"] = do["curv"] and N >= 3
@@ -280,6 +338,9 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
     mk = None if mask is None else mask.to(acc).contiguous()
     a_lo_n, a_hi_n, a_lo_m, a_hi_m = alpha * N, beta * N, alpha * M, beta * M
     qh_scale = 1.0 / (N * M) / (kappa if normalize_kappa else 1.0)
+    # consistent mode's target factors (host, double): y = v + scale sum_j part_j / (level M),
+    # s = scale^2 sum_j part_j^2 / (level M)
+    tails = (lo_scale / a_lo_m, lo_scale * lo_scale / a_lo_m, hi_scale / a_hi_m, hi_scale * hi_scale / a_hi_m)
 
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]),)
@@ -290,10 +351,11 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
             T, H, N, M, heads.stride(0), heads.stride(1), heads.stride(2), target.stride(0), target.stride(1),
             max(1, math.ceil(a_lo_n)), max(1, math.ceil(a_hi_n)), max(1, math.ceil(a_lo_m)),
             max(1, math.ceil(a_hi_m)), n_lo, n_hi,
-            float(kappa), float(qh_scale), a_lo_n, a_hi_n, a_lo_m, a_hi_m, *w,
-            HAS_MASK=mk is not None, DO_QH=do["qh"], DO_RISK=do["risk"], DO_CVAR=do["cvar"],
-            DO_GAIN=do["gain"], DO_SHIFT=do["shift"], DO_SHAPE=do["shape"], DO_CURV=do["curv"],
-            DO_CONSIST=do["consist"], DO_LO=do["cvar"] or do["shape"], DO_HI=do["gain"] or do["shape"],
-            RANK_N=_common.use_rank(select, N), RANK_M=_common.use_rank(select, M),
+            float(kappa), float(qh_scale), a_lo_n, a_hi_n, a_lo_m, a_hi_m, *w, *tails, tau_s,
+            TAIL_MODE=int(consistent), HAS_MASK=mk is not None, DO_QH=do["qh"], DO_RISK=do["risk"],
+            DO_CVAR=do["cvar"], DO_GAIN=do["gain"], DO_SHIFT=do["shift"], DO_SHAPE=do["shape"],
+            DO_CURV=do["curv"], DO_CONSIST=do["consist"], DO_LO=do["cvar"] or do["shape"],
+            DO_HI=do["gain"] or do["shape"], RANK_N=_common.use_rank(select, N),
+            RANK_M=not consistent and _common.use_rank(select, M),  # consistent mode selects nothing in z
             IS_F64=acc == torch.float64, ACC=tl_acc(heads.dtype), N_PAD=pow2(N), M_PAD=pow2(M))
     return total, terms, grad

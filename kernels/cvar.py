@@ -57,7 +57,7 @@ def _cvar_kernel(x_ptr, value_ptr, coef_ptr, T, N, K, s_t, s_n, a_n_: tl.float64
         t, L = kth_key_rank(key, K)
     else:
         t, L = kth_key(key, K, IS_F64)
-    value, _ = tail_stats(x, key, t, L, a_n, UPPER, IS_F64, False)
+    value, _, _ = tail_stats(x, key, t, L, a_n, UPPER, IS_F64, 0)
     c, _ = tail_coef(key, t, L, a_n, L * 0)
     tl.store(value_ptr + tok, value, mask=tv)
     tl.store(coef_ptr + tok[:, None] * N + offs[None, :], c, mask=ok)

@@ -1,6 +1,7 @@
 """The `triton` backend (kernels/, through dvpo.backends.triton) against autograd of the float64
 reference: every op forward and backward, fp32/bf16 (fp64 computed in fp64), odd sizes, ties,
-crossing quantiles, masks with empty rows, both CVaR threshold selects, opcheck and torch.compile.
+crossing quantiles, masks with empty rows, both CVaR threshold selects, both tail-term modes of the
+critic loss (consistent, recipe), opcheck and torch.compile.
 
 Without a GPU the kernels run on CPU tensors in the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so these checks use small token counts; with a GPU the same checks run on CUDA,
@@ -21,7 +22,7 @@ import dvpo  # noqa: E402
 from dvpo import dispatch, library, ops  # noqa: E402
 from dvpo import reference as ref  # noqa: E402
 from dvpo.backends import reference as ref_backend  # noqa: E402
-from dvpo.config import TERM_NAMES, CriticLossConfig  # noqa: E402
+from dvpo.config import PARAM_NAMES, TERM_NAMES, CriticLossConfig  # noqa: E402
 
 from .utils import TOL, randn, random_mask, rel_err  # noqa: E402
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REDUCTIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "none"]
 LOW = (torch.float32, torch.bfloat16)
+MODES = ("consistent", "recipe")  # CriticLossConfig.tail_targets
 
 
 @pytest.fixture(autouse=True)
@@ -183,21 +185,43 @@ def test_cvar_heavy_ties_split_by_index(select):
 
 # --------------------------------------------------------------------------- fused critic loss
 
-_CFG = CriticLossConfig(kappa=0.7, alpha=0.2, beta=0.15, risk_gamma=2.0, consist=0.5, shape=2.0)
+# Non-default settings, in either tail mode (recipe mode ignores the three consistent-mode scalars).
+_SETTINGS = dict(kappa=0.7, alpha=0.2, beta=0.15, risk_gamma=2.0, consist=0.5, shape=2.0,
+                 lower_contraction=0.3, upper_expansion=0.5, shift_expectile=0.7)
+
+
+def _cfg(mode="consistent", **overrides):
+    return CriticLossConfig(**dict(_SETTINGS, tail_targets=mode, **overrides))
+
+
+_CFG = _cfg()
 
 
 @pytest.mark.parametrize("h,n,m,ties", [(1, 1, 1, False), (3, 2, 3, True), (1, 3, 7, False), (3, 7, 33, True),
-                                        (1, 33, 7, True), (3, 33, 32, False), (3, 7, 2, False)])
+                                        (1, 33, 7, True), (3, 33, 32, False), (3, 7, 2, False),
+                                        (2, 32, 1, True), (3, 2, 32, False)])
 @pytest.mark.parametrize("dtype", LOW)
-def test_critic_loss_matches_reference(h, n, m, ties, dtype):
+@pytest.mark.parametrize("mode", MODES)
+def test_critic_loss_matches_reference(h, n, m, ties, dtype, mode):
     heads, target = _inputs((2, 5), h, n, m, dtype, ties)
     mask = random_mask((2, 5), device=DEVICE)
-    _check_critic(heads, target, mask, _CFG)
+    _check_critic(heads, target, mask, _cfg(mode))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_default_recipe_and_symmetric_configs(dtype):
+    """The default config (consistent, kappa 0.01 normalized, rho_lo 0.25), CriticLossConfig.recipe()
+    and CriticLossConfig.symmetric(), as the library ships them."""
+    heads, target = _inputs((3, 4), 3, 11, 13, dtype, ties=False)
+    mask = random_mask((3, 4), device=DEVICE)
+    for cfg in (CriticLossConfig(), CriticLossConfig.recipe(), CriticLossConfig.symmetric()):
+        _check_critic(heads, target, mask, cfg, reduction="seq-mean-token-mean")
 
 
 def test_float16_inputs():
     heads, target = _inputs((2, 5), 3, 7, 9, torch.float16, ties=False)
-    _check_critic(heads, target, random_mask((2, 5), device=DEVICE), _CFG)
+    for mode in MODES:
+        _check_critic(heads, target, random_mask((2, 5), device=DEVICE), _cfg(mode))
     pred = heads[..., 0, :]
     x = pred.clone().requires_grad_()
     x64 = pred.double().requires_grad_()
@@ -208,48 +232,116 @@ def test_float16_inputs():
 
 
 @pytest.mark.parametrize("h,n,m,ties", [(3, 7, 33, True), (1, 33, 3, False), (3, 3, 2, True)])
-def test_critic_loss_bisection_select(h, n, m, ties, select):
+@pytest.mark.parametrize("mode", MODES)
+def test_critic_loss_bisection_select(h, n, m, ties, select, mode):
     heads, target = _inputs((11,), h, n, m, torch.float32, ties)
-    _check_critic(heads, target, random_mask((11,), device=DEVICE), CriticLossConfig(alpha=0.3, beta=0.25))
+    _check_critic(heads, target, random_mask((11,), device=DEVICE), _cfg(mode, alpha=0.3, beta=0.25))
 
 
 @pytest.mark.parametrize("off", TERM_NAMES)
-def test_critic_loss_each_weight_off(off):
+@pytest.mark.parametrize("mode", MODES)
+def test_critic_loss_each_weight_off(off, mode):
     heads, target = _inputs((2, 4), 3, 9, 8, torch.float32, ties=True)
-    cfg = CriticLossConfig(**{off: 0.0, "alpha": 0.3})
-    out = _check_critic(heads, target, None, cfg)
+    out = _check_critic(heads, target, None, _cfg(mode, **{off: 0.0, "alpha": 0.3}))
     assert torch.all(out.terms[off] == 0)
 
 
-def test_critic_loss_single_terms():
-    """Each term alone (all other weights 0): values and gradients term by term."""
+@pytest.mark.parametrize("mode", MODES)
+def test_critic_loss_single_terms(mode):
+    """Each term alone (all other weights 0): values and gradients term by term (in consistent mode
+    cvar alone needs only the lower tail, gain only the upper, shape both)."""
     heads, target = _inputs((3, 3), 3, 12, 10, torch.float32, ties=False)
     for name in TERM_NAMES:
-        cfg = CriticLossConfig(**{k: (1.0 if k == name else 0.0) for k in TERM_NAMES}, alpha=0.25, beta=0.4)
+        cfg = _cfg(mode, **{k: (1.0 if k == name else 0.0) for k in TERM_NAMES}, alpha=0.25, beta=0.4)
         _check_critic(heads, target, None, cfg)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_critic_loss_reductions(reduction):
+@pytest.mark.parametrize("mode", MODES)
+def test_critic_loss_reductions(reduction, mode):
     heads, target = _inputs((3, 4), 3, 5, 6, torch.float32, ties=False)
-    _check_critic(heads, target, random_mask((3, 4), device=DEVICE), _CFG, reduction=reduction)
+    _check_critic(heads, target, random_mask((3, 4), device=DEVICE), _cfg(mode), reduction=reduction)
 
 
-def test_critic_loss_large_rows():
-    """N, M beyond one tile and beyond the rank-count limit (the bisection select, several N tiles)."""
+@pytest.mark.parametrize("mode", MODES)
+def test_critic_loss_large_rows(mode):
+    """N, M beyond one tile and beyond the rank-count limit (the bisection select, several N tiles;
+    a long target row for the consistent mode's one pass over it)."""
     heads, target = _inputs((2,), 2, 520, 40, torch.float32, ties=False)
-    _check_critic(heads, target, None, CriticLossConfig(alpha=0.05, beta=0.1))
+    _check_critic(heads, target, None, _cfg(mode, alpha=0.05, beta=0.1))
+    heads, target = _inputs((2,), 3, 40, 600, torch.float32, ties=True)
+    _check_critic(heads, target, None, _cfg(mode, alpha=0.1, beta=0.05))
 
 
-def test_float64_is_computed_in_float64(select):
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_is_computed_in_float64(select, mode):
     heads, target = _inputs((2, 3), 3, 7, 9, torch.float64, ties=True)
     mask = random_mask((2, 3), device=DEVICE)
-    _check_critic(heads, target, mask, _CFG, reduction="seq-mean-token-sum")
+    _check_critic(heads, target, mask, _cfg(mode), reduction="seq-mean-token-sum")
+    heads, target = _inputs((2, 3), 2, 33, 5, torch.float64, ties=False)
+    _check_critic(heads, target, mask, _cfg(mode, alpha=0.05, beta=0.3))
     x = torch.randn(4, 9, dtype=torch.float64, device=DEVICE)
     assert _ok(rel_err(ops.cvar(x, 0.3, upper=True), ref.cvar(x, 0.3, upper=True)), torch.float64, "cvar")
     got = ops.quantile_huber(x, x.flip(0), kappa=0.3)
     assert got.dtype == torch.float64
     assert _ok(rel_err(got, ref.quantile_huber(x, x.flip(0), kappa=0.3)), torch.float64, "qh loss")
+
+
+# --------------------------------------------------------------------------- consistent tail terms
+
+def test_consistent_var_atom_ties_and_targets_at_the_var(select):
+    """Many atoms of theta tied at the VaR (the boundary weight split by index, v their common value)
+    and target atoms exactly at v (the kink of min(z - v, 0)): values and gradients as the reference."""
+    theta = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 2.0, 1.0, 1.0],
+                          [-0.0, 0.0, 0.0, 0.5, -1.0, 0.0, 2.0, 2.0, 2.0, 0.0],
+                          [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]], device=DEVICE)
+    heads = theta.unsqueeze(1).expand(3, 2, 10).contiguous()
+    target = torch.tensor([[1.0, 1.0, 0.0, 2.5, -1.0, 1.0, 0.5],
+                           [0.0, 2.0, -0.5, 2.0, 0.0, 1.0, 3.0],
+                           [3.0, 2.0, 4.0, 3.0, 3.0, 3.5, 2.5]], device=DEVICE)
+    for alpha, beta in [(0.35, 0.55), (0.5, 0.25), (0.05, 1.0), (1.0, 0.1)]:
+        for cfg in (_cfg(alpha=alpha, beta=beta), _cfg(alpha=alpha, beta=beta, lower_contraction=0.0,
+                                                       upper_expansion=0.0, shift_expectile=0.5)):
+            _check_critic(heads, target, None, cfg)
+
+
+def test_consistent_shift_at_zero_gap():
+    """mean z == mean theta exactly: the expectile shift and its gradient are 0 (either omega)."""
+    heads = torch.tensor([[[1.0, -1.0, 0.5, 0.5]], [[0.25, 0.75, 2.0, -1.0]]], device=DEVICE)
+    target = torch.tensor([[0.5, -0.5, 0.0, 1.0, 0.5, 0.0], [1.0, 0.0, 0.5, 0.5, 0.0, 1.0]], device=DEVICE)
+    cfg = _cfg(**{k: (1.0 if k == "shift" else 0.0) for k in TERM_NAMES})
+    x = heads.clone().requires_grad_()
+    out = ops.critic_loss(x, target, config=cfg, reduction="none")
+    assert torch.all(out.terms["shift"] == 0) and torch.all(_grad(out.loss, x) == 0)
+    _check_critic(heads, target, None, cfg)
+
+
+def test_tail_mode_and_params():
+    """params[8] selects the mode; recipe mode ignores params[9:12] (bit for bit); consistent mode
+    uses them; a list of the wrong length is refused."""
+    assert len(PARAM_NAMES) == 12
+    heads, target = _inputs((6,), 3, 9, 7, torch.float32, ties=False)
+    t = dvpo.taus(9, device=DEVICE)
+    w = ref.risk_weights(t)
+    mask = torch.tensor([1, 0, 1, 1, 0.5, 1], dtype=torch.float32, device=DEVICE)
+
+    def run(params):
+        return library.critic_loss(heads, target, t, w, mask, 0.7, 0.2, 0.3, False, params, "auto")
+
+    weights = [1.0, 0.5, 2.0, 1.0, 1.5, 1.0, 1.0, 0.5]
+    a, b = run(weights + [0.0, 1.0, 1.0, 0.5]), run(weights + [0.0, 0.2, 3.0, 0.9])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c, d = run(weights + [1.0, 1.0, 1.0, 0.5]), run(weights + [1.0, 0.2, 3.0, 0.9])
+    assert not torch.equal(a[1][:, 2:6], c[1][:, 2:6])  # cvar, gain, shift, shape differ between modes
+    assert torch.equal(a[1][:, [0, 1, 6, 7]], c[1][:, [0, 1, 6, 7]])  # the others do not
+    assert not torch.equal(c[1], d[1])
+    for p in (weights + [1.0, 0.2, 3.0, 0.9], weights + [0.0, 0.2, 3.0, 0.9]):
+        want = ref_backend.critic_loss(heads, target, t, w, mask, 0.7, 0.2, 0.3, False, p)
+        for got_x, want_x in zip(run(p), want):
+            assert rel_err(got_x, want_x) < 1e-5
+    from dvpo import kernels
+    with pytest.raises(ValueError, match="params"):
+        kernels.critic_loss(heads, target, t, w, mask, 0.7, 0.2, 0.3, False, weights)
 
 
 # --------------------------------------------------------------------------- masks, layouts
@@ -282,7 +374,8 @@ def test_nan_at_masked_tokens_does_not_leak_and_weights_scale():
     g = _grad(out.loss, x)
     assert torch.all(torch.isfinite(out.loss)) and torch.all(torch.isfinite(g))
     assert torch.all(g[0, 1] == 0) and torch.all(g[1, 3] == 0)
-    _check_critic(clean_h, clean_t, mask, _CFG)  # fractional mask weights scale values and gradients
+    for mode in MODES:  # fractional mask weights scale values and gradients
+        _check_critic(clean_h, clean_t, mask, _cfg(mode))
 
 
 def test_non_contiguous_inputs():
@@ -293,7 +386,8 @@ def test_non_contiguous_inputs():
     assert not heads.is_contiguous() and not pred.is_contiguous() and not target.is_contiguous()
     got = ops.quantile_huber(pred, target)
     assert rel_err(got, ref.quantile_huber(pred.double(), target.double())) < 1e-5
-    _check_critic(heads, target, None, _CFG)
+    for mode in MODES:
+        _check_critic(heads, target, None, _cfg(mode))
     assert rel_err(ops.cvar(pred, 0.3), ref.cvar(pred.double(), 0.3)) < 1e-5
     rewards = randn((9, 3), device=DEVICE).t()
     values = randn((5, 9, 3), device=DEVICE).permute(2, 1, 0)
@@ -308,10 +402,10 @@ def test_deterministic():
     mask = random_mask((4, 5), device=DEVICE)
     a = library.critic_loss(heads.reshape(20, 3, 17), target.reshape(20, 19), dvpo.taus(17, device=DEVICE),
                             torch.ones(17, device=DEVICE), mask.reshape(-1).float(), 1.0, 0.1, 0.2, False,
-                            [1.0] * 8, "auto")
+                            CriticLossConfig().kernel_params(), "auto")
     b = library.critic_loss(heads.reshape(20, 3, 17), target.reshape(20, 19), dvpo.taus(17, device=DEVICE),
                             torch.ones(17, device=DEVICE), mask.reshape(-1).float(), 1.0, 0.1, 0.2, False,
-                            [1.0] * 8, "auto")
+                            CriticLossConfig().kernel_params(), "auto")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -351,9 +445,14 @@ def _opcheck_cases():
     mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.float32, device=DEVICE)
     w = ref.risk_weights(t)
     return [
-        (library.critic_loss, (h32, target.float(), t, w, mask, 1.0, 0.2, 0.2, False, [1.0] * 8, "auto")),
+        (library.critic_loss, (h32, target.float(), t, w, mask, 1.0, 0.2, 0.2, False,
+                               CriticLossConfig.recipe().kernel_params(), "auto")),
         (library.critic_loss, (heads.clone().requires_grad_(), target, t.double(), w.double(), None, 0.7, 0.1, 0.5,
-                               True, [1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 1.0], "auto")),
+                               True, [1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.5], "auto")),
+        (library.critic_loss, (h32.detach().clone().requires_grad_(), target.float(), t, w, mask, 0.01, 0.2, 0.3,
+                               True, CriticLossConfig().kernel_params(), "auto")),
+        (library.critic_loss, (heads.clone().requires_grad_(), target, t.double(), w.double(), None, 0.7, 0.1, 0.5,
+                               True, [1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.6, 1.3, 0.8], "auto")),
         (library.quantile_huber, (h32[:, 0], target.float(), t, w, mask, 1.0, False, "auto")),
         (library.cvar, (h32[:, 1].detach().requires_grad_(), 0.3, True)),
         (library.distributional_gae, (randn((2, 5), device=DEVICE), randn((2, 5, 3), device=DEVICE),
@@ -361,18 +460,20 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_fullgraph_matches_eager(mode):
     heads, target = _inputs((2, 7), 3, 8, 6, torch.float32, ties=False)
     mask = random_mask((2, 7), device=DEVICE)
+    cfg = _cfg(mode)
 
     def step(h, z, m):
-        out = ops.critic_loss(h, z, mask=m, reduction="seq-mean-token-mean")
+        out = ops.critic_loss(h, z, mask=m, config=cfg, reduction="seq-mean-token-mean")
         return out.loss + ops.quantile_huber(h.mean(-2), z, mask=m) + ops.cvar(h, 0.2).sum()
 
     torch._dynamo.reset()
@@ -405,10 +506,14 @@ f32 = tl.float32
 flags = {k: True for k in ("DO_QH", "DO_RISK", "DO_CVAR", "DO_GAIN", "DO_SHIFT", "DO_SHAPE", "DO_CURV",
                            "DO_CONSIST", "DO_LO", "DO_HI")}
 crit = {n: "*fp32" for n in ("taus_ptr", "riskw_ptr", "mask_ptr", "total_ptr", "terms_ptr", "grad_ptr")}
-for rank, npad, bt in ((False, 256, 1), (True, 32, 4)):
+# both tail modes (recipe 0, consistent 1: no target select, so RANK_M is off as the launcher sets it)
+for mode, rank, npad, bt in ((0, False, 256, 1), (0, True, 32, 4), (1, False, 256, 1), (1, True, 32, 4)):
     build("dvpo.kernels.critic_loss", dict(crit, _kernel="_critic_loss_kernel", heads_ptr="*bf16", target_ptr="*bf16"),
-          dict(HAS_MASK=True, **flags, RANK_N=rank, RANK_M=rank, IS_F64=False, ACC=f32, N_PAD=npad, M_PAD=npad,
-               BLOCK_T=bt, BLOCK_N=16 if rank else 32, BLOCK_M=32 if rank else 64), 4)
+          dict(TAIL_MODE=mode, HAS_MASK=True, **flags, RANK_N=rank, RANK_M=rank and mode == 0, IS_F64=False,
+               ACC=f32, N_PAD=npad, M_PAD=npad, BLOCK_T=bt, BLOCK_N=16 if rank else 32, BLOCK_M=32 if rank else 64), 4)
+build("dvpo.kernels.critic_loss", dict({n: "*fp64" for n in crit}, _kernel="_critic_loss_kernel", heads_ptr="*fp64",
+      target_ptr="*fp64"), dict(TAIL_MODE=1, HAS_MASK=False, **flags, RANK_N=False, RANK_M=False, IS_F64=True,
+      ACC=tl.float64, N_PAD=64, M_PAD=64, BLOCK_T=1, BLOCK_N=32, BLOCK_M=32), 4)
 build("dvpo.kernels.quantile_huber", {"_kernel": "_quantile_huber_kernel", **{n: "*fp32" for n in (
       "pred_ptr", "target_ptr", "taus_ptr", "w_ptr", "mask_ptr", "loss_ptr", "grad_ptr")}},
       dict(HAS_W=True, HAS_MASK=True, ACC=f32, BLOCK_T=1, BLOCK_N=32, BLOCK_M=64), 4)
@@ -442,11 +547,13 @@ def test_gpu_realistic_sizes(dtype):
     heads, target = _inputs((4, 256), 3, 200, 200, dtype, ties=False)
     mask = random_mask((4, 256), device=DEVICE)
     for reduction in ("token-mean", "none"):
-        _check_critic(heads, target, mask, CriticLossConfig(), reduction=reduction)
-    heads, target = _inputs((2, 64), 2, 257, 32, dtype, ties=True)
-    _check_critic(heads, target, random_mask((2, 64), device=DEVICE), _CFG)
-    heads, target = _inputs((2, 16), 1, 1000, 700, dtype, ties=False)  # bisection select, many tiles
-    _check_critic(heads, target, None, _CFG)
+        for cfg in (CriticLossConfig(), CriticLossConfig.recipe()):
+            _check_critic(heads, target, mask, cfg, reduction=reduction)
+    for mode in MODES:
+        heads, target = _inputs((2, 64), 2, 257, 32, dtype, ties=True)
+        _check_critic(heads, target, random_mask((2, 64), device=DEVICE), _cfg(mode))
+        heads, target = _inputs((2, 16), 1, 1000, 700, dtype, ties=False)  # bisection select, many tiles
+        _check_critic(heads, target, None, _cfg(mode))
     for n in (1, 2, 3, 7, 32, 200, 257, 600):
         x = randn((512, n), dtype, ties=True, device=DEVICE)
         for upper in (False, True):

@@ -43,14 +43,14 @@ def cvar(x, level, upper):
     return _k.cvar(x.detach(), level, upper)
 
 
-def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, weights,
+def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params,
                 algorithm="auto"):
     if _too_long(heads.shape[-1], target.shape[-1]):
         _warn_fallback("critic_loss", (heads.shape[-1], target.shape[-1]))
         return _fallback.critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa,
-                                     weights, algorithm)
+                                     params, algorithm)
     return _k.critic_loss(heads.detach(), target.detach(), taus, risk_w, mask, kappa, alpha, beta,
-                          normalize_kappa, weights)
+                          normalize_kappa, params)
 
 
 def distributional_gae(rewards, values, mask, gamma, lam):
