@@ -53,6 +53,23 @@ def relu(x):
     return x if x > 0 else 0.0
 
 
+def var_atom(x, level, upper=False):
+    """The last atom of the sorted tail (the boundary atom, with a positive weight)."""
+    atoms, _ = _tail_atoms(x, level, upper)
+    return atoms[-1][0]
+
+
+def consistent_tail(theta, z, level, scale, upper=False):
+    """(tail term CVaR - y)^2 and the tail spread term (S - s)^2, written from the sorted tail."""
+    v = var_atom(theta, level, upper)
+    parts = [max(zj - v, 0.0) if upper else min(zj - v, 0.0) for zj in z]
+    y = v + scale * sum(parts) / len(z) / level
+    s = scale ** 2 * sum(p * p for p in parts) / len(z) / level
+    atoms, mass = _tail_atoms(theta, level, upper)
+    spread = sum(w * (a - v) ** 2 for a, w in atoms) / mass
+    return (cvar(theta, level, upper) - y) ** 2, (spread - s) ** 2
+
+
 def curvature(theta, alpha, beta):
     n = len(theta)
     if n < 3:
@@ -85,14 +102,24 @@ def critic_terms(heads, z, taus, cfg):
     n = len(heads[0])
     theta = [sum(h[i] for h in heads) / len(heads) for i in range(n)]
     mean = lambda v: sum(v) / len(v)  # noqa: E731
+    if cfg.tail_targets == "consistent":
+        cv, sh_lo = consistent_tail(theta, z, cfg.alpha, 1.0 - cfg.lower_contraction)
+        gn, sh_hi = consistent_tail(theta, z, cfg.beta, 1.0 + cfg.upper_expansion, True)
+        d = mean(z) - mean(theta)
+        omega = cfg.shift_expectile if d > 0 else 1.0 - cfg.shift_expectile
+        tails = {"cvar": cv, "gain": gn, "shift": 2 * omega * d * d, "shape": sh_lo + sh_hi}
+    else:
+        tails = {
+            "cvar": (cvar(theta, cfg.alpha) - cvar(z, cfg.alpha)) ** 2,
+            "gain": (cvar(theta, cfg.beta, True) - cvar(z, cfg.beta, True)) ** 2,
+            "shift": relu(mean(z) - mean(theta)),
+            "shape": relu(tail_variance(theta, cfg.alpha) - tail_variance(z, cfg.alpha))
+            + relu(tail_variance(z, cfg.beta, True) - tail_variance(theta, cfg.beta, True)),
+        }
     terms = {
         "qh": quantile_huber(theta, z, taus, cfg.kappa, None, cfg.normalize_kappa),
         "risk": quantile_huber(theta, z, taus, cfg.kappa, risk_weights(taus, cfg.risk_gamma), cfg.normalize_kappa),
-        "cvar": (cvar(theta, cfg.alpha) - cvar(z, cfg.alpha)) ** 2,
-        "gain": (cvar(theta, cfg.beta, True) - cvar(z, cfg.beta, True)) ** 2,
-        "shift": relu(mean(z) - mean(theta)),
-        "shape": relu(tail_variance(theta, cfg.alpha) - tail_variance(z, cfg.alpha))
-        + relu(tail_variance(z, cfg.beta, True) - tail_variance(theta, cfg.beta, True)),
+        **tails,
         "curv": curvature(theta, cfg.alpha, cfg.beta),
         "consist": consistency(heads),
     }

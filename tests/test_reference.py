@@ -115,9 +115,11 @@ _CRITIC_SHAPES = [(1, 1, 1), (1, 2, 3), (2, 3, 2), (3, 7, 7), (5, 32, 7), (2, 7,
 
 @pytest.mark.parametrize("h,n,m", _CRITIC_SHAPES)
 @pytest.mark.parametrize("ties", [False, True])
-def test_critic_terms_vs_naive(h, n, m, ties):
+@pytest.mark.parametrize("tails", ["consistent", "recipe"])
+def test_critic_terms_vs_naive(h, n, m, ties, tails):
     heads, target = critic_inputs((2,), h, n, m, torch.float64, ties=ties)
-    cfg = CriticLossConfig(kappa=0.8, alpha=0.15, beta=0.3, risk_gamma=1.7)
+    cfg = CriticLossConfig(kappa=0.8, alpha=0.15, beta=0.3, risk_gamma=1.7, tail_targets=tails,
+                           lower_contraction=0.3, upper_expansion=0.2, shift_expectile=0.7)
     got = ref.critic_loss(heads, target, config=cfg, reduction="none")
     w = cfg.term_weights()
     for k in range(2):
