@@ -215,5 +215,36 @@ DVPO_HD T gae_step(T reward, T value, T next_value, T next_adv, T gamma, T gamma
   return reward + gamma * next_value - value + gamma_lam * next_adv;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Consistent tail terms (tail_targets="consistent"; spec: consistent_tails.md). The targets are
+// built from the critic's own VaR v (detached): their expectation over per-sample returns is the
+// pooled distribution's tail, which the recipe's per-sample CVaR/variance targets are not.
+// ---------------------------------------------------------------------------------------------
+
+// A target atom's excess beyond the VaR v: min(z - v, 0) for the lower tail, max(z - v, 0) upper.
+template <typename T>
+DVPO_HD T tail_excess(T z, T v, bool upper) {
+  const T d = z - v;
+  return upper ? (d > T(0) ? d : T(0)) : (d < T(0) ? d : T(0));
+}
+
+// Rockafellar-Uryasev CVaR target v + scale * E[excess] / level (a = mean excess).
+template <typename T>
+DVPO_HD T tail_cvar_target(T v, T a, T scale, T level) {
+  return v + scale * a / level;
+}
+
+// Target of the tail's second moment about v: scale^2 E[excess^2] / level (b = mean squared excess).
+template <typename T>
+DVPO_HD T tail_moment_target(T b, T scale, T level) {
+  return scale * scale * b / level;
+}
+
+// Weight of the expectile shift 2 omega d^2 (d = mean z - mean theta): tau above, 1 - tau below.
+template <typename T>
+DVPO_HD T expectile_weight(T d, T tau) {
+  return d > T(0) ? tau : T(1) - tau;
+}
+
 }  // namespace math
 }  // namespace dvpo

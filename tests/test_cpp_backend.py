@@ -2,8 +2,9 @@
 (autograd of dvpo.reference) and against the reference backend: every op forward and backward,
 fp32/bf16/fp16 (fp64 computed in fp64, gradcheck), odd sizes, ties, crossing quantiles, masks with
 empty rows and NaN garbage at masked tokens, non-contiguous inputs, every critic term switched off,
-both algorithms (pairwise and sorted), every instruction-set variant this CPU has, opcheck, and a
-hypothesis property test. Small token counts: the whole module runs in well under a minute.
+both tail-term modes (consistent, the default, and CriticLossConfig.recipe()), both algorithms
+(pairwise and sorted), every instruction-set variant this CPU has, opcheck, and a hypothesis property
+test. Small token counts: the whole module runs in about a minute.
 """
 
 import contextlib
@@ -20,7 +21,7 @@ import dvpo
 from dvpo import dispatch, ops
 from dvpo import reference as ref
 from dvpo.backends import reference as ref_backend
-from dvpo.config import TERM_NAMES, CriticLossConfig
+from dvpo.config import PARAM_NAMES, TERM_NAMES, CriticLossConfig
 
 from .utils import TOL, rel_err
 
@@ -33,6 +34,7 @@ assert cpp.isa() != "unknown" and len(cpp.OPS) >= 4, (
 
 REDUCTIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "none"]
 ALGORITHMS = ["pairwise", "sorted"]
+MODES = ["consistent", "recipe"]  # the tail-term modes (config.tail_targets)
 LOW = (torch.bfloat16, torch.float16)
 # Instruction-set variants this CPU can run (the kernels are compiled for each; DVPO_CPU_ISA caps).
 _ISA_ORDER = ["baseline", "avx2", "avx512"]
@@ -84,6 +86,11 @@ def _check(out, expected, dtype, what, tol=None):
     key = (dtype, what)
     WORST[key] = max(WORST.get(key, 0.0), err)
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g} ({dtype})"
+
+
+def _config(mode, **kw):
+    """The default config (consistent tail terms) or the published recipe, with overrides."""
+    return CriticLossConfig.recipe(**kw) if mode == "recipe" else CriticLossConfig(**kw)
 
 
 def _grad(value, x, upstream):
@@ -157,46 +164,52 @@ def _compare_critic(heads, target, *, mask=None, config=None, algorithm="auto", 
 # The fused critic loss
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("n,m,h", SHAPES)
-def test_critic_loss_fp32_matches_reference(n, m, h, algorithm):
+def test_critic_loss_fp32_matches_reference(n, m, h, algorithm, mode):
     lead = (2, 3) if n * m < 10_000 else (2,)
     heads, target = _inputs(lead, h, n, m, seed=n * 1000 + m)
     mask = _mask(lead, seed=n + m, weights=True)
-    _compare_critic(heads, target, mask=mask, algorithm=algorithm)
+    _compare_critic(heads, target, mask=mask, config=_config(mode), algorithm=algorithm)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("n,m,h", [(7, 32, 3), (200, 257, 2), (3, 1, 5)])
-def test_critic_loss_low_precision(n, m, h, algorithm, dtype):
+def test_critic_loss_low_precision(n, m, h, algorithm, dtype, mode):
     lead = (2, 2)
     heads, target = _inputs(lead, h, n, m, dtype, seed=7)
-    _compare_critic(heads, target, mask=_mask(lead), algorithm=algorithm, dtype=dtype)
+    _compare_critic(heads, target, mask=_mask(lead), config=_config(mode), algorithm=algorithm, dtype=dtype)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("n,m,h", [(7, 9, 3), (32, 257, 2), (1, 3, 1), (200, 200, 1)])
-def test_critic_loss_fp64_matches_reference(n, m, h, algorithm):
+def test_critic_loss_fp64_matches_reference(n, m, h, algorithm, mode):
     heads, target = _inputs((3,), h, n, m, torch.float64, seed=3)
-    _compare_critic(heads, target, mask=_mask((3,)), algorithm=algorithm)
+    _compare_critic(heads, target, mask=_mask((3,)), config=_config(mode), algorithm=algorithm)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("n,m,h", [(7, 7, 1), (32, 32, 2), (200, 257, 4), (3, 2, 4), (257, 32, 1)])
-def test_critic_loss_ties(n, m, h, algorithm):
+def test_critic_loss_ties(n, m, h, algorithm, mode):
+    """Tied atoms: theta's VaR (consistent mode) is a tied atom, targets sit exactly at it."""
     heads, target = _inputs((2, 2), h, n, m, ties=True, seed=11)
-    _compare_critic(heads, target, mask=_mask((2, 2)), algorithm=algorithm)
+    _compare_critic(heads, target, mask=_mask((2, 2)), config=_config(mode), algorithm=algorithm)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_critic_loss_monotone_quantiles(algorithm, ties):
+def test_critic_loss_monotone_quantiles(algorithm, ties, mode):
     """Quantiles that come sorted by level (a trained critic's) and sorted targets: the tail selects
     start from the atom at the tail's index (found at once here); still exact, ties included."""
     heads, target = _inputs((3, 2), 2, 50, 64, ties=ties, seed=30)
     heads, target = torch.sort(heads, -1).values, torch.sort(target, -1).values
-    _compare_critic(heads, target, mask=_mask((3, 2)), config=CriticLossConfig(alpha=0.2, beta=0.1),
+    _compare_critic(heads, target, mask=_mask((3, 2)), config=_config(mode, alpha=0.2, beta=0.1),
                     algorithm=algorithm)
     for upper in (False, True):
         value, coef = cpp.cvar(heads[..., 0, :].reshape(6, 50), 0.2, upper)
@@ -204,53 +217,110 @@ def test_critic_loss_monotone_quantiles(algorithm, ties):
         assert torch.equal(coef, ref_coef)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", TERM_NAMES)
-def test_critic_loss_each_weight_off(name):
-    """Every term switched off alone: the others still match, the term is reported as 0."""
+def test_critic_loss_each_weight_off(name, mode):
+    """Every term switched off alone: the others still match, the term is reported as 0 (in the
+    consistent mode, cvar or gain off still leaves that tail on for shape, and shape off drops it)."""
     heads, target = _inputs((2, 3), 3, 20, 24, seed=2)
-    config = CriticLossConfig(**{name: 0.0}, alpha=0.2, beta=0.15)
+    config = _config(mode, **{name: 0.0}, alpha=0.2, beta=0.15)
     for algorithm in ALGORITHMS:
         _compare_critic(heads, target, mask=_mask((2, 3)), config=config, algorithm=algorithm)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", TERM_NAMES)
-def test_critic_loss_single_term(name):
+def test_critic_loss_single_term(name, mode):
     """Only one term on (weight 2.5): isolates each term's value and gradient."""
     weights = {t: 0.0 for t in TERM_NAMES}
     weights[name] = 2.5
     heads, target = _inputs((3,), 3, 30, 17, seed=4)
-    config = CriticLossConfig(**weights, alpha=0.25, beta=0.3)
+    config = _config(mode, **weights, alpha=0.25, beta=0.3, upper_expansion=0.4, shift_expectile=0.3)
     for algorithm in ALGORITHMS:
         _compare_critic(heads, target, config=config, algorithm=algorithm)
 
 
-@pytest.mark.parametrize("config", [
-    CriticLossConfig(kappa=0.3, normalize_kappa=True),
-    CriticLossConfig(kappa=2.5, alpha=1.0, beta=1.0, risk_gamma=-0.5),
-    CriticLossConfig(alpha=0.5, beta=0.05, risk_gamma=3.0, normalize_kappa=True),
-    CriticLossConfig(alpha=0.013, beta=0.999, kappa=1e-3),
-], ids=["normalize_kappa", "levels_1", "levels_mixed", "tiny_kappa"])
-def test_critic_loss_configs(config):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kw", [
+    dict(kappa=0.3, normalize_kappa=True),
+    dict(kappa=2.5, alpha=1.0, beta=1.0, risk_gamma=-0.5),
+    dict(alpha=0.5, beta=0.05, risk_gamma=3.0, normalize_kappa=True),
+    dict(alpha=0.013, beta=0.999, kappa=1e-3),
+    dict(lower_contraction=0.9, upper_expansion=2.0, shift_expectile=0.85),
+    dict(lower_contraction=0.0, upper_expansion=0.0, shift_expectile=0.05, alpha=0.37, beta=0.21),
+], ids=["normalize_kappa", "levels_1", "levels_mixed", "tiny_kappa", "asymmetric", "symmetric"])
+def test_critic_loss_configs(kw, mode):
+    """Levels, kappa, and (consistent mode; ignored by the recipe) the tail scales and shift expectile."""
     heads, target = _inputs((2, 2), 3, 33, 40, seed=9)
     for algorithm in ALGORITHMS:
-        _compare_critic(heads, target, mask=_mask((2, 2)), config=config, algorithm=algorithm)
+        _compare_critic(heads, target, mask=_mask((2, 2)), config=_config(mode, **kw), algorithm=algorithm)
 
 
-def test_critic_loss_custom_taus_and_paper_grid():
+def test_critic_loss_recipe_ignores_consistent_params():
+    """Recipe mode: params 9..11 (lo_scale, hi_scale, shift_expectile) do not change any output bit;
+    in consistent mode each of them matters."""
+    heads, target = _inputs((6,), 3, 40, 33, seed=31)
+    taus = dvpo.taus(40)
+    rw = ref.risk_weights(taus)
+    mask = _mask((6,))
+    for algorithm in ALGORITHMS:
+        base = cpp.critic_loss(heads.view(6, 3, 40), target, taus, rw, mask, 1.0, 0.2, 0.3, False,
+                               [1.0] * 8 + [0.0, 1.0, 1.0, 0.5], algorithm)
+        for extra in ([0.3, 1.7, 0.9], [1.0, 1.0, 0.01]):
+            out = cpp.critic_loss(heads.view(6, 3, 40), target, taus, rw, mask, 1.0, 0.2, 0.3, False,
+                                  [1.0] * 8 + [0.0] + extra, algorithm)
+            assert all(torch.equal(a, b) for a, b in zip(base, out))
+        cons = cpp.critic_loss(heads.view(6, 3, 40), target, taus, rw, mask, 1.0, 0.2, 0.3, False,
+                               [1.0] * 8 + [1.0, 1.0, 1.0, 0.5], algorithm)
+        for k, changed in ((9, 0.5), (10, 1.5), (11, 0.8)):
+            p = [1.0] * 8 + [1.0, 1.0, 1.0, 0.5]
+            p[k] = changed
+            out = cpp.critic_loss(heads.view(6, 3, 40), target, taus, rw, mask, 1.0, 0.2, 0.3, False, p, algorithm)
+            assert not torch.equal(out[1], cons[1]), PARAM_NAMES[k]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_critic_loss_consistent_fixed_point(algorithm):
+    """Consistent mode, symmetric scales: a target equal to theta (alpha N, beta N integers) is the
+    fixed point of every tail term: the R-U targets reproduce theta's own CVaR and tail moments."""
+    g = torch.Generator().manual_seed(32)
+    theta = torch.randn(4, 1, 40, generator=g, dtype=torch.float64)
+    target = theta[:, 0, torch.randperm(40, generator=g)]
+    config = CriticLossConfig.symmetric(alpha=0.2, beta=0.25, qh=0.0, risk=0.0, curv=0.0)
+    _, out = _critic_cpp(theta, target, config=config, algorithm=algorithm)
+    for name in ("cvar", "gain", "shift", "shape"):
+        assert out.terms[name].abs().max() < 1e-24, name
+
+
+def test_critic_loss_params_checked():
+    heads, target = _inputs((2,), 1, 5, 6, seed=33)
+    taus = dvpo.taus(5)
+    args = (heads, target, taus, ref.risk_weights(taus), None, 1.0, 0.1, 0.1, False)
+    for params, msg in (([1.0] * 8, "12 params"), ([1.0] * 8 + [0.5, 1.0, 1.0, 0.5], "tail_mode"),
+                        ([1.0] * 8 + [1.0, 1.0, 1.0, 1.0], "shift_expectile"),
+                        ([1.0] * 8 + [1.0, float("inf"), 1.0, 0.5], "lo_scale")):
+        with pytest.raises(RuntimeError, match=msg):
+            cpp.critic_loss(*args, params, "auto")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_critic_loss_custom_taus_and_paper_grid(mode):
     heads, target = _inputs((4,), 2, 12, 10, seed=12)
+    config = _config(mode)
     for taus in (dvpo.taus(12, "paper"), torch.sort(torch.rand(12)).values):
         for algorithm in ALGORITHMS:
-            h, out = _critic_cpp(heads, target, taus=taus, algorithm=algorithm)
-            h64, exp = _critic_ref(heads, target, taus=taus)
+            h, out = _critic_cpp(heads, target, taus=taus, algorithm=algorithm, config=config)
+            h64, exp = _critic_ref(heads, target, taus=taus, config=config)
             _check(out.loss, exp.loss, torch.float32, "loss")
             up = torch.ones(4)
             _check(_grad(out.loss, h, up), _grad(exp.loss, h64, up.double()), torch.float32, "grad")
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_critic_loss_reductions(reduction):
+def test_critic_loss_reductions(reduction, mode):
     heads, target = _inputs((3, 5), 3, 16, 12, seed=13)
-    _compare_critic(heads, target, mask=_mask((3, 5)), reduction=reduction)
+    _compare_critic(heads, target, mask=_mask((3, 5)), config=_config(mode), reduction=reduction)
 
 
 def test_critic_loss_single_head_theta():
@@ -266,12 +336,13 @@ def test_critic_loss_single_head_theta():
     _check(_grad(out.loss, t, up), _grad(exp.loss, t64, up.double()), torch.float32, "grad")
 
 
-def test_critic_loss_algorithms_agree_at_large_sizes():
+@pytest.mark.parametrize("mode", MODES)
+def test_critic_loss_algorithms_agree_at_large_sizes(mode):
     """Sorted and pairwise agree with each other (and auto with one of them) at N = M = 1000."""
     heads, target = _inputs((2,), 2, 1000, 1000, seed=15)
     outs = {}
     for algorithm in ("pairwise", "sorted", "auto"):
-        h, out = _critic_cpp(heads, target, algorithm=algorithm)
+        h, out = _critic_cpp(heads, target, algorithm=algorithm, config=_config(mode))
         outs[algorithm] = (out.loss, _grad(out.loss, h, torch.ones(2)))
     for k in range(2):
         _check(outs["sorted"][k], outs["pairwise"][k], torch.float32, "sorted~pairwise")
@@ -299,8 +370,9 @@ def test_all_masked_batch_gives_zero(algorithm):
         assert torch.isfinite(gq).all() and torch.count_nonzero(gq) == 0
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_nan_at_masked_tokens_does_not_leak(algorithm):
+def test_nan_at_masked_tokens_does_not_leak(algorithm, mode):
     lead = (3, 4)
     heads, target = _inputs(lead, 3, 10, 12, seed=18)
     mask = _mask(lead, seed=1)
@@ -308,8 +380,9 @@ def test_nan_at_masked_tokens_does_not_leak(algorithm):
     dirty_h, dirty_t = heads.clone(), target.clone()
     dirty_h[masked] = float("nan")
     dirty_t[masked] = float("inf")
-    h1, clean = _critic_cpp(heads, target, mask=mask, algorithm=algorithm)
-    h2, dirty = _critic_cpp(dirty_h, dirty_t, mask=mask, algorithm=algorithm)
+    config = _config(mode)
+    h1, clean = _critic_cpp(heads, target, mask=mask, algorithm=algorithm, config=config)
+    h2, dirty = _critic_cpp(dirty_h, dirty_t, mask=mask, algorithm=algorithm, config=config)
     assert torch.equal(clean.loss, dirty.loss)
     for name in TERM_NAMES:
         assert torch.equal(clean.terms[name], dirty.terms[name])
@@ -326,14 +399,15 @@ def test_nan_at_masked_tokens_does_not_leak(algorithm):
     assert torch.equal(_grad(q1, p_clean, up), _grad(q2, p_dirty, up))
 
 
-def test_non_finite_unmasked_tokens_give_nan():
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_unmasked_tokens_give_nan(mode):
     """A real token with a non-finite input: NaN for its total, computed terms and gradient (defined
     behaviour); other tokens are unaffected."""
     heads, target = _inputs((3,), 2, 6, 5, seed=19)
     dirty = target.clone()
     dirty[1, 2] = float("inf")
-    h, out = _critic_cpp(heads, dirty, config=CriticLossConfig(curv=0.0))
-    _, clean = _critic_cpp(heads, target, config=CriticLossConfig(curv=0.0))
+    h, out = _critic_cpp(heads, dirty, config=_config(mode, curv=0.0))
+    _, clean = _critic_cpp(heads, target, config=_config(mode, curv=0.0))
     assert torch.isnan(out.loss[1]) and torch.equal(out.loss[[0, 2]], clean.loss[[0, 2]])
     assert torch.count_nonzero(out.terms["curv"]) == 0
     g = _grad(out.loss, h, torch.tensor([1.0, 0.0, 1.0]))
@@ -348,13 +422,14 @@ def test_non_contiguous_inputs():
     assert not heads.is_contiguous() and not target.is_contiguous()
     mask = _mask((4, 3))[:, :]
     mask_nc = torch.stack([mask, mask], -1)[..., 0]
-    for algorithm in ALGORITHMS:
-        h1, a = _critic_cpp(heads, target, mask=mask_nc, algorithm=algorithm)
-        h2, b = _critic_cpp(heads.contiguous(), target.contiguous(), mask=mask, algorithm=algorithm)
+    for algorithm, mode in zip(ALGORITHMS + ALGORITHMS, MODES + MODES[::-1]):
+        config = _config(mode)
+        h1, a = _critic_cpp(heads, target, mask=mask_nc, algorithm=algorithm, config=config)
+        h2, b = _critic_cpp(heads.contiguous(), target.contiguous(), mask=mask, algorithm=algorithm, config=config)
         assert torch.equal(a.loss, b.loss)
         up = torch.ones(4, 3)
         assert torch.equal(_grad(a.loss, h1, up), _grad(b.loss, h2, up))
-        _compare_critic(heads, target, mask=mask_nc, algorithm=algorithm)
+        _compare_critic(heads, target, mask=mask_nc, algorithm=algorithm, config=config)
     pred = base_h[:, :, 1, 1, :]
     q1 = ops.quantile_huber(pred, target, reduction="none")
     q2 = ops.quantile_huber(pred.contiguous(), target.contiguous(), reduction="none")
@@ -372,12 +447,13 @@ def test_deterministic_across_runs_and_threads():
         for n_threads in (1, max(2, threads)):
             torch.set_num_threads(n_threads)
             for algorithm in ALGORITHMS:
-                h, out = _critic_cpp(heads, target, mask=mask, algorithm=algorithm)
-                results.append((algorithm, out.loss, _grad(out.loss, h, torch.ones(64))))
+                for mode in MODES:
+                    h, out = _critic_cpp(heads, target, mask=mask, algorithm=algorithm, config=_config(mode))
+                    results.append(((algorithm, mode), out.loss, _grad(out.loss, h, torch.ones(64))))
     finally:
         torch.set_num_threads(threads)
-    for algorithm in ALGORITHMS:
-        runs = [r for r in results if r[0] == algorithm]
+    for key in {r[0] for r in results}:
+        runs = [r for r in results if r[0] == key]
         for other in runs[1:]:
             assert torch.equal(runs[0][1], other[1]) and torch.equal(runs[0][2], other[2])
 
@@ -390,7 +466,9 @@ def test_every_instruction_set_variant(isa, monkeypatch):
     for n, m, h in [(7, 32, 3), (64, 257, 2), (1, 2, 1)]:
         heads, target = _inputs((2, 2), h, n, m, seed=n)
         for algorithm in ALGORITHMS:
-            _compare_critic(heads, target, mask=_mask((2, 2)), algorithm=algorithm, what=f"[{isa}]")
+            for mode in MODES:
+                _compare_critic(heads, target, mask=_mask((2, 2)), config=_config(mode), algorithm=algorithm,
+                                what=f"[{isa}]")
         pred = heads[..., 0, :].clone().requires_grad_(True)
         q = ops.quantile_huber(pred, target, kappa=0.5, reduction="none")
         p64 = pred.detach().double().requires_grad_(True)
@@ -526,7 +604,8 @@ def test_sorted_algorithm_on_clustered_targets(kind):
             _check(_grad(out, pr, torch.ones(6)), _grad(exp, p64, torch.ones(6).double()), dtype, "qh grad")
         if dtype == torch.float32:
             heads = torch.stack([p, p + 0.1, p - 0.3], -2)
-            _compare_critic(heads, z, algorithm="sorted", dtype=dtype)
+            for mode in MODES:
+                _compare_critic(heads, z, algorithm="sorted", config=_config(mode), dtype=dtype)
 
 
 def test_quantile_huber_matches_reference_backend():
@@ -658,14 +737,20 @@ def test_distributional_gae_matches_reference_backend_and_bool_mask():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_gradcheck_float64(algorithm):
+    """Finite differences: the recipe config, and the consistent config without its semi-gradient
+    terms (cvar, gain, shape: their targets hang on theta's detached VaR, so their gradient is not
+    the value's derivative; the expectile shift is an exact gradient and stays on). The full
+    consistent gradient is compared with the autograd oracle below."""
     g = torch.Generator().manual_seed(27)
     heads = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
     target = torch.randn(2, 7, generator=g, dtype=torch.float64) * 1.5
     mask = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    config = CriticLossConfig(alpha=0.3, beta=0.4)
-    assert torch.autograd.gradcheck(
-        lambda h: ops.critic_loss(h, target, mask=mask, config=config, algorithm=algorithm,
-                                  reduction="none").loss, (heads,))
+    for config in (CriticLossConfig.recipe(alpha=0.3, beta=0.4),
+                   CriticLossConfig(alpha=0.3, beta=0.4, kappa=0.3, cvar=0.0, gain=0.0, shape=0.0,
+                                    shift_expectile=0.7)):
+        assert torch.autograd.gradcheck(
+            lambda h: ops.critic_loss(h, target, mask=mask, config=config, algorithm=algorithm,
+                                      reduction="none").loss, (heads,))
     pred = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
     assert torch.autograd.gradcheck(
@@ -674,6 +759,22 @@ def test_gradcheck_float64(algorithm):
     x = torch.randn(3, 9, generator=g, dtype=torch.float64, requires_grad=True)
     for upper in (False, True):
         assert torch.autograd.gradcheck(lambda v: ops.cvar(v, 0.3, upper=upper), (x,))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_consistent_semi_gradient_float64(algorithm):
+    """The full consistent gradient (VaR and targets held constant) equals the float64 autograd
+    oracle's, which detaches them, to fp64 precision."""
+    g = torch.Generator().manual_seed(34)
+    heads = torch.randn(5, 3, 11, generator=g, dtype=torch.float64)
+    target = torch.randn(5, 13, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    for config in (CriticLossConfig(alpha=0.3, beta=0.4, upper_expansion=0.5, shift_expectile=0.6),
+                   CriticLossConfig(qh=0.0, risk=0.0, curv=0.0, consist=0.0, alpha=0.2, beta=0.2)):
+        h, out = _critic_cpp(heads, target, config=config, algorithm=algorithm)
+        h64, exp = _critic_ref(heads, target, config=config)
+        up = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+        assert rel_err(_grad(out.loss, h, up), _grad(exp.loss, h64, up)) < TOL[torch.float64]
+        assert rel_err(out.loss, exp.loss) < TOL[torch.float64]
 
 
 def test_opcheck():
@@ -689,9 +790,15 @@ def test_opcheck():
         (torch.ops.dvpo.quantile_huber.default, (pred, target, taus, rw, None, 0.5, True, "sorted")),
         (torch.ops.dvpo.cvar.default, (heads[:, 0].clone().requires_grad_(True), 0.2, True)),
         (torch.ops.dvpo.critic_loss.default, (heads.clone().requires_grad_(True), target, taus, rw, mask, 1.0, 0.1,
-                                              0.2, False, [1.0] * 8, "pairwise")),
+                                              0.2, False, CriticLossConfig.recipe().kernel_params(), "pairwise")),
         (torch.ops.dvpo.critic_loss.default, (heads.clone().requires_grad_(True), target, taus, rw, None, 1.0, 0.1,
-                                              0.2, True, [1.0, 0.5, 0.0, 1.0, 1.0, 2.0, 1.0, 0.3], "sorted")),
+                                              0.2, True, [1.0, 0.5, 0.0, 1.0, 1.0, 2.0, 1.0, 0.3, 0.0, 0.75, 1.0, 0.5],
+                                              "sorted")),
+        (torch.ops.dvpo.critic_loss.default, (heads.clone().requires_grad_(True), target, taus, rw, mask, 0.01, 0.1,
+                                              0.2, True, CriticLossConfig().kernel_params(), "pairwise")),
+        (torch.ops.dvpo.critic_loss.default, (heads.clone().requires_grad_(True), target, taus, rw, None, 1.0, 0.3,
+                                              0.2, False, [1.0, 0.5, 1.0, 0.0, 1.0, 2.0, 1.0, 0.3, 1.0, 0.6, 1.5, 0.3],
+                                              "sorted")),
         (torch.ops.dvpo.distributional_gae.default, (torch.randn(2, 5, generator=g), torch.randn(2, 5, 4, generator=g),
                                                      _mask((2, 5)), 0.99, 0.95)),
     ]
@@ -714,12 +821,16 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
     alpha=st.floats(0.01, 1.0), beta=st.floats(0.01, 1.0), kappa=st.floats(0.05, 3.0),
     ties=st.booleans(), algorithm=st.sampled_from(["pairwise", "sorted", "auto"]),
     dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2 ** 16),
+    mode=st.sampled_from(MODES), rho_lo=st.floats(0.0, 0.95), rho_hi=st.floats(0.0, 3.0),
+    tau_s=st.floats(0.01, 0.99),
 )
-def test_property_random_shapes_and_levels(t, h, n, m, alpha, beta, kappa, ties, algorithm, dtype, seed):
+def test_property_random_shapes_and_levels(t, h, n, m, alpha, beta, kappa, ties, algorithm, dtype, seed, mode,
+                                           rho_lo, rho_hi, tau_s):
     if ties:
         h = min(h, 2)  # keep the head mean exact (see _inputs)
     heads, target = _inputs((t,), h, n, m, dtype, ties=ties, seed=seed)
-    config = CriticLossConfig(alpha=alpha, beta=beta, kappa=kappa)
+    config = _config(mode, alpha=alpha, beta=beta, kappa=kappa, lower_contraction=rho_lo, upper_expansion=rho_hi,
+                     shift_expectile=tau_s)
     with _env(DVPO_BACKEND="cpp"):
         _compare_critic(heads, target, mask=_mask((t,), seed=seed), config=config, algorithm=algorithm)
         x = heads[..., 0, :]

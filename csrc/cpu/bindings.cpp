@@ -34,7 +34,7 @@ TORCH_LIBRARY(dvpo_C, m) {
   m.def("cvar(Tensor x, float level, bool upper) -> (Tensor, Tensor)");
   m.def(
       "critic_loss(Tensor heads, Tensor target, Tensor taus, Tensor risk_weights, Tensor? mask, float kappa, "
-      "float alpha, float beta, bool normalize_kappa, float[] weights, str algorithm) -> (Tensor, Tensor, Tensor)");
+      "float alpha, float beta, bool normalize_kappa, float[] params, str algorithm) -> (Tensor, Tensor, Tensor)");
   m.def("distributional_gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
 }
 

@@ -3,8 +3,10 @@
 // the heads. Per token:
 //   theta = mean of the heads; QH and risk-weighted QH share one pass over the (i, j) pairs
 //   (pairwise, or from the sorted targets with algorithm="sorted"); the tail terms (CVaR, gain,
-//   shape) use exact tail selection (kern::select_tails: no sort) of theta and of the target (with
-//   "sorted", the target's tails come from its sort); shift, curvature and consistency are O(H N).
+//   shape) use exact tail selection (kern::select_tails: no sort) of theta and, in the recipe's
+//   tail mode, of the target (with "sorted", the target's tails come from its sort); in the
+//   consistent mode the targets come from theta's VaR and one O(M) pass over the target (no
+//   selection: cheaper than the recipe); shift, curvature and consistency are O(H N).
 // A term whose weight is 0 is not computed (its work is skipped) and reported as 0. Masked tokens
 // (mask weight 0) are never read and give 0; a token with a non-finite theta or target value gives
 // NaN for the total, every computed term and the gradient. No [tokens, N, M] buffer.
@@ -19,6 +21,7 @@ namespace cpu {
 namespace {
 
 constexpr int kTerms = 8;  // qh, risk, cvar, gain, shift, shape, curv, consist (TERM_NAMES order)
+constexpr size_t kParams = 12;  // the weights, then tail_mode, lo_scale, hi_scale, shift_expectile
 
 template <typename T>
 using key_t = kern::key_t<T>;
@@ -37,6 +40,7 @@ struct CriticArgs {
   int64_t cnt_lo_n, cnt_hi_n, cnt_lo_m, cnt_hi_m;  // atoms with c > 0 in each tail
   int curv_lo, curv_hi;                         // second differences averaged by each curvature tail
   T w[kTerms];
+  double alpha, beta, lo_scale, hi_scale, tau_s;  // consistent tail mode only
   bool sorted;
   T* total;  // [T]
   T* terms;  // [T, 8]
@@ -77,7 +81,22 @@ DVPO_INLINE void tails_of(const T* x, int64_t n, key_t<T>* keys, bool need_lo, b
   }
 }
 
-template <typename T, Isa isa>
+// Adds the tail terms' gradient: c_lo (f_lo + f_vlo (theta - ctr_lo)) and the same for the upper tail.
+template <typename T>
+DVPO_INLINE void tail_grad_add(T* g, const T* theta, int64_t N, bool need_lo, bool need_hi, const T* c_lo,
+                               const T* c_hi, T f_lo, T f_hi, T f_vlo, T f_vhi, T ctr_lo, T ctr_hi) {
+  if (need_lo && (f_lo != T(0) || f_vlo != T(0))) {
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) g[i] += c_lo[i] * (f_lo + f_vlo * (theta[i] - ctr_lo));
+  }
+  if (need_hi && (f_hi != T(0) || f_vhi != T(0))) {
+#pragma omp simd
+    for (int64_t i = 0; i < N; ++i) g[i] += c_hi[i] * (f_hi + f_vhi * (theta[i] - ctr_hi));
+  }
+}
+
+// kConsistent: the tail mode, a compile-time switch so the recipe's variant compiles as before.
+template <typename T, Isa isa, bool kConsistent>
 DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s, int64_t tok) {
   const int64_t H = a.H, N = a.N, M = a.M;
   T* out_terms = a.terms + tok * kTerms;
@@ -146,60 +165,122 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
     for (int64_t i = 0; i < N; ++i) g[i] += (g0 + g1 * a.risk_w[i]) * s.D[i];
   }
 
-  // Terms 4, 5, 7: tails of theta and of the target.
   const bool need_lo = a.w[2] != T(0) || a.w[5] != T(0);
   const bool need_hi = a.w[3] != T(0) || a.w[5] != T(0);
-  T cvt_lo = 0, vt_lo = 0, cvt_hi = 0, vt_hi = 0;  // theta
-  T cvz_lo = 0, vz_lo = 0, cvz_hi = 0, vz_hi = 0;  // target
-  if (need_lo || need_hi) {
-    tails_of<T>(theta, N, s.keys, need_lo, need_hi, a.alpha_n, a.beta_n, a.cnt_lo_n, a.cnt_hi_n, s.c_lo, s.c_hi,
-                cvt_lo, vt_lo, cvt_hi, vt_hi);
-    if (zs) {  // the sorted algorithm already sorted the target
-      if (need_lo) kern::sorted_tail_moments<T>(zs, M, a.alpha_m, false, cvz_lo, vz_lo);
-      if (need_hi) kern::sorted_tail_moments<T>(zs, M, a.beta_m, true, cvz_hi, vz_hi);
-    } else {  // the target's coefficients are not needed: both tails share one buffer
-      tails_of<T>(z, M, s.keys, need_lo, need_hi, a.alpha_m, a.beta_m, a.cnt_lo_m, a.cnt_hi_m, s.cz, s.cz,
-                  cvz_lo, vz_lo, cvz_hi, vz_hi);
+  T f_lo = 0, f_hi = 0;      // multipliers of c_lo and c_hi in the gradient
+  T f_vlo = 0, f_vhi = 0;    // multipliers of c (theta - centre) (shape)
+  T ctr_lo = 0, ctr_hi = 0;  // that centre: theta's CVaR (recipe) or its VaR (consistent)
+  if constexpr (kConsistent) {
+    // Terms 4, 5, 7 (consistent): theta's tails by selection, VaR v = the threshold atom (rank
+    // cnt - 1); the targets need one pass over z (no selection or sort of the target).
+    double v_lo = 0, v_hi = 0;
+    if (need_lo || need_hi) {
+      kern::order_keys<T>(theta, N, s.keys);
+      kern::TailSelect<T> lo, hi;
+      kern::select_tails<T>(s.keys, N, need_lo ? a.cnt_lo_n : 0, need_hi ? a.cnt_hi_n : 0, &lo, &hi);
+      if (need_lo) {
+        kern::tail_coefficients<T>(s.keys, N, lo, a.alpha_n, false, s.c_lo);
+        v_lo = static_cast<double>(kern::key_value<T>(lo.kv));
+      }
+      if (need_hi) {
+        kern::tail_coefficients<T>(s.keys, N, hi, a.beta_n, true, s.c_hi);
+        v_hi = static_cast<double>(kern::key_value<T>(hi.kv));
+      }
     }
-  }
-  // Term 4: CVaR alignment (CVaR_a(theta) - CVaR_a(z))^2, gradient 2 d c_lo.
-  T f_lo = 0, f_hi = 0;        // multipliers of c_lo and c_hi in the gradient
-  T f_vlo = 0, f_vhi = 0;      // multipliers of c (theta - CVaR) (shape)
-  if (a.w[2] != T(0)) {
-    const T d = cvt_lo - cvz_lo;
-    term[2] = d * d;
-    f_lo += a.w[2] * T(2) * d;
-  }
-  // Term 5: upper-tail gain.
-  if (a.w[3] != T(0)) {
-    const T d = cvt_hi - cvz_hi;
-    term[3] = d * d;
-    f_hi += a.w[3] * T(2) * d;
-  }
-  // Term 7: tail shape relu(V_lo(theta) - V_lo(z)) + relu(V_hi(z) - V_hi(theta)).
-  if (a.w[5] != T(0)) {
-    const T lo = vt_lo - vz_lo, hi = vz_hi - vt_hi;
-    term[5] = (lo > T(0) ? lo : T(0)) + (hi > T(0) ? hi : T(0));
-    if (lo > T(0)) f_vlo = a.w[5] * T(2);
-    if (hi > T(0)) f_vhi = -a.w[5] * T(2);
-  }
-  if (need_lo && (f_lo != T(0) || f_vlo != T(0))) {
+    kern::ExcessSums ex{0, 0, 0, 0, 0};
+    if (need_lo || need_hi) {
+      ex = kern::excess_sums<T>(z, M, v_lo, v_hi);  // also gives the shift's sum of z
+    } else if (a.w[4] != T(0)) {
+      ex.sum = kern::sum_double(z, M);
+    }
+    const double inv_m = 1.0 / static_cast<double>(M);
+    double dc_lo = 0, ds_lo = 0, dc_hi = 0, ds_hi = 0;  // C - y and S - s of each tail
+    if (need_lo) {
+      double cv, mo;
+      kern::tail_moments_about<T>(theta, s.c_lo, N, v_lo, cv, mo);
+      dc_lo = cv - math::tail_cvar_target<double>(v_lo, ex.a_lo * inv_m, a.lo_scale, a.alpha);
+      ds_lo = mo - math::tail_moment_target<double>(ex.b_lo * inv_m, a.lo_scale, a.alpha);
+      ctr_lo = static_cast<T>(v_lo);
+    }
+    if (need_hi) {
+      double cv, mo;
+      kern::tail_moments_about<T>(theta, s.c_hi, N, v_hi, cv, mo);
+      dc_hi = cv - math::tail_cvar_target<double>(v_hi, ex.a_hi * inv_m, a.hi_scale, a.beta);
+      ds_hi = mo - math::tail_moment_target<double>(ex.b_hi * inv_m, a.hi_scale, a.beta);
+      ctr_hi = static_cast<T>(v_hi);
+    }
+    // cvar (C_lo - y_lo)^2, gain (C_hi - y_hi)^2: gradient 2 (C - y) c.
+    if (a.w[2] != T(0)) {
+      term[2] = static_cast<T>(dc_lo * dc_lo);
+      f_lo = static_cast<T>(static_cast<double>(a.w[2]) * 2.0 * dc_lo);
+    }
+    if (a.w[3] != T(0)) {
+      term[3] = static_cast<T>(dc_hi * dc_hi);
+      f_hi = static_cast<T>(static_cast<double>(a.w[3]) * 2.0 * dc_hi);
+    }
+    // shape (S_lo - s_lo)^2 + (S_hi - s_hi)^2: gradient 4 (S - s) c (theta - v).
+    if (a.w[5] != T(0)) {
+      term[5] = static_cast<T>(ds_lo * ds_lo + ds_hi * ds_hi);
+      f_vlo = static_cast<T>(static_cast<double>(a.w[5]) * 4.0 * ds_lo);
+      f_vhi = static_cast<T>(static_cast<double>(a.w[5]) * 4.0 * ds_hi);
+    }
+    tail_grad_add<T>(g, theta, N, need_lo, need_hi, s.c_lo, s.c_hi, f_lo, f_hi, f_vlo, f_vhi, ctr_lo, ctr_hi);
+    // Term 6 (consistent): expectile shift 2 omega d^2, d = mean z - mean theta; gradient -4 omega d / N.
+    if (a.w[4] != T(0)) {
+      const double d = ex.sum * inv_m - kern::sum_double(theta, N) / static_cast<double>(N);
+      const double omega = math::expectile_weight<double>(d, a.tau_s);
+      term[4] = static_cast<T>(2.0 * omega * d * d);
+      const T gd = static_cast<T>(-4.0 * static_cast<double>(a.w[4]) * omega * d / static_cast<double>(N));
 #pragma omp simd
-    for (int64_t i = 0; i < N; ++i) g[i] += s.c_lo[i] * (f_lo + f_vlo * (theta[i] - cvt_lo));
-  }
-  if (need_hi && (f_hi != T(0) || f_vhi != T(0))) {
+      for (int64_t i = 0; i < N; ++i) g[i] += gd;
+    }
+  } else {
+    // Terms 4, 5, 7 (recipe): tails of theta and of the target.
+    T cvt_lo = 0, vt_lo = 0, cvt_hi = 0, vt_hi = 0;  // theta
+    T cvz_lo = 0, vz_lo = 0, cvz_hi = 0, vz_hi = 0;  // target
+    if (need_lo || need_hi) {
+      tails_of<T>(theta, N, s.keys, need_lo, need_hi, a.alpha_n, a.beta_n, a.cnt_lo_n, a.cnt_hi_n, s.c_lo, s.c_hi,
+                  cvt_lo, vt_lo, cvt_hi, vt_hi);
+      if (zs) {  // the sorted algorithm already sorted the target
+        if (need_lo) kern::sorted_tail_moments<T>(zs, M, a.alpha_m, false, cvz_lo, vz_lo);
+        if (need_hi) kern::sorted_tail_moments<T>(zs, M, a.beta_m, true, cvz_hi, vz_hi);
+      } else {  // the target's coefficients are not needed: both tails share one buffer
+        tails_of<T>(z, M, s.keys, need_lo, need_hi, a.alpha_m, a.beta_m, a.cnt_lo_m, a.cnt_hi_m, s.cz, s.cz,
+                    cvz_lo, vz_lo, cvz_hi, vz_hi);
+      }
+    }
+    // Term 4: CVaR alignment (CVaR_a(theta) - CVaR_a(z))^2, gradient 2 d c_lo.
+    if (a.w[2] != T(0)) {
+      const T d = cvt_lo - cvz_lo;
+      term[2] = d * d;
+      f_lo += a.w[2] * T(2) * d;
+    }
+    // Term 5: upper-tail gain.
+    if (a.w[3] != T(0)) {
+      const T d = cvt_hi - cvz_hi;
+      term[3] = d * d;
+      f_hi += a.w[3] * T(2) * d;
+    }
+    // Term 7: tail shape relu(V_lo(theta) - V_lo(z)) + relu(V_hi(z) - V_hi(theta)).
+    if (a.w[5] != T(0)) {
+      const T lo = vt_lo - vz_lo, hi = vz_hi - vt_hi;
+      term[5] = (lo > T(0) ? lo : T(0)) + (hi > T(0) ? hi : T(0));
+      if (lo > T(0)) f_vlo = a.w[5] * T(2);
+      if (hi > T(0)) f_vhi = -a.w[5] * T(2);
+    }
+    ctr_lo = cvt_lo;
+    ctr_hi = cvt_hi;
+    tail_grad_add<T>(g, theta, N, need_lo, need_hi, s.c_lo, s.c_hi, f_lo, f_hi, f_vlo, f_vhi, ctr_lo, ctr_hi);
+    // Term 6 (recipe): mean shift relu(mean z - mean theta).
+    if (a.w[4] != T(0)) {
+      const T gap = static_cast<T>(kern::sum_double(z, M) / static_cast<double>(M) -
+                                   kern::sum_double(theta, N) / static_cast<double>(N));
+      if (gap > T(0)) {
+        term[4] = gap;
+        const T d = -a.w[4] / T(N);
 #pragma omp simd
-    for (int64_t i = 0; i < N; ++i) g[i] += s.c_hi[i] * (f_hi + f_vhi * (theta[i] - cvt_hi));
-  }
-  // Term 6: mean shift relu(mean z - mean theta).
-  if (a.w[4] != T(0)) {
-    const T gap = static_cast<T>(kern::sum_double(z, M) / static_cast<double>(M) -
-                                 kern::sum_double(theta, N) / static_cast<double>(N));
-    if (gap > T(0)) {
-      term[4] = gap;
-      const T d = -a.w[4] / T(N);
-#pragma omp simd
-      for (int64_t i = 0; i < N; ++i) g[i] += d;
+        for (int64_t i = 0; i < N; ++i) g[i] += d;
+      }
     }
   }
   // Term 8: tail curvature (0 for N < 3).
@@ -242,7 +323,13 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
 
 template <typename T, Isa isa>
 DVPO_INLINE void critic_chunk(const CriticArgs<T>& a, const CriticScratch<T>& s, int64_t begin, int64_t end) {
-  for (int64_t tok = begin; tok < end; ++tok) critic_token<T, isa>(a, s, tok);
+  for (int64_t tok = begin; tok < end; ++tok) critic_token<T, isa, false>(a, s, tok);
+}
+
+template <typename T, Isa isa>
+DVPO_INLINE void critic_chunk_consistent(const CriticArgs<T>& a, const CriticScratch<T>& s, int64_t begin,
+                                         int64_t end) {
+  for (int64_t tok = begin; tok < end; ++tok) critic_token<T, isa, true>(a, s, tok);
 }
 
 DVPO_ISA_VARIANTS(critic_chunk_f32,
@@ -251,13 +338,19 @@ DVPO_ISA_VARIANTS(critic_chunk_f32,
 DVPO_ISA_VARIANTS(critic_chunk_f64,
                   (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),
                   (a, s, b, e), critic_chunk, double)
+DVPO_ISA_VARIANTS(critic_consistent_f32,
+                  (const CriticArgs<float>& a, const CriticScratch<float>& s, int64_t b, int64_t e),
+                  (a, s, b, e), critic_chunk_consistent, float)
+DVPO_ISA_VARIANTS(critic_consistent_f64,
+                  (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),
+                  (a, s, b, e), critic_chunk_consistent, double)
 
 template <typename T>
-auto critic_chunk_for(Isa isa) {
+auto critic_chunk_for(Isa isa, bool consistent) {
   if constexpr (std::is_same_v<T, float>) {
-    return critic_chunk_f32(isa);
+    return consistent ? critic_consistent_f32(isa) : critic_chunk_f32(isa);
   } else {
-    return critic_chunk_f64(isa);
+    return consistent ? critic_consistent_f64(isa) : critic_chunk_f64(isa);
   }
 }
 
@@ -266,7 +359,7 @@ auto critic_chunk_for(Isa isa) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
     const at::Tensor& heads, const at::Tensor& target, const at::Tensor& taus, const at::Tensor& risk_weights,
     const std::optional<at::Tensor>& mask, double kappa, double alpha, double beta, bool normalize_kappa,
-    at::ArrayRef<double> weights, c10::string_view algorithm) {
+    at::ArrayRef<double> params, c10::string_view algorithm) {
   const char* op = "critic_loss";
   check_cpu_float(heads, op, "heads");
   check_cpu_float(target, op, "target");
@@ -278,7 +371,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
   const int64_t N = heads.size(2);
   TORCH_CHECK(taus.dim() == 1 && taus.size(0) == N, "dvpo_C::critic_loss: taus [N] expected");
   TORCH_CHECK(risk_weights.dim() == 1 && risk_weights.size(0) == N, "dvpo_C::critic_loss: risk_weights [N] expected");
-  TORCH_CHECK(weights.size() == kTerms, "dvpo_C::critic_loss: 8 term weights expected, got ", weights.size());
+  // params: the 8 term weights, tail_mode (0 recipe, 1 consistent), lo_scale, hi_scale, shift_expectile
+  TORCH_CHECK(params.size() == kParams, "dvpo_C::critic_loss: 12 params expected (8 term weights, tail_mode, ",
+              "lo_scale, hi_scale, shift_expectile), got ", params.size());
+  const at::ArrayRef<double> weights = params.slice(0, kTerms);
+  const double tail_mode = params[kTerms];
+  TORCH_CHECK(tail_mode == 0 || tail_mode == 1, "dvpo_C::critic_loss: tail_mode must be 0 (recipe) or 1 ",
+              "(consistent), got ", tail_mode);
+  const bool consistent = tail_mode == 1;
+  const double lo_scale = params[kTerms + 1], hi_scale = params[kTerms + 2], tau_s = params[kTerms + 3];
+  TORCH_CHECK(!consistent || (std::isfinite(lo_scale) && std::isfinite(hi_scale) && tau_s > 0 && tau_s < 1),
+              "dvpo_C::critic_loss: consistent mode needs finite lo_scale and hi_scale and shift_expectile in ",
+              "(0, 1), got ", lo_scale, ", ", hi_scale, " and ", tau_s);
   TORCH_CHECK(kappa > 0, "dvpo_C::critic_loss: kappa must be > 0, got ", kappa);
   TORCH_CHECK(alpha > 0 && alpha <= 1 && beta > 0 && beta <= 1,
               "dvpo_C::critic_loss: alpha and beta must be in (0, 1], got ", alpha, " and ", beta);
@@ -331,11 +435,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
     args.curv_lo = math::curvature_count(alpha, static_cast<int>(N));
     args.curv_hi = math::curvature_count(beta, static_cast<int>(N));
     for (int k = 0; k < kTerms; ++k) args.w[k] = static_cast<T>(weights[k]);
+    args.alpha = alpha;
+    args.beta = beta;
+    args.lo_scale = lo_scale;
+    args.hi_scale = hi_scale;
+    args.tau_s = tau_s;
     args.sorted = sorted;
     args.total = total.data_ptr<T>();
     args.terms = terms.data_ptr<T>();
     args.grad = grad.data_ptr<T>();
-    const auto fn = critic_chunk_for<T>(isa);
+    const auto fn = critic_chunk_for<T>(isa, consistent);
     const int64_t NM = std::max(N, M);
     const size_t bytes = 6 * Arena::bytes<T>(N) + Arena::bytes<key_t<T>>(NM) + Arena::bytes<T>(M) +
                          (sorted ? sort_scratch_bytes<T>(M) + 2 * Arena::bytes<double>(M + 1) + Arena::bytes<int32_t>(3 * N) + Arena::bytes<double>(6 * N) : 0);

@@ -421,6 +421,46 @@ DVPO_INLINE void tail_moments(const T* x, const T* c, int64_t n, T& cvar, T& var
   var = static_cast<T>(v);
 }
 
+// Consistent mode: CVaR = sum c x and the second moment about the (given) VaR v, S = sum c (x - v)^2,
+// in double and in one pass (v is known up front, unlike the recipe's centre, the CVaR itself).
+template <typename T>
+DVPO_INLINE void tail_moments_about(const T* x, const T* c, int64_t n, double v, double& cvar, double& moment) {
+  double s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+  for (int64_t j = 0; j < n; ++j) {
+    const double cj = static_cast<double>(c[j]), xj = static_cast<double>(x[j]);
+    const double d = xj - v;
+    s += cj * xj;
+    q += cj * d * d;
+  }
+  cvar = s;
+  moment = q;
+}
+
+// Consistent mode: the target's sum and its excess sums beyond the VaRs v_lo / v_hi
+// (math::tail_excess: a = sum excess, b = sum excess^2), one pass, in double (as sum_double: the
+// targets of the sums are differences of similar numbers). No selection or sort of the target.
+struct ExcessSums {
+  double sum, a_lo, b_lo, a_hi, b_hi;
+};
+
+template <typename T>
+DVPO_INLINE ExcessSums excess_sums(const T* z, int64_t m, double v_lo, double v_hi) {
+  double s = 0, al = 0, bl = 0, ah = 0, bh = 0;
+#pragma omp simd reduction(+ : s, al, bl, ah, bh)
+  for (int64_t j = 0; j < m; ++j) {
+    const double zj = static_cast<double>(z[j]);
+    const double lo = math::tail_excess<double>(zj, v_lo, false);
+    const double hi = math::tail_excess<double>(zj, v_hi, true);
+    s += zj;
+    al += lo;
+    bl += lo * lo;
+    ah += hi;
+    bh += hi * hi;
+  }
+  return {s, al, bl, ah, bh};
+}
+
 // CVaR and tail variance of sorted values xs[0..n) (ascending), lower or upper tail: the
 // coefficient of rank r is cvar_coef(r, level_n) (equal values share nothing but their value, so
 // the tie-break does not matter here).

@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> cvar(const at::Tensor& x, double level, bool 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
     const at::Tensor& heads, const at::Tensor& target, const at::Tensor& taus, const at::Tensor& risk_weights,
     const std::optional<at::Tensor>& mask, double kappa, double alpha, double beta, bool normalize_kappa,
-    at::ArrayRef<double> weights, c10::string_view algorithm);
+    at::ArrayRef<double> params, c10::string_view algorithm);
 
 std::tuple<at::Tensor, at::Tensor> distributional_gae(const at::Tensor& rewards, const at::Tensor& values,
                                                       const at::Tensor& mask, double gamma, double lam);

@@ -37,10 +37,11 @@ def cvar(x, level, upper):
     return _ops.cvar(x, float(level), bool(upper))
 
 
-def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, weights,
+def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params,
                 algorithm="auto"):
+    # params: the 8 term weights, then tail_mode, lo_scale, hi_scale, shift_expectile (PARAM_NAMES)
     return _ops.critic_loss(heads, target, taus, risk_w, mask, float(kappa), float(alpha), float(beta),
-                            bool(normalize_kappa), [float(w) for w in weights], str(algorithm))
+                            bool(normalize_kappa), [float(p) for p in params], str(algorithm))
 
 
 def distributional_gae(rewards, values, mask, gamma, lam):
