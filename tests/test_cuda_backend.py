@@ -3,7 +3,8 @@
 Three groups:
   * `TestCudaBackend` (gpu-marked, skipped without a GPU): DVPO_BACKEND=cuda through dvpo.ops, every
     op forward and backward, N, M in {1, 2, 3, 7, 32, 200, 257}, H in {1, 3, 5}, fp32/bf16/fp16
-    (fp64 computed in fp64), ties, crossing quantiles, masks with empty rows, garbage in masked
+    (fp64 computed in fp64), both tail-term modes of the critic loss (the default "consistent"
+    config and CriticLossConfig.recipe()), ties, crossing quantiles, masks with empty rows, garbage in masked
     tokens, zero tokens, the large-size shared-memory fallbacks, bitwise determinism, gradcheck,
     opcheck and torch.compile(fullgraph) forward + backward.
   * CPU: the kernel files (csrc/cuda/*.cu, *.cuh and the launcher header) include no torch header.
@@ -30,7 +31,7 @@ import dvpo
 from dvpo import dispatch, library, ops
 from dvpo import reference as ref
 from dvpo.backends import reference as ref_backend
-from dvpo.config import TERM_NAMES, CriticLossConfig
+from dvpo.config import PARAM_NAMES, TERM_NAMES, CriticLossConfig
 
 from .utils import SIZES, TOL, critic_inputs, randn, random_mask, rel_err
 
@@ -61,6 +62,18 @@ _CRITIC_CASES = [(d, n, m, h, t) for d in (torch.float32, torch.bfloat16) for n 
 _CRITIC_CASES += [(d, n, m, h, t) for d in (torch.float16, torch.float64)
                   for n, m in ((1, 1), (3, 2), (7, 7), (200, 200), (257, 32)) for h in (1, 3, 5) for t in (False, True)]
 
+# Both tail-term modes: the consistent form (the default; asymmetric scalars switched on) and the
+# published recipe.
+_MODE_CONFIGS = {
+    "consistent": dict(lower_contraction=0.25, upper_expansion=0.3, shift_expectile=0.7),
+    "recipe": dict(tail_targets="recipe"),
+}
+
+
+def _config(mode, **kw):
+    return CriticLossConfig(**_MODE_CONFIGS[mode], **kw)
+
+
 @pytest.fixture
 def cuda_backend(monkeypatch):
     status = dispatch.backends("cuda")["cuda"]
@@ -78,11 +91,12 @@ class TestCudaBackend:
 
     # ------------------------------------------------------------------------- exactness
 
+    @pytest.mark.parametrize("mode", sorted(_MODE_CONFIGS))
     @pytest.mark.parametrize("dtype,n,m,h,ties", _CRITIC_CASES)
-    def test_critic_loss_matches_reference(self, dtype, n, m, h, ties):
+    def test_critic_loss_matches_reference(self, dtype, n, m, h, ties, mode):
         heads, target = critic_inputs((3, 5), h, n, m, dtype, ties=ties, device="cuda")
         mask = random_mask((3, 5), device="cuda")
-        cfg = CriticLossConfig(kappa=0.7, alpha=0.2, beta=0.15, risk_gamma=2.0)
+        cfg = _config(mode, kappa=0.7, alpha=0.2, beta=0.15, risk_gamma=2.0)
         single = h == 1  # one head: pass theta as [..., N]
         x = heads.clone().requires_grad_()
         theta, ref_heads = (x[..., 0, :], heads[..., 0, :]) if single else (x, heads)
@@ -100,10 +114,25 @@ class TestCudaBackend:
                 assert out.terms[name].shape == (3, 5)
                 assert rel_err(out.terms[name], want.terms[name]) < TOL[dtype], name
 
+    @pytest.mark.parametrize("config", ["default", "recipe()"])
+    def test_critic_loss_default_and_recipe_configs(self, config):
+        """The default config (consistent tails) and CriticLossConfig.recipe() as they are."""
+        heads, target = critic_inputs((4, 6), 3, 50, 64, torch.float32, device="cuda")
+        mask = random_mask((4, 6), device="cuda")
+        cfg = CriticLossConfig() if config == "default" else CriticLossConfig.recipe()
+        x = heads.clone().requires_grad_()
+        out = ops.critic_loss(x, target, mask=mask, config=cfg)
+        want, want_grad = _ref_critic(heads, target, mask=mask, config=cfg)
+        assert rel_err(out.loss, want.loss) < 1e-5
+        assert rel_err(_grad(out.loss, x), want_grad) < 1e-5
+        for name in TERM_NAMES:
+            assert rel_err(out.terms[name], want.terms[name]) < 1e-5, name
+
+    @pytest.mark.parametrize("mode", sorted(_MODE_CONFIGS))
     @pytest.mark.parametrize("off", TERM_NAMES)
-    def test_critic_loss_each_weight_off(self, off):
+    def test_critic_loss_each_weight_off(self, off, mode):
         heads, target = critic_inputs((4, 6), 3, 33, 40, torch.float32, device="cuda")
-        cfg = CriticLossConfig(**{off: 0.0, "alpha": 0.3, "normalize_kappa": True})
+        cfg = _config(mode, **{off: 0.0, "alpha": 0.3, "normalize_kappa": True})
         x = heads.clone().requires_grad_()
         out = ops.critic_loss(x, target, config=cfg)
         want, want_grad = _ref_critic(heads, target, config=cfg)
@@ -162,13 +191,14 @@ class TestCudaBackend:
 
     # ------------------------------------------------------------------------- masks, layouts, sizes
 
-    def test_masked_tokens_are_never_read(self):
+    @pytest.mark.parametrize("mode", sorted(_MODE_CONFIGS))
+    def test_masked_tokens_are_never_read(self, mode):
         heads, target = critic_inputs((3, 4), 3, 20, 17, torch.float32, device="cuda")
         mask = random_mask((3, 4), device="cuda")
         heads[~mask] = float("nan")
         target[~mask] = float("inf")
         x = heads.clone().requires_grad_()
-        out = ops.critic_loss(x, target, mask=mask, reduction="none")
+        out = ops.critic_loss(x, target, mask=mask, reduction="none", config=_config(mode))
         g = _grad(out.loss, x)
         assert torch.isfinite(out.loss).all() and torch.isfinite(g).all()
         assert torch.all(out.loss[~mask] == 0) and torch.all(g[~mask] == 0)
@@ -212,26 +242,32 @@ class TestCudaBackend:
         assert rel_err(out.loss, want.loss) < 1e-5
         assert rel_err(_grad(out.loss, x), want_grad) < 1e-5
 
+    @pytest.mark.parametrize("mode", sorted(_MODE_CONFIGS))
     @pytest.mark.parametrize("n,m", [(1000, 1000), (2000, 20000), (3000, 30000)])
-    def test_large_sizes(self, n, m):
-        """N=M=1000 (shared memory), then sizes past 48 KB (opt-in) and past the opt-in limit (global scratch)."""
+    def test_large_sizes(self, n, m, mode):
+        """N=M=1000 (shared memory), then sizes past 48 KB (opt-in) and past the opt-in limit (global
+        scratch); consistent mode keeps no target keys, so its per-token scratch is smaller."""
         heads, target = critic_inputs((2,), 2, n, m, torch.float32, device="cuda")
+        cfg = _config(mode, kappa=1.0, normalize_kappa=False)
         x = heads.clone().requires_grad_()
-        out = ops.critic_loss(x, target, reduction="none")
+        out = ops.critic_loss(x, target, reduction="none", config=cfg)
         g = _grad(out.loss, x)
         t = dvpo.taus(n, dtype=torch.float64, device="cuda")
         total, terms, grad = ref_backend.critic_loss(
-            heads.double(), target.double(), t, ref.risk_weights(t), None, 1.0, 0.1, 0.1, False, [1.0] * 8)
+            heads.double(), target.double(), t, ref.risk_weights(t), None, 1.0, 0.1, 0.1, False, cfg.kernel_params())
         assert rel_err(out.loss, total) < 1e-5
         assert rel_err(g, grad) < 1e-5
+        for k, name in enumerate(TERM_NAMES):
+            assert rel_err(out.terms[name], terms[:, k]) < 1e-5, name
 
-    def test_deterministic(self):
+    @pytest.mark.parametrize("mode", sorted(_MODE_CONFIGS))
+    def test_deterministic(self, mode):
         heads, target = critic_inputs((8, 512), 3, 200, 200, torch.bfloat16, device="cuda")
         mask = random_mask((8, 512), device="cuda")
 
         def run():
             x = heads.clone().requires_grad_()
-            out = ops.critic_loss(x, target, mask=mask)
+            out = ops.critic_loss(x, target, mask=mask, config=_config(mode))
             g = _grad(out.loss, x)
             qh = ops.quantile_huber(heads[..., 1, :], target, mask=mask, reduction="none")
             cv = ops.cvar(heads, 0.1, upper=True)
@@ -247,7 +283,13 @@ class TestCudaBackend:
         heads, target = critic_inputs((2, 3), 3, 6, 5, torch.float64, device="cuda")
         heads.requires_grad_()
         mask = random_mask((2, 3), device="cuda")
-        cfg = CriticLossConfig(alpha=0.3, beta=0.4)
+        cfg = CriticLossConfig.recipe(alpha=0.3, beta=0.4)
+        assert torch.autograd.gradcheck(lambda h: ops.critic_loss(h, target, mask=mask, config=cfg).loss, (heads,))
+        # Consistent mode is a semi-gradient (the VaRs and the targets built from them are held
+        # constant), so it is not the full derivative gradcheck measures: only the terms that do not
+        # involve the VaR (shift is an exact gradient; cvar/gain/shape are checked against the
+        # reference backend's closed form elsewhere).
+        cfg = _config("consistent", alpha=0.3, beta=0.4, cvar=0.0, gain=0.0, shape=0.0)
         assert torch.autograd.gradcheck(lambda h: ops.critic_loss(h, target, mask=mask, config=cfg).loss, (heads,))
         p = randn((2, 3, 5), torch.float64, device="cuda").requires_grad_()
         w = torch.rand(5, dtype=torch.float64, device="cuda")
@@ -269,14 +311,17 @@ class TestCudaBackend:
             (library.quantile_huber, (heads[:, 0].clone().requires_grad_(), target, t.double(), None, None, 0.5,
                                       True, "pairwise")),
             (library.cvar, (h32[:, 1].detach().requires_grad_(), 0.3, True)),
-            (library.critic_loss, (h32, target.float(), t, w, mask, 1.0, 0.2, 0.2, False, [1.0] * 8, "auto")),
+            (library.critic_loss, (h32, target.float(), t, w, mask, 1.0, 0.2, 0.2, False,
+                                   CriticLossConfig.recipe().kernel_params(), "auto")),
             (library.critic_loss, (heads.clone().requires_grad_(), target, t.double(), w.double(), None, 0.7, 0.1,
-                                   0.5, True, [1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 1.0], "auto")),
+                                   0.5, True, [1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.75, 1.2, 0.6], "auto")),
+            (library.critic_loss, (h32.detach().clone().requires_grad_(), target.float(), t, w, mask, 0.01, 0.2, 0.3,
+                                   True, CriticLossConfig().kernel_params(), "auto")),
             (library.distributional_gae, (randn((2, 5), device="cuda"), randn((2, 5, 3), device="cuda"),
                                           mask[:5].expand(2, 5).contiguous(), 1.0, 0.95)),
         ]
 
-    @pytest.mark.parametrize("case", range(6))
+    @pytest.mark.parametrize("case", range(7))
     def test_opcheck(self, case):
         op, args = self._opcheck_cases()[case]
         torch.library.opcheck(op, args)
@@ -441,12 +486,32 @@ def test_emulated_cvar(emu, dtype, n):
 
 
 _EMU_WEIGHTS = [[1.0] * 8, [0.5, 0, 2, 0, 1, 3, 0, 1], [0, 1, 0, 1, 0, 0, 1.5, 0], [0, 0, 0, 0, 0, 1, 0, 0]]
+# params[8:]: tail_mode, lo_scale, hi_scale, shift_expectile. Recipe mode ignores the last three
+# (given odd values here on purpose); consistent mode once symmetric, once asymmetric.
+_EMU_MODES = {"recipe": [0.0, 0.3, 7.0, 0.9], "consistent": [1.0, 0.75, 1.3, 0.7],
+              "consistent-symmetric": [1.0, 1.0, 1.0, 0.5]}
 
 
+def _close_critic(got, want, dtype):
+    """total, terms (each term separately) and grad of the emulated kernel against the reference."""
+    _close(got, want, dtype)
+    for k, name in enumerate(TERM_NAMES):
+        assert rel_err(got[1][:, k], want[1][:, k]) < TOL[dtype], name
+
+
+def _emu_critic_check(emu, heads, target, t, rw, mask, kappa, alpha, beta, nk, params, dtype):
+    got = emu.critic_loss(heads, target, t, rw, mask, kappa, alpha, beta, nk, params, "auto")
+    want = ref_backend.critic_loss(heads.double(), target.double(), t.double(), rw.double(),
+                                   None if mask is None else mask.double(), kappa, alpha, beta, nk, params)
+    _close_critic(got, want, dtype)
+    return got
+
+
+@pytest.mark.parametrize("mode", sorted(_EMU_MODES))
 @pytest.mark.parametrize("h,n,m", [(1, 1, 1), (2, 2, 3), (3, 3, 2), (3, 7, 7), (5, 33, 17), (3, 200, 200),
                                    (1, 257, 3), (2, 3, 257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_emulated_critic_loss(emu, dtype, h, n, m):
+def test_emulated_critic_loss(emu, dtype, h, n, m, mode):
     acc = ref.acc_dtype(dtype)
     t = dvpo.taus(n, dtype=acc)
     rw = ref.risk_weights(t, 2.0)
@@ -454,11 +519,86 @@ def test_emulated_critic_loss(emu, dtype, h, n, m):
     for ties in (False, True):
         heads, target = critic_inputs((6,), h, n, m, dtype, ties=ties)
         for weights in _EMU_WEIGHTS:
-            for kappa, alpha, beta, nk in ((0.7, 0.2, 0.15, False), (2.0, 1.0, 0.5, True)):
-                got = emu.critic_loss(heads, target, t, rw, mask, kappa, alpha, beta, nk, weights, "auto")
-                want = ref_backend.critic_loss(heads.double(), target.double(), t.double(), rw.double(),
-                                               mask.double(), kappa, alpha, beta, nk, weights)
-                _close(got, want, dtype)
+            for kappa, alpha, beta, nk in ((0.7, 0.2, 0.15, False), (2.0, 1.0, 0.5, True), (0.01, 0.1, 0.1, True)):
+                _emu_critic_check(emu, heads, target, t, rw, mask, kappa, alpha, beta, nk,
+                                  weights + _EMU_MODES[mode], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", ["default", "recipe()", "symmetric()"])
+def test_emulated_critic_loss_configs(emu, config, dtype):
+    """The default config (consistent tails), CriticLossConfig.recipe() and .symmetric() as they are,
+    on crossing quantiles (unsorted heads) and on ties, fp16 included."""
+    cfg = {"default": CriticLossConfig(), "recipe()": CriticLossConfig.recipe(),
+           "symmetric()": CriticLossConfig.symmetric()}[config]
+    params = cfg.kernel_params()
+    assert len(params) == len(PARAM_NAMES) == 12
+    acc = ref.acc_dtype(dtype)
+    t = dvpo.taus(40, dtype=acc)
+    rw = ref.risk_weights(t, cfg.risk_gamma)
+    mask = torch.tensor([1, 1, 0, 1, 0.25, 1, 1], dtype=acc)
+    for ties in (False, True):
+        heads, target = critic_inputs((7,), 3, 40, 57, dtype, ties=ties)
+        _emu_critic_check(emu, heads, target, t, rw, mask, cfg.kappa, cfg.alpha, cfg.beta, cfg.normalize_kappa,
+                          params, dtype)
+
+
+@pytest.mark.parametrize("mode", ["recipe", "consistent"])
+@pytest.mark.parametrize("off", TERM_NAMES)
+def test_emulated_critic_loss_each_weight_off(emu, off, mode):
+    heads, target = critic_inputs((5,), 3, 33, 40, torch.float32)
+    t = dvpo.taus(33)
+    rw = ref.risk_weights(t)
+    weights = [0.0 if name == off else 1.0 for name in TERM_NAMES]
+    got = _emu_critic_check(emu, heads, target, t, rw, None, 0.5, 0.3, 0.2, True, weights + _EMU_MODES[mode],
+                            torch.float32)
+    assert torch.all(got[1][:, TERM_NAMES.index(off)] == 0)
+    # and the term alone
+    alone = [1.0 if name == off else 0.0 for name in TERM_NAMES]
+    _emu_critic_check(emu, heads, target, t, rw, None, 0.5, 0.3, 0.2, True, alone + _EMU_MODES[mode], torch.float32)
+
+
+def test_emulated_recipe_ignores_consistent_scalars(emu):
+    """Recipe mode: params[9:] are ignored, bit for bit (the recipe path never reads them)."""
+    heads, target = critic_inputs((6,), 3, 21, 30, torch.float32)
+    t = dvpo.taus(21)
+    rw = ref.risk_weights(t)
+    mask = torch.tensor([1, 0, 1, 0.5, 1, 1])
+    base = emu.critic_loss(heads, target, t, rw, mask, 1.0, 0.1, 0.1, False, [1.0] * 8 + [0.0, 1.0, 1.0, 0.5], "auto")
+    other = emu.critic_loss(heads, target, t, rw, mask, 1.0, 0.1, 0.1, False,
+                            [1.0] * 8 + [0.0, -3.0, float("nan"), 2.0], "auto")
+    for a, b in zip(base, other):
+        assert torch.equal(a, b)
+
+
+def test_emulated_consistent_targets_at_the_var(emu):
+    """Targets exactly at theta's VaRs (excess 0 there), tied atoms at the VaR, one-atom tails,
+    all-equal rows, and levels that put the VaR at the first/last atom."""
+    n, m = 10, 12
+    theta = torch.tensor([[0.0, 1, 1, 1, 2, 3, 4, 4, 4, 5]] * 4 + [[2.0] * n, [5.0, 4, 3, 2, 1, 0, -1, -2, -3, -4]])
+    z = torch.tensor([[1.0] * 6 + [4.0] * 6, [1.0, 1, 1, 0, -1, 2, 3, 4, 4, 5, 6, 7], [2.0] * m,
+                      [-5.0, 10] * 6, [2.0] * m, [0.5, -0.5] * 6])
+    heads = theta.unsqueeze(1).expand(-1, 2, -1).contiguous()
+    t = dvpo.taus(n)
+    rw = ref.risk_weights(t)
+    for alpha, beta in ((0.3, 0.3), (0.1, 0.1), (0.25, 0.35), (1.0, 1.0), (0.01, 0.99)):
+        for weights in _EMU_WEIGHTS:
+            for mode in ("consistent", "consistent-symmetric"):
+                _emu_critic_check(emu, heads, z, t, rw, None, 1.0, alpha, beta, False, weights + _EMU_MODES[mode],
+                                  torch.float32)
+
+
+def test_emulated_critic_params_are_checked(emu):
+    heads, target = critic_inputs((2,), 2, 5, 4, torch.float32)
+    t = dvpo.taus(5)
+    args = (heads, target, t, t, None, 1.0, 0.1, 0.1, False)
+    for params, what in (([1.0] * 8, "12 params"), ([1.0] * 13, "12 params"),
+                         ([1.0] * 8 + [0.5, 1.0, 1.0, 0.5], "tail_mode"),
+                         ([1.0] * 8 + [1.0, 1.0, 1.0, 1.0], "shift_expectile"),
+                         ([1.0] * 8 + [1.0, 1.0, 1.0, 0.0], "shift_expectile"),
+                         ([1.0] * 8 + [1.0, float("inf"), 1.0, 0.5], "lo_scale")):
+        with pytest.raises(RuntimeError, match=what):
+            emu.critic_loss(*args, params, "auto")
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 11, 6), (2, 40, 33), (2, 1100, 5)])  # 1100: 32 chunks
@@ -476,9 +616,10 @@ def test_emulated_distributional_gae(emu, dtype, shape):
         _close(got, want, dtype)
 
 
+@pytest.mark.parametrize("mode", ["recipe", "consistent"])
 @pytest.mark.parametrize("path", ["opt-in", "global"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_emulated_large_size_paths(emu, dtype, path):
+def test_emulated_large_size_paths(emu, dtype, path, mode):
     """Past 48 KB per token the launchers opt in to more shared memory; past the opt-in limit they
     use a global scratch slot per resident warp (a bounded grid, tokens visited grid-stride). The
     emulation lowers both limits so that small shapes take those paths."""
@@ -489,10 +630,7 @@ def test_emulated_large_size_paths(emu, dtype, path):
         t = dvpo.taus(70, dtype=acc)
         rw = ref.risk_weights(t)
         mask = random_mask((45,), dtype=acc)
-        got = emu.critic_loss(heads, target, t, rw, mask, 1.0, 0.1, 0.1, False, [1.0] * 8, "auto")
-        want = ref_backend.critic_loss(heads.double(), target.double(), t.double(), rw.double(), mask.double(),
-                                       1.0, 0.1, 0.1, False, [1.0] * 8)
-        _close(got, want, dtype)
+        _emu_critic_check(emu, heads, target, t, rw, mask, 1.0, 0.1, 0.1, False, [1.0] * 8 + _EMU_MODES[mode], dtype)
         got = emu.quantile_huber(heads[:, 0], target, t, rw, mask, 1.0, False, "auto")
         want = ref_backend.quantile_huber(heads[:, 0].double(), target.double(), t.double(), rw.double(),
                                           mask.double(), 1.0, False)
@@ -502,17 +640,19 @@ def test_emulated_large_size_paths(emu, dtype, path):
         emu.set_smem_limits(48 * 1024, 227 * 1024)
 
 
-def test_emulated_masked_inputs_and_zero_tokens(emu):
+@pytest.mark.parametrize("mode", ["recipe", "consistent"])
+def test_emulated_masked_inputs_and_zero_tokens(emu, mode):
+    params = [1.0] * 8 + _EMU_MODES[mode]
     heads, target = critic_inputs((5,), 3, 9, 8, torch.float32)
     mask = torch.tensor([1, 0, 1, 0, 1], dtype=torch.float32)
     heads[mask == 0] = float("nan")
     target[mask == 0] = float("inf")
     t = dvpo.taus(9)
     total, terms, grad = emu.critic_loss(heads, target, t, ref.risk_weights(t), mask, 1.0, 0.1, 0.1, False,
-                                         [1.0] * 8, "auto")
+                                         params, "auto")
     assert torch.isfinite(total).all() and torch.isfinite(terms).all() and torch.isfinite(grad).all()
     assert torch.all(total[mask == 0] == 0) and torch.all(grad[mask == 0] == 0) and torch.all(terms[mask == 0] == 0)
     loss, g = emu.quantile_huber(heads[:, 0], target, t, None, mask, 1.0, False, "auto")
     assert torch.isfinite(loss).all() and torch.all(g[mask == 0] == 0)
-    empty = emu.critic_loss(heads[:0], target[:0], t, t, None, 1.0, 0.1, 0.1, False, [1.0] * 8, "auto")
+    empty = emu.critic_loss(heads[:0], target[:0], t, t, None, 1.0, 0.1, 0.1, False, params, "auto")
     assert [tuple(x.shape) for x in empty] == [(0,), (0, 8), (0, 3, 9)]

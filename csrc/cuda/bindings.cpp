@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -184,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> cvar_cuda(const at::Tensor& x, double level, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
     const at::Tensor& heads, const at::Tensor& target, const at::Tensor& taus, const at::Tensor& risk_weights,
     const std::optional<at::Tensor>& mask, double kappa, double alpha, double beta, bool normalize_kappa,
-    at::ArrayRef<double> weights, c10::string_view algorithm) {
+    at::ArrayRef<double> params, c10::string_view algorithm) {
   const char* op = "critic_loss";
   TORCH_CHECK(heads.dim() == 3 && target.dim() == 2 && heads.size(0) == target.size(0), "dvpo_C::", op,
               ": heads [T, H, N] and target [T, M] expected, got ", heads.sizes(), " and ", target.sizes());
@@ -192,7 +193,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
   TORCH_CHECK(taus.dim() == 1 && taus.size(0) == heads.size(2), "dvpo_C::", op, ": taus [N] expected");
   TORCH_CHECK(risk_weights.dim() == 1 && risk_weights.size(0) == heads.size(2), "dvpo_C::", op,
               ": risk_weights [N] expected");
-  TORCH_CHECK(weights.size() == 8, "dvpo_C::", op, ": 8 term weights expected, got ", weights.size());
+  // params (dvpo/config.py, PARAM_NAMES): the 8 term weights, tail_mode (0 recipe, 1 consistent),
+  // lo_scale, hi_scale, shift_expectile (the last three are ignored in recipe mode).
+  TORCH_CHECK(params.size() == 12, "dvpo_C::", op,
+              ": 12 params expected (8 term weights, tail_mode, lo_scale, hi_scale, shift_expectile), got ",
+              params.size());
+  const double tail_mode = params[8];
+  TORCH_CHECK(tail_mode == 0.0 || tail_mode == 1.0, "dvpo_C::", op,
+              ": params[8] (tail_mode) must be 0 (recipe) or 1 (consistent), got ", tail_mode);
+  if (tail_mode == 1.0) {
+    TORCH_CHECK(std::isfinite(params[9]) && std::isfinite(params[10]), "dvpo_C::", op,
+                ": params[9], params[10] (lo_scale, hi_scale) must be finite, got ", params[9], " and ", params[10]);
+    TORCH_CHECK(params[11] > 0.0 && params[11] < 1.0, "dvpo_C::", op,
+                ": params[11] (shift_expectile) must be in (0, 1), got ", params[11]);
+  }
   TORCH_CHECK(kappa > 0, "dvpo_C::", op, ": kappa must be > 0");
   TORCH_CHECK(alpha > 0.0 && alpha <= 1.0 && beta > 0.0 && beta <= 1.0, "dvpo_C::", op,
               ": alpha and beta must be in (0, 1]");
@@ -238,7 +252,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
     prm.alpha = alpha;
     prm.beta = beta;
     prm.normalize_kappa = normalize_kappa;
-    for (int k = 0; k < 8; ++k) prm.weights[k] = weights[k];
+    for (int k = 0; k < 8; ++k) prm.weights[k] = params[k];
+    prm.tail_mode = tail_mode == 1.0 ? 1 : 0;
+    prm.lo_scale = params[9];
+    prm.hi_scale = params[10];
+    prm.shift_expectile = params[11];
     const at::Tensor ws = workspace(critic_loss_workspace_bytes(prm), hd);
     prm.workspace = ws.defined() ? ws.data_ptr() : nullptr;
     check_launch(launch_critic_loss(prm, c10::cuda::getCurrentCUDAStream().stream()), op);

@@ -361,6 +361,80 @@ __device__ __forceinline__ TailStats<acc_t> tail_stats(const acc_t* vals, const 
   return s;
 }
 
+// The consistent-mode statistics of one tail of theta: the CVaR value C = sum_i c_i x_i, the VaR
+// v = max (lower tail) / min (upper tail) of x over the atoms with c_i > 0 (the atom of tail rank
+// K, i.e. the threshold's value) and, optionally, the second moment about the VaR
+// S = sum_i c_i (x_i - v)^2. Two coefficient passes (one without want_s).
+template <typename acc_t>
+struct VarTailStats {
+  acc_t value = 0, var_at = 0, s = 0;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ VarTailStats<acc_t> var_tail_stats(const acc_t* vals,
+                                                              const typename KeyOf<acc_t>::type* keys, int n,
+                                                              const Tail<acc_t>& t, bool want_s, int lane) {
+  VarTailStats<acc_t> r;
+  acc_t part = 0;
+  // Every lane starts beyond any value on the far side, so lanes without a tail atom drop out.
+  acc_t v = t.upper ? static_cast<acc_t>(INFINITY) : -static_cast<acc_t>(INFINITY);
+  for_each_coef<acc_t>(keys, n, t, lane, [&](int e, acc_t c) {
+    const acc_t x = vals[e];
+    part += c * x;
+    if (c > acc_t(0)) v = t.upper ? (x < v ? x : v) : (x > v ? x : v);
+  });
+  r.value = warp_sum(part);
+  r.var_at = t.upper ? warp_min(v) : warp_max(v);
+  if (want_s) {
+    acc_t spart = 0;
+    for_each_coef<acc_t>(keys, n, t, lane, [&](int e, acc_t c) {
+      const acc_t d = vals[e] - r.var_at;
+      spart += c * d * d;
+    });
+    r.s = warp_sum(spart);
+  }
+  return r;
+}
+
+// One pass over the targets z[0, m) for the consistent-mode tail targets: the means of
+// min(z_j - v_lo, 0) and its square (want_lo), and of max(z_j - v_hi, 0) and its square (want_hi),
+// each a per-lane sum in acc_t, a warp butterfly and a correctly rounded division by m.
+template <typename acc_t>
+struct TargetTailMoments {
+  acc_t a_lo = 0, b_lo = 0, a_hi = 0, b_hi = 0;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ TargetTailMoments<acc_t> target_tail_moments(const acc_t* z, int m, bool want_lo,
+                                                                        acc_t v_lo, bool want_hi, acc_t v_hi,
+                                                                        int lane) {
+  TargetTailMoments<acc_t> r;
+  acc_t al = 0, bl = 0, ah = 0, bh = 0;
+  for (int j = lane; j < m; j += 32) {
+    const acc_t zj = z[j];
+    if (want_lo) {
+      const acc_t d = math::tail_excess(zj, v_lo, false);
+      al += d;
+      bl += d * d;
+    }
+    if (want_hi) {
+      const acc_t d = math::tail_excess(zj, v_hi, true);
+      ah += d;
+      bh += d * d;
+    }
+  }
+  const acc_t fm = static_cast<acc_t>(m);
+  if (want_lo) {
+    r.a_lo = div_rn(warp_sum(al), fm);
+    r.b_lo = div_rn(warp_sum(bl), fm);
+  }
+  if (want_hi) {
+    r.a_hi = div_rn(warp_sum(ah), fm);
+    r.b_hi = div_rn(warp_sum(bh), fm);
+  }
+  return r;
+}
+
 // ------------------------------------------------------------------------------- launch planning
 
 __host__ __device__ constexpr size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }

@@ -1,21 +1,38 @@
-// CUDA fused DVPO critic loss (DESIGN.md, term 10): the eight per-token terms, their weighted total
-// and the gradient w.r.t. the heads, in one kernel, one warp per token.
+// CUDA fused DVPO critic loss (docs/math.md, "The fused critic loss"): the eight per-token terms
+// (qh, risk, cvar, gain, shift, shape, curv, consist), their weighted total and the gradient w.r.t.
+// the heads, in one kernel, one warp per token.
 //
 // Per token (a warp), in the warp's scratch (shared memory, or the global fallback):
 //   th[N]  ensemble theta = mean of the H heads (16-byte vector loads of the heads when aligned),
 //   g[N]   d total / d theta, accumulated term by term,
 //   z[M]   the targets,
-//   kt[N], kz[M]  order-preserving integer keys of theta and z (only when a tail term is on).
+//   kt[N]  order-preserving integer keys of theta (only when a tail term is on),
+//   kz[M]  the same for z (recipe mode only, when a tail term is on; no room is reserved otherwise).
 // Phases, separated by __syncwarp():
-//   1. quantile Huber and risk-weighted quantile Huber in one pair pass (qh_pairs, pairwise.cuh):
-//      both share the pairs, the risk term only reweights each atom's sums;
-//   2. tails: one exact bisection select per row finds both thresholds (lower alpha, upper beta),
-//      then CVaR values and tail variances by coefficient passes (common.cuh); terms 3, 4, 6;
-//      the mean-shift term 5 from two warp sums; their gradients added to g in one pass;
-//   3. curvature (term 7): two warp sums of second differences; the gradient of a mean of a run of
+//   1. qh and risk (the quantile Huber and its risk-weighted form) in one pair pass (qh_pairs,
+//      pairwise.cuh): both share the pairs, the risk term only reweights each atom's sums;
+//   2. the tail terms cvar, gain and shape and the mean-shift term shift; gradients into g in one
+//      pass over each needed tail's coefficients. Two modes (params[8], CriticLossParams::tail_mode):
+//      recipe (0): one exact bisection select per row finds both thresholds (lower alpha, upper
+//        beta) of theta and of z; CVaR values and tail variances by coefficient passes (common.cuh):
+//          cvar = (CVaR_a(theta) - CVaR_a(z))^2, gain = (CVaR+_b(theta) - CVaR+_b(z))^2,
+//          shape = relu(V_lo(theta) - V_lo(z)) + relu(V_hi(z) - V_hi(theta)),
+//          shift = relu(mean z - mean theta);
+//      consistent (1): the select runs on theta only; one coefficient pass per tail gives the CVaR C
+//        and the VaR v (the max of theta over c > 0, min for the upper tail: a warp max/min), a
+//        second one (shape only) S = sum c (theta - v)^2; one pass over z gives the means a, b of
+//        the excess e = min(z - v_lo, 0) (max(z - v_hi, 0) above) and of e^2. No select over z.
+//          y = v + scale a / level, s = scale^2 b / level   (lo_scale, alpha / hi_scale, beta),
+//          cvar = (C_lo - y_lo)^2, gain = (C_hi - y_hi)^2, shape = (S_lo - s_lo)^2 + (S_hi - s_hi)^2,
+//          shift = 2 omega d^2, d = mean z - mean theta, omega = tau_s if d > 0 else 1 - tau_s;
+//        v, y and s are targets: constants in the gradient (a semi-gradient, like a TD target).
+//      Both modes' gradients have the form d/d theta_i = c_lo,i (A_lo + B_lo (theta_i - m_lo)) +
+//      c_hi,i (A_hi + B_hi (theta_i - m_hi)) + shift gradient, with the centre m the CVaR (recipe)
+//      or the VaR (consistent);
+//   3. curv (curvature): two warp sums of second differences; the gradient of a mean of a run of
 //      them telescopes to four atoms, so lane 0 adds it to at most eight entries of g;
 //   4. the output pass: grad[h, i] = mask * (g_i / H + w_consist 4 / (H - 1) (heads_hi - theta_i)),
-//      summing the consistency term (9) on the way (the heads are re-read, L1/L2-hot).
+//      summing the consistency term consist on the way (the heads are re-read, L1/L2-hot).
 // Terms whose weight is 0 are skipped and reported as 0. Every sum is a fixed-order per-lane loop
 // plus a shuffle butterfly: no atomics, bitwise deterministic. `algorithm` is ignored (pairwise).
 #include "common.cuh"
@@ -26,19 +43,22 @@ namespace cuda {
 namespace detail {
 namespace {
 
+// kz (the target's keys) only in recipe mode: consistent mode never selects over the target.
 template <typename acc_t>
 struct CriticLayout {
   size_t th, g, z, kt, kz, bytes;
-  __host__ __device__ CriticLayout(int n, int m) {
+  __host__ __device__ CriticLayout(int n, int m, bool target_keys) {
     using key_t = typename KeyOf<acc_t>::type;
     th = 0;
     g = th + align16(sizeof(acc_t) * n);
     z = g + align16(sizeof(acc_t) * n);
     kt = z + align16(sizeof(acc_t) * m);
     kz = kt + align16(sizeof(key_t) * n);
-    bytes = kz + align16(sizeof(key_t) * m);
+    bytes = kz + (target_keys ? align16(sizeof(key_t) * m) : 0);
   }
 };
+
+constexpr int kTailRecipe = 0, kTailConsistent = 1;
 
 enum Term { kQh = 0, kRisk, kCvar, kGain, kShift, kShape, kCurv, kConsist, kTerms };
 
@@ -50,13 +70,14 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
   const int H = p.h, n = p.n, m = p.m;
-  const CriticLayout<acc> lay(n, m);
+  const bool consistent = p.tail_mode == kTailConsistent;
+  const CriticLayout<acc> lay(n, m, !consistent);
   char* base = warp_scratch<kShared>(p.workspace, per_token);
   acc* th = reinterpret_cast<acc*>(base + lay.th);
   acc* g = reinterpret_cast<acc*>(base + lay.g);
   acc* z = reinterpret_cast<acc*>(base + lay.z);
   key_t* kt = reinterpret_cast<key_t*>(base + lay.kt);
-  key_t* kz = reinterpret_cast<key_t*>(base + lay.kz);
+  key_t* kz = reinterpret_cast<key_t*>(base + lay.kz);  // recipe mode only
 
   acc w[kTerms];
 #pragma unroll
@@ -75,6 +96,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   const acc inv_h = acc(1) / acc(H);
   const acc consist_grad = do_consist ? w[kConsist] * acc(4.0 / (H - 1)) : acc(0);
   const int64_t hn = static_cast<int64_t>(H) * n;
+  // Consistent mode's scalars (unused in recipe mode).
+  const acc lo_scale = static_cast<acc>(p.lo_scale), hi_scale = static_cast<acc>(p.hi_scale);
+  const acc tau_s = static_cast<acc>(p.shift_expectile);
+  const acc alpha = static_cast<acc>(p.alpha), beta = static_cast<acc>(p.beta);
 
   for (int64_t tok = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); tok < p.tokens;
        tok += static_cast<int64_t>(gridDim.x) * warps) {
@@ -96,7 +121,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 #pragma unroll
     for (int t = 0; t < kTerms; ++t) term[t] = acc(0);
 
-    // ---- 1. quantile Huber (term 1) and risk-weighted quantile Huber (term 2), one pair pass.
+    // ---- 1. qh (quantile Huber) and risk (risk-weighted quantile Huber), one pair pass.
     if (do_pairs) {
       const acc* rw = p.risk_weights;
       acc q_part = 0, r_part = 0;
@@ -114,66 +139,102 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     }
     if (need_lo || need_hi) {
       for (int i = lane; i < n; i += 32) kt[i] = order_key(th[i]);
-      for (int j = lane; j < m; j += 32) kz[j] = order_key(z[j]);
+      if (!consistent)
+        for (int j = lane; j < m; j += 32) kz[j] = order_key(z[j]);
     }
     __syncwarp();
 
-    // ---- 2. tails (terms 3, 4, 6) and the mean shift (term 5); gradients into g.
+    // ---- 2. tails (cvar, gain, shape) and the mean shift (shift); gradients into g.
     acc shift_grad = 0;
     if (w[kShift] != acc(0)) {
       acc st = 0, sz = 0;
       for (int i = lane; i < n; i += 32) st += th[i];
       for (int j = lane; j < m; j += 32) sz += z[j];
       const acc gap = div_rn(warp_sum(sz), acc(m)) - div_rn(warp_sum(st), acc(n));
-      term[kShift] = gap > acc(0) ? gap : acc(0);
-      shift_grad = gap > acc(0) ? -w[kShift] / acc(n) : acc(0);
+      if (consistent) {  // expectile: 2 omega d^2, d/d theta_i = -4 omega d / N
+        const acc omega = math::expectile_weight(gap, tau_s);
+        term[kShift] = acc(2) * omega * gap * gap;
+        shift_grad = acc(-4) * w[kShift] * omega * gap / acc(n);
+      } else {  // relu(d), d/d theta_i = -1{d > 0} / N
+        term[kShift] = gap > acc(0) ? gap : acc(0);
+        shift_grad = gap > acc(0) ? -w[kShift] / acc(n) : acc(0);
+      }
     }
     if (need_lo || need_hi) {
-      Tail<acc> zlo, zhi, tlo, thi;
-      find_tails<acc>(kz, m, need_lo, alpha_m, need_hi, beta_m, zlo, zhi, lane);
+      // d/d theta_i = c_lo,i (a_lo + b_lo (theta_i - m_lo)) + c_hi,i (a_hi + b_hi (theta_i - m_hi)).
+      acc a_lo = 0, b_lo = 0, a_hi = 0, b_hi = 0, m_lo = 0, m_hi = 0;
+      Tail<acc> tlo, thi;
       find_tails<acc>(kt, n, need_lo, alpha_n, need_hi, beta_n, tlo, thi, lane);
-      TailStats<acc> zl, zh, tl, thh;
-      if (need_lo) {
-        zl = tail_stats<acc>(z, kz, m, zlo, need_var, lane);
-        tl = tail_stats<acc>(th, kt, n, tlo, need_var, lane);
-      }
-      if (need_hi) {
-        zh = tail_stats<acc>(z, kz, m, zhi, need_var, lane);
-        thh = tail_stats<acc>(th, kt, n, thi, need_var, lane);
-      }
-      // d/d theta_i = c_lo,i (a_lo + b_lo (theta_i - CVaR_lo)) + c_hi,i (a_hi + b_hi (theta_i - CVaR_hi)).
-      acc a_lo = 0, b_lo = 0, a_hi = 0, b_hi = 0;
-      if (w[kCvar] != acc(0)) {
-        const acc d = tl.value - zl.value;
-        term[kCvar] = d * d;
-        a_lo = acc(2) * w[kCvar] * d;
-      }
-      if (w[kGain] != acc(0)) {
-        const acc d = thh.value - zh.value;
-        term[kGain] = d * d;
-        a_hi = acc(2) * w[kGain] * d;
-      }
-      if (need_var) {
-        const acc lo = tl.var - zl.var, hi = zh.var - thh.var;
-        term[kShape] = (lo > acc(0) ? lo : acc(0)) + (hi > acc(0) ? hi : acc(0));
-        b_lo = lo > acc(0) ? acc(2) * w[kShape] : acc(0);
-        b_hi = hi > acc(0) ? acc(-2) * w[kShape] : acc(0);
+      if (consistent) {
+        VarTailStats<acc> tl, thh;
+        if (need_lo) tl = var_tail_stats<acc>(th, kt, n, tlo, need_var, lane);
+        if (need_hi) thh = var_tail_stats<acc>(th, kt, n, thi, need_var, lane);
+        const TargetTailMoments<acc> zt = target_tail_moments<acc>(z, m, need_lo, tl.var_at, need_hi, thh.var_at, lane);
+        if (w[kCvar] != acc(0)) {
+          const acc d = tl.value - math::tail_cvar_target(tl.var_at, zt.a_lo, lo_scale, alpha);
+          term[kCvar] = d * d;
+          a_lo = acc(2) * w[kCvar] * d;
+        }
+        if (w[kGain] != acc(0)) {
+          const acc d = thh.value - math::tail_cvar_target(thh.var_at, zt.a_hi, hi_scale, beta);
+          term[kGain] = d * d;
+          a_hi = acc(2) * w[kGain] * d;
+        }
+        if (need_var) {
+          const acc lo = tl.s - math::tail_moment_target(zt.b_lo, lo_scale, alpha);
+          const acc hi = thh.s - math::tail_moment_target(zt.b_hi, hi_scale, beta);
+          term[kShape] = lo * lo + hi * hi;
+          b_lo = acc(4) * w[kShape] * lo;
+          b_hi = acc(4) * w[kShape] * hi;
+        }
+        m_lo = tl.var_at;
+        m_hi = thh.var_at;
+      } else {
+        Tail<acc> zlo, zhi;
+        find_tails<acc>(kz, m, need_lo, alpha_m, need_hi, beta_m, zlo, zhi, lane);
+        TailStats<acc> zl, zh, tl, thh;
+        if (need_lo) {
+          zl = tail_stats<acc>(z, kz, m, zlo, need_var, lane);
+          tl = tail_stats<acc>(th, kt, n, tlo, need_var, lane);
+        }
+        if (need_hi) {
+          zh = tail_stats<acc>(z, kz, m, zhi, need_var, lane);
+          thh = tail_stats<acc>(th, kt, n, thi, need_var, lane);
+        }
+        if (w[kCvar] != acc(0)) {
+          const acc d = tl.value - zl.value;
+          term[kCvar] = d * d;
+          a_lo = acc(2) * w[kCvar] * d;
+        }
+        if (w[kGain] != acc(0)) {
+          const acc d = thh.value - zh.value;
+          term[kGain] = d * d;
+          a_hi = acc(2) * w[kGain] * d;
+        }
+        if (need_var) {
+          const acc lo = tl.var - zl.var, hi = zh.var - thh.var;
+          term[kShape] = (lo > acc(0) ? lo : acc(0)) + (hi > acc(0) ? hi : acc(0));
+          b_lo = lo > acc(0) ? acc(2) * w[kShape] : acc(0);
+          b_hi = hi > acc(0) ? acc(-2) * w[kShape] : acc(0);
+        }
+        m_lo = tl.value;
+        m_hi = thh.value;
       }
       // Same lane <-> atom mapping in both passes (e = 32 r + lane): no hazard between them.
       if (need_lo)
         for_each_coef<acc>(kt, n, tlo, lane, [&](int e, acc c) {
-          g[e] += c * (a_lo + b_lo * (th[e] - tl.value)) + shift_grad;
+          g[e] += c * (a_lo + b_lo * (th[e] - m_lo)) + shift_grad;
         });
       if (need_hi)
         for_each_coef<acc>(kt, n, thi, lane, [&](int e, acc c) {
-          g[e] += c * (a_hi + b_hi * (th[e] - thh.value)) + (need_lo ? acc(0) : shift_grad);
+          g[e] += c * (a_hi + b_hi * (th[e] - m_hi)) + (need_lo ? acc(0) : shift_grad);
         });
     } else if (shift_grad != acc(0)) {
       for (int i = lane; i < n; i += 32) g[i] += shift_grad;
     }
     __syncwarp();
 
-    // ---- 3. curvature (term 7): the means of the first curv_lo and the last curv_hi second
+    // ---- 3. curv (curvature): the means of the first curv_lo and the last curv_hi second
     // differences d2_k = (th[k+2] - 2 th[k+1]) + th[k] (computed as the reference does, so that the
     // relu decisions agree at exact ties); the gradient of a mean of consecutive d2 telescopes to
     // four atoms: d/d th of sum_{k=a}^{b} d2_k is +1 at a, -1 at a+1, -1 at b+1, +1 at b+2.
@@ -204,7 +265,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
       __syncwarp();
     }
 
-    // ---- 4. output pass: gradient w.r.t. each head, and the consistency term (9).
+    // ---- 4. output pass: gradient w.r.t. each head, and the consistency term (consist).
     if (do_consist) {
       acc c_part = 0;
       for (int i = lane; i < n; i += 32) {
@@ -236,7 +297,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 
 template <typename scalar_t>
 cudaError_t plan_critic(const CriticLossParams<scalar_t>& p, Plan& plan) {
-  return make_plan(CriticLayout<acc_t<scalar_t>>(p.n, p.m).bytes, p.tokens, plan);
+  return make_plan(CriticLayout<acc_t<scalar_t>>(p.n, p.m, p.tail_mode != kTailConsistent).bytes, p.tokens, plan);
 }
 
 }  // namespace
@@ -254,6 +315,7 @@ cudaError_t launch_critic_loss(const CriticLossParams<scalar_t>& p, cudaStream_t
   if (p.tokens <= 0) return cudaSuccess;
   if (p.h < 1 || p.n < 1 || p.m < 1) return cudaErrorInvalidValue;
   if (!(p.alpha > 0.0 && p.alpha <= 1.0) || !(p.beta > 0.0 && p.beta <= 1.0)) return cudaErrorInvalidValue;
+  if (p.tail_mode != detail::kTailRecipe && p.tail_mode != detail::kTailConsistent) return cudaErrorInvalidValue;
   detail::Plan plan;
   cudaError_t err = detail::plan_critic(p, plan);
   if (err != cudaSuccess) return err;

@@ -69,6 +69,12 @@ struct CvarParams {
 // ------------------------------------------------------------------------------ fused critic loss
 // The eight per-token terms (TERM_NAMES order: qh, risk, cvar, gain, shift, shape, curv, consist),
 // the weighted total and the gradient of the total w.r.t. the heads, all times the mask weight.
+// The op's 12-entry `params` list (dvpo/config.py, PARAM_NAMES) maps onto the last five fields:
+// params[0..7] = weights, [8] = tail_mode, [9] = lo_scale, [10] = hi_scale, [11] = shift_expectile.
+// tail_mode 0 ("recipe") is the original form of the cvar, gain, shift and shape terms (lo_scale,
+// hi_scale and shift_expectile are ignored); tail_mode 1 ("consistent") fits theta's tails to
+// targets built from the target's deviations beyond theta's own VaRs, and the shift term is an
+// expectile loss (spec/consistent_tails.md; the kernel's header comment has the formulas).
 template <typename scalar_t>
 struct CriticLossParams {
   using acc = acc_t<scalar_t>;
@@ -84,7 +90,11 @@ struct CriticLossParams {
   int h = 1, n = 0, m = 0;
   double kappa = 1.0, alpha = 0.1, beta = 0.1;
   bool normalize_kappa = false;
-  double weights[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  double weights[8] = {1, 1, 1, 1, 1, 1, 1, 1};  // term weights, TERM_NAMES order
+  int tail_mode = 0;                              // 0 = recipe, 1 = consistent
+  double lo_scale = 1.0;                          // 1 - lower_contraction (consistent mode)
+  double hi_scale = 1.0;                          // 1 + upper_expansion (consistent mode)
+  double shift_expectile = 0.5;                   // tau_s in (0, 1) (consistent mode)
   void* workspace = nullptr;
 };
 

@@ -27,10 +27,12 @@ def cvar(x, level, upper):
     return _ops.cvar(x, float(level), bool(upper))
 
 
-def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, weights,
+def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params,
                 algorithm="auto"):
+    # params: the eight term weights, then tail_mode (0 recipe, 1 consistent), lo_scale, hi_scale and
+    # shift_expectile (dvpo.config.PARAM_NAMES; CriticLossConfig.kernel_params()).
     return _ops.critic_loss(heads, target, taus, risk_w, mask, float(kappa), float(alpha), float(beta),
-                            bool(normalize_kappa), [float(w) for w in weights], algorithm)
+                            bool(normalize_kappa), [float(p) for p in params], algorithm)
 
 
 def distributional_gae(rewards, values, mask, gamma, lam):
