@@ -319,7 +319,8 @@ def test_gae_on_scalar_values_is_textbook_gae_on_prefix_masks():
             a_next = rewards[i, k] + gamma * v_next - values[i, k] + gamma * lam * a_next
             expect[k] = a_next
         torch.testing.assert_close(adv[i], expect)
-        torch.testing.assert_close(ret[i, :, 0], (expect + values[i]) * mask[i])
+        torch.testing.assert_close(ret[i], (expect + values[i]) * mask[i])
+    assert ret.shape == values.shape
 
 
 def test_masked_whiten():
@@ -382,9 +383,28 @@ def test_attach_quantile_head_replaces_a_linear_score_head():
 
 def test_gradients_of_the_adapter_match_gradcheck():
     vpreds, old, returns, mask = _inputs(b=2, t=4, n=4, m=3)
-    cfg = dvpo.CriticLossConfig(alpha=0.3, beta=0.3)
+    # the published recipe's form (kappa 1): smooth enough for finite differences, unlike the default's
+    # consistent tail terms, whose targets move with the critic's own (detached) VaR
+    cfg = dvpo.CriticLossConfig.recipe(alpha=0.3, beta=0.3)
     # nudge the inputs off the clip boundaries / ties so the loss is differentiable there
     fn = lambda v: dvpo_verl.compute_value_loss(v, returns, old, mask, 0.25, "seq-mean-token-sum-norm",
                                                 config=cfg)[0]
     assert torch.autograd.gradcheck(fn, (vpreds,), eps=1e-7, atol=1e-5)
     assert math.isfinite(fn(vpreds).item())
+
+
+def test_documented_mse_json_is_mse_config():
+    """docs/integrations.md and the plugin's docstring give mse_config() as DVPO_VERL_CONFIG JSON."""
+    import json
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    docs = (repo / "docs" / "integrations.md").read_text().replace("\n", " ")
+    plugin = (repo / "dvpo" / "integrations" / "verl_plugin.py").read_text()  # not imported: it patches verl
+    found = re.findall(r"DVPO_VERL_CONFIG='(\{[^']*\"kappa\": 1e18[^']*\})'", docs)
+    plugin_doc = re.sub(r"\s+", " ", plugin[:plugin.index('"""', 3)])
+    found += re.findall(r"\(`(\{\"kappa\": 1e18[^`]*\})`\)", plugin_doc)
+    assert len(found) == 2, found
+    for raw in found:
+        assert dvpo.CriticLossConfig(**json.loads(raw)) == mse_config()

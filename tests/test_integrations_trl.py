@@ -21,10 +21,12 @@ def _ppo_module():
     return None
 
 
-pytest.importorskip("trl", reason="TRL is not installed (pip install 'trl<1.13', or dvpo's [trl] extra)")
+from tests.test_doc_recipes import SHAPE_IDS, SHAPES, require  # noqa: E402
+
+require("trl", "TRL is not installed (pip install 'trl<1.13', or dvpo's [trl] extra)")
 ppo = _ppo_module()
 if ppo is None or not hasattr(ppo, "PPOTrainer"):
-    pytest.skip("this TRL has no PPOTrainer (removed in TRL 1.13): install 'trl<1.13'", allow_module_level=True)
+    require("trl.experimental.ppo.ppo_trainer", "this TRL has no PPOTrainer (removed in TRL 1.13): install 'trl<1.13'")
 
 import dvpo  # noqa: E402
 from dvpo.integrations import trl as dvpo_trl  # noqa: E402
@@ -55,9 +57,10 @@ def test_trl_still_inlines_the_value_loss_and_gae_the_adapter_replaces():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_scalar_critic_equals_trl_value_loss(dtype):
+@pytest.mark.parametrize("b,t", SHAPES, ids=SHAPE_IDS)
+def test_scalar_critic_equals_trl_value_loss(b, t, dtype):
     masked_mean = _trl_masked_mean()
-    b, t, eps = 4, 10, 0.2
+    eps = 0.2
     vpred = torch.randn(b, t, dtype=dtype, requires_grad=True)
     mb_values = torch.randn(b, t, dtype=dtype)
     mb_return = 2 * torch.randn(b, t, dtype=dtype)
@@ -70,18 +73,27 @@ def test_scalar_critic_equals_trl_value_loss(dtype):
     theirs = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), ~padding_mask_p1)
     their_frac = masked_mean((vf_losses2 > vf_losses1).float(), ~padding_mask_p1)
     v2 = vpred.detach().clone().requires_grad_()
-    ours, our_frac = dvpo_trl.compute_value_loss(v2.unsqueeze(-1), mb_values.unsqueeze(-1), mb_return.unsqueeze(-1),
-                                                 ~padding_mask_p1, eps, config=dvpo_trl.mse_config())
+    # TRL's own [B, T] tensors (N = 1 after its .squeeze(-1))
+    ours, our_frac = dvpo_trl.compute_value_loss(v2, mb_values, mb_return, ~padding_mask_p1, eps,
+                                                 config=dvpo_trl.mse_config())
+    assert (ours.shape, our_frac.shape) == (theirs.shape, their_frac.shape) == ((), ())
+    assert (ours.dtype, our_frac.dtype) == (theirs.dtype, their_frac.dtype)
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(ours, theirs, **tol)
     torch.testing.assert_close(our_frac, their_frac)
     theirs.backward()
     ours.backward()
     torch.testing.assert_close(v2.grad, vpred.grad, **tol)
+    # the same with an explicit quantile dim
+    ours_q, _ = dvpo_trl.compute_value_loss(v2.detach().unsqueeze(-1), mb_values.unsqueeze(-1),
+                                            mb_return.unsqueeze(-1), ~padding_mask_p1, eps,
+                                            config=dvpo_trl.mse_config())
+    torch.testing.assert_close(ours_q, theirs.detach(), **tol)
 
 
-def test_gae_equals_trl_loop_on_trl_layout():
-    b, t, gamma, lam = 5, 12, 0.99, 0.95
+@pytest.mark.parametrize("b,t", SHAPES, ids=SHAPE_IDS)
+def test_gae_equals_trl_loop_on_trl_layout(b, t):
+    gamma, lam = 0.99, 0.95
     lengths = torch.randint(1, t, (b,))
     padding_mask_p1 = torch.arange(t).unsqueeze(0) > lengths.unsqueeze(1)
     values = torch.randn(b, t, dtype=torch.float64).masked_fill(padding_mask_p1, 0)
@@ -94,11 +106,27 @@ def test_gae_equals_trl_loop_on_trl_layout():
         advs.append(last)
     their_adv = torch.stack(advs[::-1], 1)
     their_ret = their_adv + values
-    our_adv, our_ret = dvpo_trl.compute_advantages_and_returns(rewards, values.unsqueeze(-1), ~padding_mask_p1,
-                                                               gamma, lam)
-    real = ~padding_mask_p1
-    torch.testing.assert_close(our_adv[real], their_adv[real], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(our_ret[..., 0][real], their_ret[real], rtol=1e-12, atol=1e-12)
+    our_adv, our_ret = dvpo_trl.compute_advantages_and_returns(rewards, values, ~padding_mask_p1, gamma, lam)
+    assert our_adv.shape == our_ret.shape == their_ret.shape == (b, t) and our_ret.dtype == their_ret.dtype
+    # everywhere, padding included (both are 0 there)
+    torch.testing.assert_close(our_adv, their_adv, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(our_ret, their_ret, rtol=1e-12, atol=1e-12)
+    _, ret_1 = dvpo_trl.compute_advantages_and_returns(rewards, values.unsqueeze(-1), ~padding_mask_p1, gamma, lam)
+    assert ret_1.shape == (b, t, 1) and torch.equal(ret_1[..., 0], our_ret)
+
+
+def test_wrong_shapes_are_named_errors():
+    b, t = 3, 5
+    values, mask = torch.randn(b, t), torch.zeros(b, t, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"padding_mask must have shape \[B, T\] = \[3, 5\], got \[3, 5, 1\]"):
+        dvpo_trl.fill_padding(values, mask.unsqueeze(-1), 0)
+    assert dvpo_trl.fill_padding(torch.randn(b, t, 4), mask, 0).shape == (b, t, 4)
+    with pytest.raises(ValueError, match=r"mask must have shape \[B, T\]"):
+        dvpo_trl.compute_advantages_and_returns(torch.randn(b, t), values, ~mask[:, :1], 1.0, 0.95)
+    with pytest.raises(ValueError, match=r"rewards must have shape \[B, T\]"):
+        dvpo_trl.compute_advantages_and_returns(torch.randn(b, t, 1), values, ~mask, 1.0, 0.95)
+    with pytest.raises(ValueError, match=r"values \(the old values\) must have the shape of vpred"):
+        dvpo_trl.compute_value_loss(torch.randn(b, t, 4), values, torch.randn(b, t, 4), ~mask, 0.2)
 
 
 def _tiny_models(num_labels=1):
@@ -129,6 +157,8 @@ def test_quantile_head_through_trl_value_model_plumbing(tmp_path):
     vpred = vpred_temp[:, context - 1: -1].squeeze(-1)
     torch.testing.assert_close(vpred, value)
     mask = query_responses[:, context:] != 0
+    value = dvpo_trl.fill_padding(value, ~mask, 0)
+    vpred = dvpo_trl.fill_padding(vpred, ~mask, 0)
     adv, returns = dvpo_trl.compute_advantages_and_returns(torch.randn(b, t), value.detach(), mask, 1.0, 0.95)
     cfg = dvpo.CriticLossConfig(alpha=0.2, beta=0.2)
     vf_loss, vf_clipfrac = dvpo_trl.compute_value_loss(vpred, value.detach() + 0.1, returns, mask, 0.2, config=cfg)

@@ -5,16 +5,14 @@ verl's on verl's TensorDict, and `patch_verl` wires the DVPO critic into verl's 
 Skipped, with the reason, where verl is not installed."""
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-core_algos = pytest.importorskip(
-    "verl.trainer.ppo.core_algos",
-    reason="verl is not installed (pip install verl, or dvpo's [verl] extra); its value loss is compared here")
+from tests.test_doc_recipes import SHAPE_IDS, SHAPES, require
+
+core_algos = require("verl.trainer.ppo.core_algos",
+                     "verl is not installed (pip install verl, or dvpo's [verl] extra); its value loss is compared here")
 
 import dvpo  # noqa: E402
 from dvpo.integrations import verl as dvpo_verl  # noqa: E402
@@ -88,9 +86,13 @@ def test_gae_equals_verl_on_real_tokens(holes):
         mask[:, 1] = 0
         mask[2, 4:6] = 0
     their_adv, their_ret = core_algos.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
-    our_adv, our_ret = dvpo_verl.compute_gae_advantage_return(rewards, values.unsqueeze(-1), mask, 0.99, 0.95)
+    our_adv, our_ret = dvpo_verl.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
     real = mask.bool()
-    torch.testing.assert_close(our_ret[..., 0][real], their_ret[real], rtol=1e-12, atol=1e-12)
+    assert our_ret.shape == their_ret.shape == (b, t) and our_ret.dtype == their_ret.dtype
+    # an explicit quantile dim stays: [B, T, 1] in, [B, T, 1] out
+    adv_1, ret_1 = dvpo_verl.compute_gae_advantage_return(rewards, values.unsqueeze(-1), mask, 0.99, 0.95)
+    assert ret_1.shape == (b, t, 1) and torch.equal(ret_1[..., 0], our_ret) and torch.equal(adv_1, our_adv)
+    torch.testing.assert_close(our_ret[real], their_ret[real], rtol=1e-12, atol=1e-12)
     # whitening: verl computes the Bessel factor n / (n - 1) of an integer mask in float32 (1e-8 off)
     torch.testing.assert_close(our_adv[real], their_adv[real], rtol=1e-6, atol=1e-7)
     assert (our_adv[~real] == 0).all() and (our_ret[~real] == 0).all()
@@ -168,13 +170,14 @@ def test_patch_verl_wires_the_dvpo_critic(monkeypatch):
 
     monkeypatch.setattr(verl_model, "load_valuehead_model", fake_load)
     originals = (core_algos.compute_gae_advantage_return, core_algos.compute_value_loss, losses.value_loss,
-                 losses.compute_value_loss, metric_utils.compute_data_metrics)
+                 losses.compute_value_loss, metric_utils.compute_data_metrics, core_algos.get_adv_estimator_fn("gae"))
     cfg = dvpo.CriticLossConfig(alpha=0.2, beta=0.2)
     dvpo_verl.patch_verl(config=cfg, num_quantiles=8)
     try:
         assert core_algos.compute_gae_advantage_return is dvpo_verl.compute_gae_advantage_return
-        assert losses.compute_value_loss.keywords["config"] is cfg
-        assert losses.value_loss.keywords["dvpo_config"] is cfg
+        assert losses.compute_value_loss.dvpo_config is cfg and core_algos.compute_value_loss.dvpo_config is cfg
+        assert losses.value_loss.dvpo_config is cfg
+        assert core_algos.get_adv_estimator_fn("gae") is dvpo_verl.compute_gae_advantage_return
         hf_config = type("HFConfig", (), {"num_labels": 1})()
         assert verl_model.load_valuehead_model(local_path="x", torch_dtype=None, model_config=hf_config,
                                                trust_remote_code=False) == "model"
@@ -200,7 +203,8 @@ def test_patch_verl_wires_the_dvpo_critic(monkeypatch):
     finally:
         dvpo_verl.unpatch_verl()
     assert (core_algos.compute_gae_advantage_return, core_algos.compute_value_loss, losses.value_loss,
-            losses.compute_value_loss, metric_utils.compute_data_metrics) == originals
+            losses.compute_value_loss, metric_utils.compute_data_metrics,
+            core_algos.get_adv_estimator_fn("gae")) == originals
 
 
 def test_patch_verl_validates_before_patching():
@@ -235,13 +239,109 @@ def test_ray_trainer_compute_advantage_uses_distributional_gae():
     torch.testing.assert_close(out.batch["returns"], ret)
 
 
-def test_plugin_patches_every_process_that_imports_verl():
-    """VERL_USE_EXTERNAL_MODULES makes verl import the plugin on its own import (as in Ray workers)."""
-    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="dvpo.integrations.verl_plugin", DVPO_VERL_NUM_QUANTILES="16",
-               DVPO_VERL_CONFIG='{"alpha": 0.2, "curv": 0.0}')
-    code = ("import verl, verl.trainer.ppo.core_algos as c, verl.workers.utils.losses as l;"
-            "print(c.compute_gae_advantage_return.__module__, l.compute_value_loss.keywords['config'].alpha,"
-            " l.compute_value_loss.keywords['config'].curv)")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-3:] == ["dvpo.integrations.verl", "0.2", "0.0"]
+# ------------------------------------------------------------------ shapes and dtypes, as verl's
+
+def _mask(b, t, dtype):
+    lengths = torch.randint(2, t + 1, (b,))
+    lengths[0] = t
+    return (torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)).to(dtype)
+
+
+GAE_DTYPES = [  # (rewards, values, response_mask); verl's GAE computes `1 - mask`: no bool masks
+    (torch.float32, torch.float32, torch.long), (torch.float32, torch.float32, torch.float32),
+    (torch.float64, torch.float64, torch.long),
+    (torch.float32, torch.float64, torch.long), (torch.float32, torch.float32, torch.float64),
+    (torch.bfloat16, torch.bfloat16, torch.long), (torch.float32, torch.bfloat16, torch.long)]
+
+
+@pytest.mark.parametrize("dtypes", GAE_DTYPES, ids=lambda d: "-".join(str(x).split(".")[1] for x in d))
+@pytest.mark.parametrize("b,t", SHAPES, ids=SHAPE_IDS)
+def test_gae_returns_what_verl_returns(b, t, dtypes):
+    r_dtype, v_dtype, m_dtype = dtypes
+    rewards, values = torch.randn(b, t).to(r_dtype), torch.randn(b, t).to(v_dtype)
+    mask = _mask(b, t, m_dtype)
+    their_adv, their_ret = core_algos.compute_gae_advantage_return(rewards, values, mask, 0.97, 0.9)
+    our_adv, our_ret = dvpo_verl.compute_gae_advantage_return(rewards, values, mask, 0.97, 0.9)
+    assert (our_adv.shape, our_ret.shape) == (their_adv.shape, their_ret.shape) == ((b, t), (b, t))
+    assert (our_adv.dtype, our_ret.dtype) == (their_adv.dtype, their_ret.dtype)
+    real = mask.bool()
+    low = torch.bfloat16 in dtypes  # verl's loop runs in bf16, dvpo's in float32
+    tol = dict(rtol=5e-2, atol=5e-2) if low else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_ret[real].double(), their_ret[real].double(), **tol)
+    torch.testing.assert_close(our_adv[real].double(), their_adv[real].double(), **tol)
+    # N quantiles in, N quantiles out (N = 1 included), in the same dtype
+    for n in (1, 5):
+        q = values.unsqueeze(-1) + torch.zeros(n, dtype=v_dtype)
+        _, ret_q = dvpo_verl.compute_gae_advantage_return(rewards, q, mask, 0.97, 0.9)
+        assert ret_q.shape == (b, t, n) and ret_q.dtype == their_ret.dtype
+        torch.testing.assert_close(ret_q[..., 0], our_ret)
+
+
+LOSS_DTYPES = [  # (vpreds, returns, values, response_mask)
+    (torch.float32, torch.float32, torch.float32, torch.long), (torch.float64,) * 3 + (torch.long,),
+    (torch.float32, torch.float32, torch.float32, torch.float64), (torch.float32, torch.float64, torch.float32,
+                                                                   torch.bool),
+    (torch.bfloat16, torch.float32, torch.bfloat16, torch.long), (torch.bfloat16,) * 3 + (torch.bool,),
+    (torch.bfloat16,) * 3 + (torch.float32,)]
+
+
+@pytest.mark.parametrize("dtypes", LOSS_DTYPES, ids=lambda d: "-".join(str(x).split(".")[1] for x in d))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("b,t", SHAPES, ids=SHAPE_IDS)
+def test_value_loss_returns_what_verl_returns(b, t, mode, dtypes):
+    v_dtype, r_dtype, o_dtype, m_dtype = dtypes
+    vpreds, returns, values = torch.randn(b, t).to(v_dtype), torch.randn(b, t).to(r_dtype), torch.randn(b, t).to(o_dtype)
+    mask = _mask(b, t, m_dtype)
+    theirs, their_frac = core_algos.compute_value_loss(vpreds, returns, values, mask, 0.3, mode)
+    ours, our_frac = dvpo_verl.compute_value_loss(vpreds, returns, values, mask, 0.3, mode, config=dvpo_verl.mse_config())
+    assert ours.shape == theirs.shape == () and our_frac.shape == their_frac.shape == ()
+    assert (ours.dtype, our_frac.dtype) == (theirs.dtype, their_frac.dtype)
+    low = torch.bfloat16 in dtypes
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=2e-2 if low else 1e-5, atol=1e-6)
+    torch.testing.assert_close(our_frac, their_frac)
+    loss_mat = torch.rand(b, t).to(v_dtype)
+    agg_theirs = core_algos.agg_loss(loss_mat, mask, mode)
+    agg_ours = dvpo_verl.agg_loss(loss_mat, mask, mode)
+    assert agg_ours.dtype == agg_theirs.dtype
+    torch.testing.assert_close(agg_ours.double(), agg_theirs.double(), rtol=1e-2 if low else 1e-6, atol=1e-6)
+
+
+def test_wrong_shapes_are_named_errors_not_broadcasts():
+    b, t, n = 4, 6, 3
+    rewards, values, mask = torch.randn(b, t), torch.randn(b, t), torch.ones(b, t, dtype=torch.long)
+    gae = dvpo_verl.compute_gae_advantage_return
+    with pytest.raises(ValueError, match=r"token_level_rewards must have shape \[B, T\].*\[4, 6\], got \[4, 6, 1\]"):
+        gae(rewards.unsqueeze(-1), values, mask, 1.0, 0.95)
+    with pytest.raises(ValueError, match=r"response_mask must have shape \[B, T\].*\[4, 6\], got \[4, 1\]"):
+        gae(rewards, values, mask[:, :1], 1.0, 0.95)
+    with pytest.raises(ValueError, match=r"values must have shape"):
+        gae(rewards, torch.randn(b), mask, 1.0, 0.95)
+    loss = dvpo_verl.compute_value_loss
+    q = torch.randn(b, t, n)
+    with pytest.raises(ValueError, match=r"values \(the old values\) must have the shape of vpreds, \[4, 6, 3\]"):
+        loss(q, q, values, mask, 0.2)                      # [B, T] old values next to [B, T, N] predictions
+    with pytest.raises(ValueError, match=r"values \(the old values\) must have the shape of vpreds, \[4, 6, 1\]"):
+        loss(values, values, q, mask, 0.2)
+    with pytest.raises(ValueError, match=r"returns must have shape \[B, T\] = \[4, 6\]"):
+        loss(values, torch.randn(b, t + 1), values, mask, 0.2)
+    with pytest.raises(ValueError, match=r"response_mask must have shape \[B, T\] = \[4, 6\], got \[4, 6, 1\]"):
+        loss(values, values, values, mask.unsqueeze(-1), 0.2)
+    with pytest.raises(ValueError, match=r"vpreds must have shape"):
+        loss(torch.randn(b), values, values, mask, 0.2)
+    with pytest.raises(ValueError, match=r"loss_mask must have shape \[B, T\] \(the shape of loss_mat\) = \[4, 6\]"):
+        dvpo_verl.agg_loss(torch.rand(b, t), mask[:1], "token-mean")
+
+
+@pytest.mark.parametrize("b,t", SHAPES, ids=SHAPE_IDS)
+def test_dvpo_gae_into_verls_own_value_loss(b, t):
+    """The issue's case: dvpo's returns fed to verl's own value loss (B = T = 6 gave 10.654 instead of
+    1.6391 with [B, T, 1] returns) equal verl's returns fed to it, for any B, T."""
+    g = torch.Generator().manual_seed(6)
+    rewards, values = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
+    vpreds = values + 0.5 * torch.randn(b, t, generator=g)
+    mask = _mask(b, t, torch.long)
+    _, ours = dvpo_verl.compute_gae_advantage_return(rewards, values, mask, 1.0, 0.95)
+    _, theirs = core_algos.compute_gae_advantage_return(rewards, values, mask, 1.0, 0.95)
+    with_ours, _ = core_algos.compute_value_loss(vpreds, ours, values, mask, 0.2, "token-mean")
+    with_theirs, _ = core_algos.compute_value_loss(vpreds, theirs, values, mask, 0.2, "token-mean")
+    torch.testing.assert_close(with_ours, with_theirs, rtol=1e-5, atol=1e-6)

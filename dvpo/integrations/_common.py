@@ -17,6 +17,11 @@ Conventions (the same in every adapter):
   (through the clipped quantiles only where they are inside the clip range). `clipfrac` is the
   fraction of real tokens where the clipped branch's loss is strictly larger. With
   `cliprange_value=None` there is no clipping (one fused kernel call instead of two) and clipfrac = 0.
+* Shapes are checked at the boundary and never broadcast: a wrong shape is a ValueError that names
+  the argument and the shape it must have. What goes in comes out: `[B, T]` values give `[B, T]`
+  returns, `[B, T, N]` give `[B, T, N]` (heads `[B, T, H, N]` give the head mean's `[B, T, N]`).
+* Output dtypes follow each framework's own type promotion (`result_dtype`); the arithmetic runs in
+  at least float32 (dvpo's kernels) and is cast to that dtype at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ __all__ = [
     "clipped_critic_loss",
     "distributional_returns",
     "masked_whiten",
+    "check_token_tensor",
+    "result_dtype",
+    "quantile_mean",
+    "expand_token_mask",
 ]
 
 # A quantile Huber kappa so large that the Huber loss is quadratic for every residual a float32
@@ -57,14 +66,15 @@ def mse_config() -> CriticLossConfig:
     `|tau - 1{u < 0}| * L_k(u) = 0.5 * L_k(u)` with `u = R - v`, and `L_k(u) = 0.5 u^2` while
     `|u| <= kappa` (`kappa = MSE_KAPPA`, never exceeded by a finite fp32 square). So the term is
     `0.25 (v - R)^2`; the weight `qh = 2` makes it `0.5 (v - R)^2`; every other term is switched off
-    (weight 0). All factors are powers of two, so the per-token value is bitwise `0.5 * (v - R)^2` in
+    (weight 0) and the Huber loss is not divided by kappa (`normalize_kappa=False`; the default
+    config divides). All factors are powers of two, so the per-token value is bitwise `0.5 * (v - R)^2` in
     float64 (and matches the frameworks' MSE value losses to rounding in every dtype).
 
     With N > 1 (or M > 1) the same config is a plain quantile regression with quadratic loss, that is
     `(1/(N M)) sum_ij |tau_i - 1{u_ij<0}| (z_j - theta_i)^2` (an expectile loss), not an MSE.
     """
-    return CriticLossConfig(kappa=MSE_KAPPA, qh=2.0, risk=0.0, cvar=0.0, gain=0.0, shift=0.0, shape=0.0,
-                            curv=0.0, consist=0.0)
+    return CriticLossConfig(kappa=MSE_KAPPA, normalize_kappa=False, qh=2.0, risk=0.0, cvar=0.0, gain=0.0,
+                            shift=0.0, shape=0.0, curv=0.0, consist=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,9 +167,9 @@ def aggregate(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str = "token-m
     """
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {', '.join(LOSS_AGG_MODES)}; got {loss_agg_mode!r}")
-    if loss_mat.dim() < 1 or loss_mask.shape != loss_mat.shape:
-        raise ValueError(f"loss_mask must have the shape of the per-token loss {tuple(loss_mat.shape)}, "
-                         f"got {tuple(loss_mask.shape)}")
+    if not isinstance(loss_mat, torch.Tensor) or loss_mat.dim() != 2:
+        raise ValueError(f"loss_mat must be the per-token loss, shape [B, T], got {_shape_of(loss_mat)}")
+    check_token_tensor(loss_mask, "loss_mask", tuple(loss_mat.shape), what="[B, T] (the shape of loss_mat)")
     m = loss_mask.to(loss_mat.dtype)
     masked = torch.where(loss_mask != 0, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)) * m
     if loss_agg_mode == "token-mean":
@@ -227,71 +237,124 @@ def clip_delta(v: Tensor, old: Tensor, eps: float) -> Tensor:
     return old + (v - old).clamp(-eps, eps)
 
 
-def as_quantiles(x: Tensor, name: str, lead: Tuple[int, ...]) -> Tensor:
-    """`[B, T]` -> `[B, T, 1]` (a scalar critic is one quantile); `[B, T, N]` and `[B, T, H, N]` pass."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if tuple(x.shape[:len(lead)]) != tuple(lead) or x.dim() < len(lead):
-        raise ValueError(f"{name} must have shape {list(lead)}, {list(lead) + ['N']} or {list(lead) + ['H', 'N']}, "
-                         f"got {tuple(x.shape)}")
-    if x.dim() == len(lead):
-        return x.unsqueeze(-1)
-    if x.dim() > len(lead) + 2:
-        raise ValueError(f"{name} must have shape {list(lead)}, {list(lead) + ['N']} or {list(lead) + ['H', 'N']}, "
-                         f"got {tuple(x.shape)}")
+def _dims(shape) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _shape_of(x) -> str:
+    return _dims(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_token_tensor(x: Tensor, name: str, lead: Tuple[int, ...], *, what: str = "[B, T]") -> Tensor:
+    """`x` must be a tensor of exactly the per-token shape `lead` (`[B, T]`); a ValueError naming
+    `name` and the expected shape otherwise (no broadcasting: `[B, 1]` or `[B, T, 1]` are errors)."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(lead):
+        raise ValueError(f"{name} must have shape {what} = {_dims(lead)}, got {_shape_of(x)}")
     return x
 
 
-def _old_like(old: Tensor, pred: Tensor, lead) -> Tensor:
-    """Old values broadcast to the prediction's shape (`[B, T, N]` old values clip every head)."""
-    old = as_quantiles(old, "values (old values)", lead)
-    if old.dim() == pred.dim() - 1 and pred.dim() == len(lead) + 2:
-        old = old.unsqueeze(-2)
-    try:
-        torch.broadcast_shapes(old.shape, pred.shape)
-    except RuntimeError:
-        raise ValueError(f"the old values (shape {tuple(old.shape)}) must match the predictions "
-                         f"(shape {tuple(pred.shape)})") from None
-    return old
+def as_quantiles(x: Tensor, name: str, lead: Tuple[int, ...]) -> Tensor:
+    """`[B, T]` -> `[B, T, 1]` (a scalar critic is one quantile); `[B, T, N]` and `[B, T, H, N]` pass.
+    Anything else (other leading dims, more dims) is a ValueError naming `name`."""
+    if (not isinstance(x, torch.Tensor) or x.dim() < len(lead) or x.dim() > len(lead) + 2
+            or tuple(x.shape[:len(lead)]) != tuple(lead)):
+        raise ValueError(f"{name} must have shape [B, T] = {_dims(lead)}, [B, T, N] = {_dims(lead)[:-1]}, N] or "
+                         f"[B, T, H, N] = {_dims(lead)[:-1]}, H, N], got {_shape_of(x)}")
+    if x.dim() == len(lead):
+        return x.unsqueeze(-1)
+    return x
+
+
+def result_dtype(*tensors, floor: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype a framework's own arithmetic on these tensors ends in: torch's type promotion over
+    their dtypes (`None` and Python numbers ignored; integer/bool masks do not change a float dtype),
+    promoted with `floor` if given (verl and OpenRLHF multiply by a `.float()` sequence mask in their
+    sequence-level modes, which makes a bf16 loss float32). Integer-only inputs give float32."""
+    dtype = None
+    for x in tensors:
+        if isinstance(x, torch.Tensor):
+            dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
+    if dtype is None or not dtype.is_floating_point:
+        dtype = torch.float32
+    if floor is not None:
+        dtype = torch.promote_types(dtype, floor)
+    return dtype
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dvpo's kernels compute in float32 or float64: the output dtype widened to at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def quantile_mean(x: Tensor, lead: Tuple[int, ...], name: str = "values") -> Tensor:
+    """The scalar value per token: `[B, T]` as is, `[B, T, N]` -> mean over N, `[B, T, H, N]` -> mean
+    over heads and quantiles. For the frameworks' metrics, which expect `[B, T]`."""
+    x = as_quantiles(x, name, lead)
+    return x.reshape(*lead, -1).mean(-1)
+
+
+def expand_token_mask(mask: Tensor, x: Tensor, *, mask_name: str = "mask", x_name: str = "values") -> Tensor:
+    """`mask` `[B, T]` viewed as `[B, T, 1, ...]` to multiply or fill `x` (`[B, T]`, `[B, T, N]` or
+    `[B, T, H, N]`) per token. The mask must be exactly `x.shape[:2]` (no other broadcasting)."""
+    if not isinstance(x, torch.Tensor) or not 2 <= x.dim() <= 4:
+        raise ValueError(f"{x_name} must have shape [B, T], [B, T, N] or [B, T, H, N], got {_shape_of(x)}")
+    check_token_tensor(mask, mask_name, tuple(x.shape[:2]))
+    return mask.reshape(*mask.shape, *([1] * (x.dim() - 2)))
+
+
+def _old_like(old: Tensor, pred: Tensor, lead, name: str, pred_name: str) -> Tensor:
+    """The old values in the prediction's shape: the same shape, or `[B, T, N]` for heads
+    `[B, T, H, N]` (every head is clipped around the old ensemble). Nothing else is broadcast."""
+    old_q = as_quantiles(old, f"{name} (the old values)", lead)
+    if old_q.shape == pred.shape:
+        return old_q
+    if pred.dim() == len(lead) + 2 and old_q.dim() == len(lead) + 1 and old_q.shape[-1] == pred.shape[-1]:
+        return old_q.unsqueeze(-2)
+    heads = f" or [B, T, N] = {_dims(pred.shape[:2] + pred.shape[-1:])}" if pred.dim() == 4 else ""
+    raise ValueError(f"{name} (the old values) must have the shape of {pred_name}, {_dims(pred.shape)}{heads}, "
+                     f"got {_shape_of(old)}")
 
 
 def clipped_critic_loss(vpreds: Tensor, returns: Tensor, old_values: Optional[Tensor], mask: Optional[Tensor],
                         cliprange_value: Optional[float], *, config: Optional[CriticLossConfig] = None,
-                        taus: Optional[Tensor] = None, clip: Callable = clip_bounds):
+                        taus: Optional[Tensor] = None, clip: Callable = clip_bounds,
+                        names: Tuple[str, str, str, str] = ("vpreds", "returns", "values", "mask")):
     """Per-token `max(L(v), L(v_clip))` of the fused DVPO critic loss, unreduced.
 
     `vpreds`: `[B, T]`, `[B, T, N]` or heads `[B, T, H, N]`; `returns`: `[B, T]` or `[B, T, M]`;
-    `old_values`: like `vpreds` (or `[B, T, N]` for heads); `mask`: `[B, T]` (any dtype, nonzero =
-    real token). Returns `(per_token [B, T] fp32 (fp64 for fp64 inputs), clipped [B, T] bool,
-    terms)` where `clipped` marks tokens whose clipped branch is strictly larger and `terms` are the
-    unclipped branch's eight per-token terms (for logging).
+    `old_values`: the shape of `vpreds` (or `[B, T, N]` for heads); `mask`: `[B, T]` (any dtype,
+    nonzero = real token). `names` are the caller's argument names for (vpreds, returns, old values,
+    mask), used in the ValueErrors. Returns `(per_token [B, T] fp32 (fp64 for fp64 inputs),
+    clipped [B, T] bool, terms)` where `clipped` marks tokens whose clipped branch is strictly larger
+    and `terms` are the unclipped branch's eight per-token terms (for logging).
     """
-    if not isinstance(vpreds, torch.Tensor) or vpreds.dim() < 2:
-        raise ValueError(f"vpreds must be a [B, T], [B, T, N] or [B, T, H, N] tensor, got "
-                         f"{getattr(vpreds, 'shape', type(vpreds).__name__)}")
+    v_name, r_name, o_name, m_name = names
+    if not isinstance(vpreds, torch.Tensor) or not 2 <= vpreds.dim() <= 4:
+        raise ValueError(f"{v_name} must have shape [B, T], [B, T, N] or [B, T, H, N], got {_shape_of(vpreds)}")
     lead = tuple(vpreds.shape[:2])
-    pred = as_quantiles(vpreds, "vpreds", lead)
-    target = as_quantiles(returns, "returns", lead)
-    if target.dim() != 3:
-        raise ValueError(f"returns must be [B, T] or [B, T, M], got {tuple(returns.shape)}")
+    pred = as_quantiles(vpreds, v_name, lead)
+    if not isinstance(returns, torch.Tensor) or returns.dim() not in (2, 3) or tuple(returns.shape[:2]) != lead:
+        raise ValueError(f"{r_name} must have shape [B, T] = {_dims(lead)} or [B, T, M] = {_dims(lead)[:-1]}, M] "
+                         f"(the first two dims of {v_name}), got {_shape_of(returns)}")
+    target = as_quantiles(returns, r_name, lead)
     dtype = torch.promote_types(pred.dtype, target.dtype)
     pred = pred.to(dtype)
     target = target.detach().to(dtype)
     real = None
     if mask is not None:
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"the mask must have shape {list(lead)} (the leading dims of vpreds), "
-                             f"got {tuple(mask.shape)}")
-        real = mask != 0
+        real = check_token_tensor(mask, m_name, lead) != 0
     if taus is not None:
         taus = taus.to(device=pred.device, dtype=dtype)
     cfg = CriticLossConfig() if config is None else config
+    old = None
+    if cliprange_value is not None:
+        if old_values is None:
+            raise ValueError(f"{o_name} (the old values) are required for value clipping "
+                             f"(cliprange_value is not None)")
+        old = _old_like(old_values, pred, lead, o_name, v_name).detach().to(dtype)
     out = ops.critic_loss(pred, target, taus, mask=real, config=cfg, reduction="none")
-    if cliprange_value is None:
+    if old is None:
         return out.loss, torch.zeros(lead, dtype=torch.bool, device=pred.device), out.terms
-    if old_values is None:
-        raise ValueError("old values are required for value clipping (cliprange_value is not None)")
-    old = _old_like(old_values, pred, lead).detach().to(dtype)
     pred_clipped = clip(pred, old, float(cliprange_value))
     out_clipped = ops.critic_loss(pred_clipped, target, taus, mask=real, config=cfg, reduction="none")
     per_token = torch.max(out.loss, out_clipped.loss)
@@ -302,19 +365,33 @@ def clipped_critic_loss(vpreds: Tensor, returns: Tensor, old_values: Optional[Te
 # Distributional GAE on framework tensors
 # ----------------------------------------------------------------------------------------------
 
-def distributional_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma, lam):
-    """`dvpo.ops.distributional_gae` on framework tensors: `values` `[B, T]`, `[B, T, N]` or heads
-    `[B, T, H, N]` (the head mean is used), `mask` of any dtype. Returns (advantages `[B, T]`
-    unwhitened, returns `[B, T, N]`), 0 at padding; the scan links consecutive real tokens."""
-    if not isinstance(values, torch.Tensor) or values.dim() < 2:
-        raise ValueError(f"values must be [B, T], [B, T, N] or [B, T, H, N], got "
-                         f"{getattr(values, 'shape', type(values).__name__)}")
+def distributional_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma, lam, *,
+                           names: Tuple[str, str, str] = ("rewards", "values", "mask"),
+                           dtype: Optional[torch.dtype] = None):
+    """`dvpo.ops.distributional_gae` on framework tensors.
+
+    `values` `[B, T]`, `[B, T, N]` or heads `[B, T, H, N]` (the head mean is used); `rewards` and
+    `mask` (any dtype, nonzero = real token) exactly `[B, T]`. `names` are the caller's argument
+    names (for the ValueErrors). Returns (advantages `[B, T]` unwhitened, returns in the shape of
+    `values`: `[B, T]` for `[B, T]`, `[B, T, N]` for `[B, T, N]` and for heads), 0 at padding,
+    computed in `compute_dtype(dtype)` (`dtype`: default `result_dtype(rewards, values)`); the
+    caller casts to its framework's dtype. The scan links consecutive real tokens.
+    """
+    r_name, v_name, m_name = names
+    if not isinstance(values, torch.Tensor) or not 2 <= values.dim() <= 4:
+        raise ValueError(f"{v_name} must have shape [B, T], [B, T, N] or [B, T, H, N], got {_shape_of(values)}")
     lead = tuple(values.shape[:2])
-    v = as_quantiles(values, "values", lead).detach()
+    check_token_tensor(rewards, r_name, lead, what=f"[B, T] (the first two dims of {v_name})")
+    check_token_tensor(mask, m_name, lead, what=f"[B, T] (the first two dims of {v_name})")
+    acc = compute_dtype(result_dtype(rewards, values) if dtype is None else dtype)
+    v = values.detach().to(acc)
     if v.dim() == 4:
         v = v.mean(-2)
-    if not v.is_floating_point():
-        v = v.float()
-    r = rewards.detach().to(v.dtype)
-    real = (mask != 0)
-    return ops.distributional_gae(r, v, real, gamma=float(gamma), lam=float(lam))
+    scalar = v.dim() == 2
+    if scalar:
+        v = v.unsqueeze(-1)
+    advantages, returns = ops.distributional_gae(rewards.detach().to(acc), v, mask != 0, gamma=float(gamma),
+                                                 lam=float(lam))
+    if scalar:
+        returns = returns.squeeze(-1)
+    return advantages, returns

@@ -4,12 +4,15 @@ GAE its training step inlines.
 TRL's `PPOTrainer` (`trl.experimental.ppo`, TRL 0.2x - 1.12; removed from TRL 1.13) builds the value
 model as a `*ForSequenceClassification` model with `num_labels=1`, reads its `.score` head through
 `get_reward` / `PolicyAndValueWrapper`, squeezes the last dim, and inlines GAE and the clipped value
-loss in `train()`. The changes (docs/integrations.md has the full diff):
+loss in `train()`. The changes (docs/integrations.md has the full diff, which the tests apply to
+TRL's own `train()` and run):
 
     value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     dvpo_trl.attach_quantile_head(value_model, num_quantiles=N)          # .score -> [.., N]
 
-    # in train(): GAE (instead of the reversed loop), values [B, T, N]
+    # in train(): padding (instead of masked_fill with the [B, T] mask), values [B, T] or [B, T, N]
+    values = dvpo_trl.fill_padding(values, padding_mask_p1, 0)
+    # in train(): GAE (instead of the reversed loop)
     advantages, returns = dvpo_trl.compute_advantages_and_returns(rewards, values, ~padding_mask_p1,
                                                                    args.gamma, args.lam)
     # in train(): the value loss (instead of vpredclipped ... vf_clipfrac)
@@ -17,7 +20,10 @@ loss in `train()`. The changes (docs/integrations.md has the full diff):
                                                        ~padding_mask_p1[micro_batch_inds],
                                                        args.cliprange_value, config=cfg)
 
-This module does not import TRL.
+With N = 1, TRL's `.squeeze(-1)` leaves `[B, T]` tensors; every function here takes them and gives
+TRL's shapes back (`[B, T]` returns). `config=mse_config()` makes `compute_value_loss` TRL's own
+`0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2), mask)` for N = M = 1 (tested against TRL's
+`masked_mean`). This module does not import TRL.
 """
 
 from __future__ import annotations
@@ -28,11 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CriticLossConfig
-from ._common import (MSE_KAPPA, QuantileValueHead, clip_bounds, clipped_critic_loss, distributional_returns,
-                      masked_mean, mse_config)
+from ._common import (MSE_KAPPA, QuantileValueHead, clip_bounds, clipped_critic_loss, compute_dtype,
+                      distributional_returns, expand_token_mask, masked_mean, mse_config, result_dtype)
 
-__all__ = ["attach_quantile_head", "compute_value_loss", "compute_advantages_and_returns", "QuantileValueHead",
-           "mse_config", "MSE_KAPPA"]
+__all__ = ["attach_quantile_head", "compute_value_loss", "compute_advantages_and_returns", "fill_padding",
+           "QuantileValueHead", "mse_config", "MSE_KAPPA"]
 
 
 def attach_quantile_head(value_model: nn.Module, num_quantiles: int, num_heads: int = 1, *,
@@ -60,38 +66,55 @@ def attach_quantile_head(value_model: nn.Module, num_quantiles: int, num_heads: 
     return head
 
 
+def fill_padding(values: Tensor, padding_mask: Tensor, value: float = 0.0) -> Tensor:
+    """`torch.masked_fill(values, padding_mask, value)` for TRL's `[B, T]` padding masks and values of
+    any critic: `[B, T]` (N = 1, after TRL's `.squeeze(-1)`), `[B, T, N]` or `[B, T, H, N]`. The mask
+    must be exactly `values.shape[:2]` (a ValueError naming it otherwise); it is never broadcast
+    across the token dim, which `padding_mask.unsqueeze(-1)` would do for `[B, T]` values."""
+    return torch.masked_fill(values, expand_token_mask(padding_mask, values, mask_name="padding_mask",
+                                                       x_name="values"), value)
+
+
 def compute_value_loss(vpred: Tensor, values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: Optional[float],
                        *, config: Optional[CriticLossConfig] = None, taus: Optional[Tensor] = None,
                        return_terms: bool = False):
     """TRL's inlined clipped value loss, for quantiles: returns `(vf_loss, vf_clipfrac)`.
 
     Args (TRL's local variables): `vpred` the new quantiles `[B, T, N]` (heads `[B, T, H, N]`,
-    `[B, T]` is N = 1), `values` the rollout's (`mb_values`), `returns` the targets `[B, T, M]`
-    (`mb_return`), `mask` the real tokens (TRL's `~padding_mask_p1[micro_batch_inds]`),
-    `cliprange_value` (`args.cliprange_value`; None: no clipping).
+    `[B, T]` is N = 1), `values` the rollout's (`mb_values`, the shape of `vpred`), `returns` the
+    targets `[B, T]` or `[B, T, M]` (`mb_return`), `mask` the real tokens `[B, T]` (TRL's
+    `~padding_mask_p1[micro_batch_inds]`), `cliprange_value` (`args.cliprange_value`; None: no
+    clipping).
 
     `vf_loss` is the masked token mean of `max(L(vpred), L(vpred_clipped))` (`0.5 * masked_mean(
     vf_loss_max, mask)` of TRL's when `config=mse_config()` and N = M = 1); `vf_clipfrac` the
-    fraction of real tokens where the clipped branch is larger. An all-padding micro-batch gives 0.
+    fraction of real tokens where the clipped branch is larger. Both are 0-dim, in the dtypes TRL's
+    lines give. An all-padding micro-batch gives 0. Wrong shapes are ValueErrors naming the argument.
     """
     per_token, clipped, terms = clipped_critic_loss(vpred, returns, values, mask, cliprange_value, config=config,
-                                                    taus=taus, clip=clip_bounds)
-    vf_loss = masked_mean(per_token, mask)
-    vf_clipfrac = masked_mean(clipped.float(), mask)
+                                                    taus=taus, clip=clip_bounds,
+                                                    names=("vpred", "returns", "values", "mask"))
+    dtype = result_dtype(vpred, values, returns, mask)
+    vf_loss = masked_mean(per_token.to(compute_dtype(dtype)), mask).to(dtype)
+    vf_clipfrac = masked_mean(clipped.float(), mask).to(torch.promote_types(torch.float32, mask.dtype))
     if return_terms:
         return vf_loss, vf_clipfrac, terms
     return vf_loss, vf_clipfrac
 
 
 def compute_advantages_and_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float):
-    """Distributional GAE replacing TRL's reversed loop: rewards `[B, T]`, values `[B, T, N]` (heads
-    use their mean; `[B, T]` is N = 1), `mask` the real tokens (`~padding_mask_p1`). Returns
-    (advantages `[B, T]`, the quantile mean, *not* whitened: TRL's next line whitens them;
-    returns `[B, T, N]`), 0 at padding.
+    """Distributional GAE replacing TRL's reversed loop: rewards `[B, T]`, values `[B, T]` (N = 1, what
+    TRL's `.squeeze(-1)` leaves), `[B, T, N]` or heads `[B, T, H, N]` (their mean is used), `mask` the
+    real tokens `[B, T]` (`~padding_mask_p1`). Returns (advantages `[B, T]`, the quantile mean, *not*
+    whitened: TRL's next line whitens them; returns in the shape of `values`, `[B, T, N]` for
+    heads), 0 at padding, in the dtype of TRL's loop (`rewards` and `values` promoted).
 
     TRL's loop runs over every position with values and rewards already 0 past the response; dvpo's
     scan skips masked positions. They agree on real tokens when each row's real tokens are a prefix
     (TRL's layout), which the tests check against TRL's formula.
     """
+    dtype = result_dtype(rewards, values)
     with torch.no_grad():
-        return distributional_returns(rewards, values, mask, gamma, lam)
+        advantages, returns = distributional_returns(rewards, values, mask, gamma, lam,
+                                                     names=("rewards", "values", "mask"), dtype=dtype)
+    return advantages.to(dtype), returns.to(dtype)

@@ -10,9 +10,15 @@
 
 Signatures, argument names and return conventions are verl's (0.9: `core_algos.compute_value_loss`,
 `core_algos.agg_loss`, `core_algos.compute_gae_advantage_return`), with dvpo's keyword-only extras
-(`config`, `taus`). Scalar tensors (`[B, T]`) are accepted as one quantile, so with
-`config=mse_config()` these functions reproduce verl's own on verl's inputs (tested against the
-installed package). `patch_verl()` installs them into a running verl (see docs/integrations.md).
+(`config`, `taus`). Scalar tensors (`[B, T]`) are accepted as one quantile and give verl's shapes
+back (`[B, T]` values -> `[B, T]` returns), in verl's dtypes.
+
+The exact verl value loss: `config=mse_config()` makes `compute_value_loss` verl's
+`0.5 * agg(max((v - R)^2, (v_clip - R)^2))` for N = M = 1 (`[B, T]` tensors), to the last bit in
+float64. With it, verl 0.9.1's own test files for the value loss, `agg_loss`, GAE and the data
+metrics pass with these functions patched in (tools/upstream_tests.sh). The intended deviations
+from verl (0 instead of NaN for an all-masked batch, 0 at padding, ...) are listed in
+docs/integrations.md. `patch_verl()` installs them into a running verl (see docs/integrations.md).
 
 This module imports nothing from verl at import time; only `patch_verl` and `value_loss` need it.
 """
@@ -28,7 +34,8 @@ from torch import Tensor
 
 from ..config import CriticLossConfig
 from ._common import (LOSS_AGG_MODES, MSE_KAPPA, QuantileValueHead, aggregate, clip_bounds, clipped_critic_loss,
-                      distributional_returns, masked_mean, masked_whiten, mse_config)
+                      compute_dtype, distributional_returns, masked_mean, masked_whiten, mse_config, quantile_mean,
+                      result_dtype)
 
 __all__ = [
     "compute_value_loss",
@@ -43,13 +50,21 @@ __all__ = [
 ]
 
 
+def _agg_dtype(loss_agg_mode, *tensors) -> torch.dtype:
+    # verl's seq-mean modes multiply by a `.float()` sequence mask (a bf16 loss comes out float32)
+    floor = torch.float32 if loss_agg_mode.startswith("seq-mean") else None
+    return result_dtype(*tensors, floor=floor)
+
+
 def agg_loss(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str, dp_size: int = 1,
              batch_num_tokens: Optional[int] = None, global_batch_size: Optional[int] = None,
              loss_scale_factor: Optional[int] = None) -> Tensor:
-    """verl's `agg_loss` (same arguments and modes, see `dvpo.integrations._common.aggregate`);
-    an all-masked micro-batch gives 0, not NaN."""
-    return aggregate(loss_mat, loss_mask, loss_agg_mode, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                     global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor, seq_count_eps=1e-8)
+    """verl's `agg_loss` (same arguments and modes, see `dvpo.integrations._common.aggregate`), in
+    verl's output dtype; an all-masked micro-batch gives 0, not NaN."""
+    dtype = _agg_dtype(loss_agg_mode, loss_mat, loss_mask, batch_num_tokens, global_batch_size)
+    return aggregate(loss_mat.to(compute_dtype(dtype)), loss_mask, loss_agg_mode, dp_size=dp_size,
+                     batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                     loss_scale_factor=loss_scale_factor, seq_count_eps=1e-8).to(dtype)
 
 
 def compute_value_loss(vpreds: Tensor, returns: Tensor, values: Tensor, response_mask: Tensor,
@@ -76,14 +91,26 @@ def compute_value_loss(vpreds: Tensor, returns: Tensor, values: Tensor, response
         return_terms: also return the unclipped branch's eight per-token terms (dict of `[B, T]`).
 
     Returns:
-        `(vf_loss, vf_clipfrac)`: the aggregated `max(L(v), L(v_clip))` (fp32, differentiable) and
-        the fraction of real tokens where the clipped branch is larger (a 0-dim tensor, as verl).
+        `(vf_loss, vf_clipfrac)`: the aggregated `max(L(v), L(v_clip))` (differentiable) and the
+        fraction of real tokens where the clipped branch is larger, both 0-dim tensors in the dtypes
+        verl's function returns for the same inputs (float32 for float32 and bf16 tensors, float64
+        when any input is float64; computed in at least float32).
+
+    Raises:
+        ValueError: a tensor of the wrong shape (named, with the shape it must have); nothing is
+            broadcast.
     """
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {', '.join(LOSS_AGG_MODES)}; got {loss_agg_mode!r}")
     per_token, clipped, terms = clipped_critic_loss(vpreds, returns, values, response_mask, cliprange_value,
-                                                    config=config, taus=taus, clip=clip_bounds)
-    vf_loss = agg_loss(per_token, response_mask, loss_agg_mode, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                       global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor)
-    vf_clipfrac = masked_mean(clipped.float(), response_mask)
+                                                    config=config, taus=taus, clip=clip_bounds,
+                                                    names=("vpreds", "returns", "values", "response_mask"))
+    dtype = _agg_dtype(loss_agg_mode, vpreds, returns, values, response_mask, batch_num_tokens, global_batch_size)
+    vf_loss = aggregate(per_token.to(compute_dtype(dtype)), response_mask, loss_agg_mode, dp_size=dp_size,
+                        batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
+                        loss_scale_factor=loss_scale_factor, seq_count_eps=1e-8).to(dtype)
+    vf_clipfrac = masked_mean(clipped.float(), response_mask).to(torch.promote_types(torch.float32,
+                                                                                       response_mask.dtype))
     if return_terms:
         return vf_loss, vf_clipfrac, terms
     return vf_loss, vf_clipfrac
@@ -95,24 +122,32 @@ def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, re
 
     Args:
         token_level_rewards: `[B, T]`.
-        values: the old quantiles `[B, T, N]` (heads `[B, T, H, N]` use their mean; `[B, T]` is N = 1).
+        values: the old values: verl's scalar `[B, T]`, quantiles `[B, T, N]`, or heads
+            `[B, T, H, N]` (their mean is used).
         response_mask: `[B, T]`; the scan skips padding and observation tokens (links consecutive
             real tokens), as verl's does.
         gamma, lam: floats (or 0-dim tensors) in [0, 1].
         whiten: whiten the advantages over real tokens, as verl does (default True).
 
     Returns:
-        advantages `[B, T]` (the quantile mean of the per-quantile GAE, whitened) and returns
-        `[B, T, N]` (`values + A`, the critic's targets), both 0 at padding. verl leaves non-zero
-        values at padding tokens; they are masked out everywhere downstream, so only real tokens
-        are comparable.
+        advantages `[B, T]` (the quantile mean of the per-quantile GAE, whitened) and returns in the
+        shape of `values` (`[B, T]` for verl's `[B, T]`, `[B, T, N]` for quantiles and heads), in
+        verl's dtype for these inputs. Both are 0 at padding; verl leaves non-zero values there
+        (masked out everywhere downstream), so only real tokens are comparable.
+
+    Raises:
+        ValueError: `token_level_rewards` or `response_mask` not exactly `[B, T]` (the first two dims
+            of `values`), or `values` not 2-4 dimensional.
     """
+    dtype = result_dtype(token_level_rewards, values, response_mask)
     with torch.no_grad():
-        advantages, returns = distributional_returns(token_level_rewards, values, response_mask, gamma, lam)
+        advantages, returns = distributional_returns(token_level_rewards, values, response_mask, gamma, lam,
+                                                     names=("token_level_rewards", "values", "response_mask"),
+                                                     dtype=dtype)
         if whiten:
             real = (response_mask != 0)
             advantages = torch.where(real, masked_whiten(advantages, real), torch.zeros_like(advantages))
-    return advantages, returns
+    return advantages.to(dtype), returns.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,9 +177,7 @@ def value_loss(config, model_output, data, dp_group=None, *, dvpo_config: Option
         cliprange_value=config.cliprange_value, loss_agg_mode=config.loss_agg_mode, dp_size=dp_size,
         batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor, config=dvpo_config)
-    vp = vpreds.detach().float()
-    if vp.dim() > 2:
-        vp = vp.reshape(vp.shape[0], vp.shape[1], -1).mean(-1)
+    vp = quantile_mean(vpreds.detach().float(), tuple(response_mask.shape), "values (model output)")
     metrics = {
         "critic/vf_loss": Metric(value=vf_loss, aggregation=aggregation),
         "critic/vf_clipfrac": vf_clipfrac.detach().item(),
@@ -153,7 +186,7 @@ def value_loss(config, model_output, data, dp_group=None, *, dvpo_config: Option
     return vf_loss, metrics
 
 
-_PATCHED = {}
+_PATCHED = []   # (container, key, original, is_item) in patching order
 
 
 def _quantile_mean_batch(batch):
@@ -179,9 +212,11 @@ def patch_verl(config: Optional[CriticLossConfig] = None, num_quantiles: Optiona
     Replaces, in verl's modules (idempotent; `unpatch_verl()` restores them):
 
     * `core_algos.compute_gae_advantage_return` (used by `ray_trainer.compute_advantage` for
-      `algorithm.adv_estimator=gae`): distributional GAE on `[B, T, N]` values;
+      `algorithm.adv_estimator=gae`) and its entry in `core_algos.ADV_ESTIMATOR_REGISTRY` (what
+      `get_adv_estimator_fn("gae")` returns): distributional GAE on `[B, T, N]` values;
     * `core_algos.compute_value_loss` and `workers.utils.losses.compute_value_loss`: the clipped
-      DVPO critic loss with `config`;
+      DVPO critic loss with `config` (`config=mse_config()`: verl's own MSE value loss, exactly, on
+      verl's scalar critic);
     * `workers.utils.losses.value_loss` (the critic's loss function the trainer sends to the critic
       workers): `value_loss` above (metrics over quantile means);
     * `metric_utils.compute_data_metrics` (and its import in `ray_trainer`): values/returns metrics
@@ -205,18 +240,23 @@ def patch_verl(config: Optional[CriticLossConfig] = None, num_quantiles: Optiona
     import verl.workers.utils.losses as losses
 
     unpatch_verl()
-    originals = {}
+    saved = []
 
     def setattr_saved(module, name, value):
-        originals[(module, name)] = getattr(module, name)
+        saved.append((module, name, getattr(module, name), False))
         setattr(module, name, value)
 
-    loss_fn = functools.partial(compute_value_loss, config=config)
+    original_gae = core_algos.compute_gae_advantage_return
+    loss_fn = _with_config(compute_value_loss, "config", config)
     setattr_saved(core_algos, "compute_gae_advantage_return", compute_gae_advantage_return)
+    registry = getattr(core_algos, "ADV_ESTIMATOR_REGISTRY", {})
+    for key, fn in list(registry.items()):
+        if fn is original_gae:
+            saved.append((registry, key, fn, True))
+            registry[key] = compute_gae_advantage_return
     setattr_saved(core_algos, "compute_value_loss", loss_fn)
     setattr_saved(losses, "compute_value_loss", loss_fn)
-    setattr_saved(losses, "value_loss", functools.partial(value_loss, dvpo_config=config) if config is not None
-                  else value_loss)
+    setattr_saved(losses, "value_loss", _with_config(value_loss, "dvpo_config", config))
 
     original_metrics = metric_utils.compute_data_metrics
 
@@ -245,11 +285,30 @@ def patch_verl(config: Optional[CriticLossConfig] = None, num_quantiles: Optiona
             return original_load(*args, **kwargs)
 
         setattr_saved(verl_model, "load_valuehead_model", load_valuehead_model)
-    _PATCHED.update(originals)
+    _PATCHED.extend(saved)
+
+
+def _with_config(fn, keyword: str, config: Optional[CriticLossConfig]):
+    """`fn` with `keyword=config` as a default (a named function, unlike functools.partial, so verl
+    and its tests see a plain function); `fn` itself when config is None. The config is kept on
+    the wrapper as `.dvpo_config`."""
+    if config is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        kwargs.setdefault(keyword, config)
+        return fn(*args, **kwargs)
+
+    wrapper.dvpo_config = config
+    return wrapper
 
 
 def unpatch_verl() -> None:
     """Undo `patch_verl`."""
-    for (module, name), original in list(_PATCHED.items()):
-        setattr(module, name, original)
+    for container, key, original, is_item in reversed(_PATCHED):
+        if is_item:
+            container[key] = original
+        else:
+            setattr(container, key, original)
     _PATCHED.clear()

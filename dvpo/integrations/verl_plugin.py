@@ -7,7 +7,11 @@ verl imports the modules named in `VERL_USE_EXTERNAL_MODULES` in every process t
     export DVPO_VERL_NUM_QUANTILES=32                      # critic head: Linear(hidden, 32)
     export DVPO_VERL_CONFIG='{"alpha": 0.1, "beta": 0.1}'  # optional: dvpo.CriticLossConfig fields
 
-Without `DVPO_VERL_NUM_QUANTILES` the critic head is left as verl builds it (N = 1).
+Without `DVPO_VERL_NUM_QUANTILES` the critic head is left as verl builds it (N = 1); the values are
+then verl's `[B, T]` and so are the returns. `DVPO_VERL_CONFIG` with `mse_config()`'s fields
+(`{"kappa": 1e18, "normalize_kappa": false, "qh": 2.0, "risk": 0, "cvar": 0, "gain": 0, "shift": 0,
+"shape": 0, "curv": 0, "consist": 0}`) is verl's own value loss, exactly. Tested by driving verl's
+trainer code with this module loaded (tests/test_integrations_verl_plugin.py).
 """
 
 from __future__ import annotations
