@@ -24,7 +24,6 @@ import copy
 import importlib
 import importlib.machinery
 import importlib.util
-import inspect
 import os
 import re
 import sys

@@ -13,8 +13,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from tests.test_doc_recipes import require
 
 REPO = Path(__file__).resolve().parents[1]
