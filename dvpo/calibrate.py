@@ -136,8 +136,10 @@ def metrics(theta: torch.Tensor, t: Truth, alpha: float, beta: float) -> Dict[st
 
 
 def train(name: str, kind: str, n: int, config: CriticLossConfig, *, steps: int, batch: int,
-          seed: int = 0, lr: float = 0.02) -> torch.Tensor:
-    """Train direct quantile parameters [H, N] on per-sample targets; returns the ensemble [N]."""
+          seed: int = 0, lr: float = 0.02, average: float = 0.3) -> torch.Tensor:
+    """Train direct quantile parameters [H, N] on per-sample targets; returns the ensemble [N],
+    averaged over the last `average` fraction of the steps (Polyak averaging: the converged value
+    without the last steps' sampling noise)."""
     from . import ops
 
     g = torch.Generator().manual_seed(seed)
@@ -149,7 +151,9 @@ def train(name: str, kind: str, n: int, config: CriticLossConfig, *, steps: int,
     opt = torch.optim.Adam([heads], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     m_mc = max(1, round(LAM * n)) if kind == "mixture" else 1
-    for _ in range(steps):
+    first_avg = steps - max(1, int(average * steps))
+    acc, count = torch.zeros(n, dtype=torch.float64), 0
+    for step in range(steps):
         g_ret = sampler(g, batch).float()
         if kind == "point":
             target = g_ret.unsqueeze(-1)
@@ -162,7 +166,10 @@ def train(name: str, kind: str, n: int, config: CriticLossConfig, *, steps: int,
         out.loss.backward()
         opt.step()
         sched.step()
-    return heads.detach().mean(0)
+        if step >= first_avg:
+            acc += heads.detach().mean(0).double()
+            count += 1
+    return (acc / count).float()
 
 
 def predicted_lower_width(t: Truth, config: CriticLossConfig) -> float:
@@ -308,6 +315,7 @@ def _positive_int(text):
 
 def add_arguments(parser):
     parser.add_argument("--out", default="calibration", help="output folder (results.md/.csv, PNGs)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--dist", action="append", choices=list(DISTRIBUTIONS),
                         help="a distribution (repeatable; default: all)")
     parser.add_argument("--config", action="append", choices=list(configs()),
@@ -321,6 +329,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dists, ns, steps = args.dist, tuple(args.n or (32, 200)), args.steps
     if args.quick:
         dists, ns, steps = dists or ["binary", "bimodal"], tuple(args.n or (32,)), min(steps, 400)

@@ -12,6 +12,15 @@ import json
 from typing import Optional
 
 
+def _loss_defaults():
+    # dvpo.config imports torch only for a type: cheap enough here
+    from dvpo.config import CriticLossConfig
+    return CriticLossConfig()
+
+
+_LOSS = _loss_defaults()
+
+
 def _f(default, help_text, **kw):
     return dataclasses.field(default=default, metadata={"help": help_text, **kw})
 
@@ -95,21 +104,28 @@ class TrainConfig(SFTConfig):
     taus: str = _f("midpoint", "quantile grid: midpoint (2i-1)/2N or paper i/N", choices=("midpoint", "paper"))
     advantage: str = _f("mean", "dvpo actor advantage: mean over quantiles, or cvar:ALPHA (risk-sensitive)")
     grpo_scale: bool = _f(True, "grpo: divide by the group std (off: Dr. GRPO)")
-    kappa: float = _f(1.0, "critic loss: Huber kappa")
-    alpha: float = _f(0.1, "critic loss: lower-tail level alpha")
-    beta: float = _f(0.1, "critic loss: upper-tail level beta")
-    risk_gamma: float = _f(1.0, "critic loss: risk weight exponent gamma")
-    normalize_kappa: bool = _f(False, "critic loss: divide the Huber loss by kappa")
-    tail_targets: str = _f("consistent", "critic loss tail terms: consistent with per-sample targets, or the "
+    # critic loss: defaults are dvpo.CriticLossConfig's (docs/math.md; --tail-targets recipe and --kappa 1
+    # --no-normalize-kappa with every --loss-* at 1 give the published recipe)
+    kappa: float = _f(_LOSS.kappa, "critic loss: Huber kappa")
+    alpha: float = _f(_LOSS.alpha, "critic loss: lower-tail level alpha")
+    beta: float = _f(_LOSS.beta, "critic loss: upper-tail level beta")
+    risk_gamma: float = _f(_LOSS.risk_gamma, "critic loss: risk weight exponent gamma")
+    normalize_kappa: bool = _f(_LOSS.normalize_kappa, "critic loss: divide the Huber loss by kappa")
+    tail_targets: str = _f(_LOSS.tail_targets, "critic loss tail terms: consistent with per-sample targets, or the "
                            "published recipe's (which collapses the distribution)", choices=("consistent", "recipe"))
-    loss_qh: float = _f(1.0, "critic loss weight: quantile Huber")
-    loss_risk: float = _f(1.0, "critic loss weight: risk-weighted quantile loss")
-    loss_cvar: float = _f(1.0, "critic loss weight: lower-tail CVaR alignment")
-    loss_gain: float = _f(1.0, "critic loss weight: upper-tail gain")
-    loss_shift: float = _f(1.0, "critic loss weight: mean shift")
-    loss_shape: float = _f(1.0, "critic loss weight: tail shape")
-    loss_curv: float = _f(1.0, "critic loss weight: tail curvature")
-    loss_consist: float = _f(1.0, "critic loss weight: multi-head consistency")
+    lower_contraction: float = _f(_LOSS.lower_contraction, "critic loss: shrink the lower tail about its VaR by "
+                                  "1 - this (consistent tails)")
+    upper_expansion: float = _f(_LOSS.upper_expansion, "critic loss: widen the upper tail by 1 + this (consistent tails)")
+    shift_expectile: float = _f(_LOSS.shift_expectile, "critic loss: expectile of the mean anchor, 0.5 = the mean "
+                                "(consistent tails)")
+    loss_qh: float = _f(_LOSS.qh, "critic loss weight: quantile Huber")
+    loss_risk: float = _f(_LOSS.risk, "critic loss weight: risk-weighted quantile loss")
+    loss_cvar: float = _f(_LOSS.cvar, "critic loss weight: lower-tail CVaR alignment")
+    loss_gain: float = _f(_LOSS.gain, "critic loss weight: upper-tail gain")
+    loss_shift: float = _f(_LOSS.shift, "critic loss weight: mean shift")
+    loss_shape: float = _f(_LOSS.shape, "critic loss weight: tail shape")
+    loss_curv: float = _f(_LOSS.curv, "critic loss weight: tail curvature")
+    loss_consist: float = _f(_LOSS.consist, "critic loss weight: multi-head consistency")
     # rewards
     missing_fill: float = _f(0.0, "the reward used where missing:P withheld it")
     # logging, evaluation, checkpoints
@@ -123,7 +139,9 @@ class TrainConfig(SFTConfig):
         from dvpo import CriticLossConfig
 
         return CriticLossConfig(kappa=self.kappa, alpha=self.alpha, beta=self.beta, risk_gamma=self.risk_gamma,
-                                normalize_kappa=self.normalize_kappa, tail_targets=self.tail_targets, qh=self.loss_qh, risk=self.loss_risk,
+                                normalize_kappa=self.normalize_kappa, tail_targets=self.tail_targets,
+                                lower_contraction=self.lower_contraction, upper_expansion=self.upper_expansion,
+                                shift_expectile=self.shift_expectile, qh=self.loss_qh, risk=self.loss_risk,
                                 cvar=self.loss_cvar, gain=self.loss_gain, shift=self.loss_shift,
                                 shape=self.loss_shape, curv=self.loss_curv, consist=self.loss_consist)
 
@@ -227,6 +245,7 @@ def _value_types() -> dict:
         "grad_clip": cli.nonneg_float, "kl_coef": cli.nonneg_float, "entropy_coef": cli.finite_float,
         "vf_coef": cli.nonneg_float, "gamma": cli.probability, "lam": cli.probability,
         "kappa": cli.positive_float, "alpha": cli.level, "beta": cli.level, "risk_gamma": cli.finite_float,
+        "lower_contraction": cli.probability, "upper_expansion": cli.nonneg_float, "shift_expectile": cli.probability,
         "missing_fill": cli.finite_float,
     }
     for name in ("hidden", "layers", "heads", "ffn", "max_positions", "sft_steps", "sft_batch", "sft_eval_every",
@@ -295,7 +314,19 @@ def check_config(cfg) -> Optional[tuple]:
         return "--group-size", cfg.group_size, "an integer >= 2 for --algo grpo (group statistics)"
     if not cfg.model and cfg.hidden % cfg.heads:         # transformers rejects it with a long traceback
         return "--heads", cfg.heads, f"a divisor of --hidden ({cfg.hidden})"
+    if hasattr(cfg, "critic_loss_config"):
+        try:
+            cfg.critic_loss_config()
+        except ValueError as exc:  # "config.FIELD must be ..., got X": name the flag that set it
+            msg = str(exc)
+            field = msg.split()[0].removeprefix("config.")
+            flag = "--" + ("loss_" + field if field in _LOSS_WEIGHTS else field).replace("_", "-")
+            return flag, getattr(cfg, "loss_" + field if field in _LOSS_WEIGHTS else field, None), \
+                msg.split(" must be ", 1)[-1].rsplit(", got", 1)[0]
     return None
+
+
+_LOSS_WEIGHTS = ("qh", "risk", "cvar", "gain", "shift", "shape", "curv", "consist")
 
 
 def _unwrap(v):
