@@ -283,7 +283,11 @@ def plot(out: str, truths: Dict[str, Truth], learned: Dict, names: List[str]) ->
                     continue
                 taus = (torch.arange(theta.numel(), dtype=torch.float64) + 0.5) / theta.numel()
                 ax.plot(taus.numpy(), theta.double().numpy(), lw=1.3, label=c)  # in index order: crossings show
-            ax.set_title(f"{d}, {kind} targets, N={n_max}")
+            # a collapsed fit can spike far outside the truth: keep the truth's range readable
+            q_lo, q_hi = t.quantiles[0].item(), t.quantiles[-1].item()
+            pad = 0.25 * (q_hi - q_lo)
+            ax.set_ylim(q_lo - pad, q_hi + pad)
+            ax.set_title(f"{d}, {kind} targets, N={n_max} (y clipped to the truth's range)")
             ax.set_xlabel("quantile level tau")
             ax.set_ylabel("return")
             ax.grid(alpha=0.3)
