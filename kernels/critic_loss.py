@@ -1,13 +1,13 @@
-"""The fused DVPO critic loss (DESIGN.md term 10): the eight per-token terms, the weighted total and
-the gradient w.r.t. every head, in one kernel launch.
+"""The fused DVPO critic loss (docs/math.md, "10. The fused critic loss"): the eight per-token terms,
+the weighted total and the gradient w.r.t. every head, in one kernel launch.
 
 Grid: one program per block of BLOCK_T tokens (BLOCK_T = 1 for large rows). Targets are detached,
 so the gradient is computed here, in the forward pass; the autograd backward only scales it.
 
-Two tail-term modes (params[8], the TAIL_MODE constexpr: each mode is its own specialization):
-recipe (0: the targets' own tails, terms as DESIGN.md) and consistent (1: dvpo.reference's
-consistent_tail_terms / expectile_shift_per_token: targets about theta's own VaR atoms, built from
-one pass over the target row, no target selection).
+Two tail-term modes (params' tail_mode entry, the TAIL_MODE constexpr: each mode is its own
+specialization): recipe (0: the targets' own tails, docs/math.md, "The recipe's forms") and
+consistent (1: dvpo.reference's consistent_tail_terms / expectile_shift_per_token: targets about
+theta's own VaR atoms, built from one pass over the target row, no target selection).
 
 Phase A (row statistics, rows in registers: theta = mean of the heads [BLOCK_T, N_PAD], targets
 [BLOCK_T, M_PAD]):
@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dvpo.config import PARAM_NAMES, TERM_NAMES
 from dvpo.reference import curvature_counts
 
 from . import _common
@@ -51,7 +52,16 @@ from ._common import (SUM, acc_dtype, configs, curv_weights, device_guard, head_
                       prune_tiles, row_keys2, tail_coef, tail_select, tail_stats, tile_config, tl_acc)
 from .quantile_huber import qh_rows
 
-N_TERMS = 8
+# The term order is dvpo.config's TERM_NAMES (the one source of truth; csrc/terms.h is generated from
+# it): the kernel writes each term at its TERM_NAMES index and takes the weights by name.
+N_TERMS = len(TERM_NAMES)
+N_PARAMS = len(PARAM_NAMES)  # the op's `params`: the term weights, tail_mode, lo_scale, hi_scale, shift_expectile
+_N_TERMS = tl.constexpr(N_TERMS)
+_QH, _RISK, _CVAR, _GAIN, _SHIFT, _SHAPE, _CURV, _CONSIST = (  # each term's index, looked up by name
+    tl.constexpr(TERM_NAMES.index(name))
+    for name in ("qh", "risk", "cvar", "gain", "shift", "shape", "curv", "consist"))
+_TAIL_MODE, _LO_SCALE, _HI_SCALE, _SHIFT_EXPECTILE = (
+    PARAM_NAMES.index(name) for name in ("tail_mode", "lo_scale", "hi_scale", "shift_expectile"))
 
 # (BLOCK_T, BLOCK_N, BLOCK_M, num_warps); the pruning keeps those that fit the rows (see prune_tiles).
 _GPU_CONFIGS = [tile_config(*c) for c in [
@@ -96,7 +106,7 @@ def _critic_loss_kernel(
     h_base = heads_ptr + tok * s_ht
     z_base = target_ptr + tok * s_zt
     g_row = (grad_ptr + tok * (H * N))[:, None]
-    o_base = terms_ptr + tok * 8
+    o_base = terms_ptr + tok * _N_TERMS
     rows = tl.arange(0, BLOCK_N)
     zero = tl.full([BLOCK_T], 0, ACC)
     if tl.reduce(keep.to(tl.int32), 0, SUM) > 0:
@@ -278,14 +288,14 @@ def _critic_loss_kernel(
         total = (w_qh * qh_t + w_risk * risk_t + w_cvar * cvar_t + w_gain * gain_t + w_shift * shift_t
                  + w_shape * shape_t + w_curv * curv_t + w_consist * cons_t)
         tl.store(total_ptr + tok, tl.where(keep, total * mw, 0.0), mask=tv)
-        tl.store(o_base + 0, tl.where(keep, qh_t * mw, 0.0), mask=tv)
-        tl.store(o_base + 1, tl.where(keep, risk_t * mw, 0.0), mask=tv)
-        tl.store(o_base + 2, tl.where(keep, cvar_t * mw, 0.0), mask=tv)
-        tl.store(o_base + 3, tl.where(keep, gain_t * mw, 0.0), mask=tv)
-        tl.store(o_base + 4, tl.where(keep, shift_t * mw, 0.0), mask=tv)
-        tl.store(o_base + 5, tl.where(keep, shape_t * mw, 0.0), mask=tv)
-        tl.store(o_base + 6, tl.where(keep, curv_t * mw, 0.0), mask=tv)
-        tl.store(o_base + 7, tl.where(keep, cons_t * mw, 0.0), mask=tv)
+        tl.store(o_base + _QH, tl.where(keep, qh_t * mw, 0.0), mask=tv)
+        tl.store(o_base + _RISK, tl.where(keep, risk_t * mw, 0.0), mask=tv)
+        tl.store(o_base + _CVAR, tl.where(keep, cvar_t * mw, 0.0), mask=tv)
+        tl.store(o_base + _GAIN, tl.where(keep, gain_t * mw, 0.0), mask=tv)
+        tl.store(o_base + _SHIFT, tl.where(keep, shift_t * mw, 0.0), mask=tv)
+        tl.store(o_base + _SHAPE, tl.where(keep, shape_t * mw, 0.0), mask=tv)
+        tl.store(o_base + _CURV, tl.where(keep, curv_t * mw, 0.0), mask=tv)
+        tl.store(o_base + _CONSIST, tl.where(keep, cons_t * mw, 0.0), mask=tv)
     else:
         for n0 in range(0, N, BLOCK_N):
             offs = n0 + rows
@@ -295,11 +305,12 @@ def _critic_loss_kernel(
                 tl.store(g_ptr, tl.full([BLOCK_T, BLOCK_N], 0, ACC), mask=st_ok)
                 g_ptr += N
         tl.store(total_ptr + tok, zero, mask=tv)
-        for k in range(8):
+        for k in range(_N_TERMS):
             tl.store(o_base + k, zero, mask=tv)
 
 
-N_PARAMS = 12  # dvpo.config.PARAM_NAMES: the 8 term weights, tail_mode, lo_scale, hi_scale, shift_expectile
+# The kernel's w_<name>_ arguments, in its signature's order (the launcher passes the weights by name).
+KERNEL_WEIGHT_ORDER = tuple(a[len("w_"):-1] for a in _critic_loss_kernel.arg_names if a.startswith("w_"))
 
 
 def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params, select="auto"):
@@ -317,19 +328,18 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
                          f"<= {_common.MAX_ROW}, got N={N}, M={M}")
     p = [float(x) for x in params]
     if len(p) != N_PARAMS:
-        raise ValueError(f"params must hold the {N_PARAMS} kernel parameters (8 term weights, tail_mode, "
+        raise ValueError(f"params must hold the {N_PARAMS} kernel parameters ({N_TERMS} term weights, tail_mode, "
                          f"lo_scale, hi_scale, shift_expectile), got {len(p)}")
-    consistent = p[8] != 0  # tail_mode: 0 recipe, 1 (any other value, as the reference) consistent
-    w = p[:N_TERMS]
-    lo_scale, hi_scale, tau_s = p[9:12]
+    consistent = p[_TAIL_MODE] != 0  # tail_mode: 0 recipe, 1 (any other value, as the reference) consistent
+    w = dict(zip(TERM_NAMES, p[:N_TERMS]))
+    lo_scale, hi_scale, tau_s = p[_LO_SCALE], p[_HI_SCALE], p[_SHIFT_EXPECTILE]
     acc = acc_dtype(heads.dtype)
     total = heads.new_empty((T,), dtype=acc)
     terms = heads.new_empty((T, N_TERMS), dtype=acc)
     grad = heads.new_empty((T, H, N), dtype=acc)
     if T == 0:
         return total, terms, grad
-    do = {name: w[k] != 0 for k, name in enumerate(("qh", "risk", "cvar", "gain", "shift", "shape", "curv",
-                                                       "consist"))}
+    do = {name: w[name] != 0 for name in TERM_NAMES}
     do["curv"] = do["curv"] and N >= 3
     do["consist"] = do["consist"] and H > 1
     n_lo, n_hi = curvature_counts(N, alpha, beta) if N >= 3 else (1, 1)  # on the host, in double
@@ -351,7 +361,8 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
             T, H, N, M, heads.stride(0), heads.stride(1), heads.stride(2), target.stride(0), target.stride(1),
             max(1, math.ceil(a_lo_n)), max(1, math.ceil(a_hi_n)), max(1, math.ceil(a_lo_m)),
             max(1, math.ceil(a_hi_m)), n_lo, n_hi,
-            float(kappa), float(qh_scale), a_lo_n, a_hi_n, a_lo_m, a_hi_m, *w, *tails, tau_s,
+            float(kappa), float(qh_scale), a_lo_n, a_hi_n, a_lo_m, a_hi_m,
+            *(w[name] for name in KERNEL_WEIGHT_ORDER), *tails, tau_s,
             TAIL_MODE=int(consistent), HAS_MASK=mk is not None, DO_QH=do["qh"], DO_RISK=do["risk"],
             DO_CVAR=do["cvar"], DO_GAIN=do["gain"], DO_SHIFT=do["shift"], DO_SHAPE=do["shape"],
             DO_CURV=do["curv"], DO_CONSIST=do["consist"], DO_LO=do["cvar"] or do["shape"],

@@ -1,6 +1,6 @@
-// C++ CPU fused DVPO critic loss (DESIGN.md, term 10): one pass over a token computes the eight
-// per-token terms and, because the targets are detached, the gradient of the weighted total w.r.t.
-// the heads. Per token:
+// C++ CPU fused DVPO critic loss (docs/math.md, "10. The fused critic loss"): one pass over a token
+// computes the eight per-token terms and, because the targets are detached, the gradient of the
+// weighted total w.r.t. the heads. Per token:
 //   theta = mean of the heads; QH and risk-weighted QH share one pass over the (i, j) pairs
 //   (pairwise, or from the sorted targets with algorithm="sorted"); the tail terms (CVaR, gain,
 //   shape) use exact tail selection (kern::select_tails: no sort) of theta and, in the recipe's
@@ -11,6 +11,7 @@
 // (mask weight 0) are never read and give 0; a token with a non-finite theta or target value gives
 // NaN for the total, every computed term and the gradient. No [tokens, N, M] buffer.
 
+#include "../terms.h"  // kTerms, the term indices kQH..kConsist and the params indices (generated)
 #include "common.h"
 #include "kernels.h"
 #include "ops.h"
@@ -19,9 +20,6 @@ namespace dvpo {
 namespace cpu {
 
 namespace {
-
-constexpr int kTerms = 8;  // qh, risk, cvar, gain, shift, shape, curv, consist (TERM_NAMES order)
-constexpr size_t kParams = 12;  // the weights, then tail_mode, lo_scale, hi_scale, shift_expectile
 
 template <typename T>
 using key_t = kern::key_t<T>;
@@ -43,7 +41,7 @@ struct CriticArgs {
   double alpha, beta, lo_scale, hi_scale, tau_s;  // consistent tail mode only
   bool sorted;
   T* total;  // [T]
-  T* terms;  // [T, 8]
+  T* terms;  // [T, kTerms]
   T* grad;   // [T, H, N]
 };
 
@@ -144,7 +142,7 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
   const T* zs = nullptr;  // sorted target, when the sorted algorithm ran
 
   // Terms 1 and 2: quantile Huber and risk-weighted quantile Huber, one pass over the pairs.
-  if (a.w[0] != T(0) || a.w[1] != T(0)) {
+  if (a.w[kQH] != T(0) || a.w[kRisk] != T(0)) {
     if (a.sorted) {
       const kern::SortedTargets<T> st = kern::sort_targets<T>(z, M, s.sort);
       zs = st.zs;
@@ -158,15 +156,15 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
       lq += static_cast<double>(s.L[i]);
       lr += static_cast<double>(a.risk_w[i]) * static_cast<double>(s.L[i]);
     }
-    term[0] = a.w[0] != T(0) ? static_cast<T>(lq * static_cast<double>(a.qh_scale)) : T(0);
-    term[1] = a.w[1] != T(0) ? static_cast<T>(lr * static_cast<double>(a.qh_scale)) : T(0);
-    const T g0 = -a.qh_scale * a.w[0], g1 = -a.qh_scale * a.w[1];
+    term[kQH] = a.w[kQH] != T(0) ? static_cast<T>(lq * static_cast<double>(a.qh_scale)) : T(0);
+    term[kRisk] = a.w[kRisk] != T(0) ? static_cast<T>(lr * static_cast<double>(a.qh_scale)) : T(0);
+    const T g0 = -a.qh_scale * a.w[kQH], g1 = -a.qh_scale * a.w[kRisk];
 #pragma omp simd
     for (int64_t i = 0; i < N; ++i) g[i] += (g0 + g1 * a.risk_w[i]) * s.D[i];
   }
 
-  const bool need_lo = a.w[2] != T(0) || a.w[5] != T(0);
-  const bool need_hi = a.w[3] != T(0) || a.w[5] != T(0);
+  const bool need_lo = a.w[kCvar] != T(0) || a.w[kShape] != T(0);
+  const bool need_hi = a.w[kGain] != T(0) || a.w[kShape] != T(0);
   T f_lo = 0, f_hi = 0;      // multipliers of c_lo and c_hi in the gradient
   T f_vlo = 0, f_vhi = 0;    // multipliers of c (theta - centre) (shape)
   T ctr_lo = 0, ctr_hi = 0;  // that centre: theta's CVaR (recipe) or its VaR (consistent)
@@ -190,7 +188,7 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
     kern::ExcessSums ex{0, 0, 0, 0, 0};
     if (need_lo || need_hi) {
       ex = kern::excess_sums<T>(z, M, v_lo, v_hi);  // also gives the shift's sum of z
-    } else if (a.w[4] != T(0)) {
+    } else if (a.w[kShift] != T(0)) {
       ex.sum = kern::sum_double(z, M);
     }
     const double inv_m = 1.0 / static_cast<double>(M);
@@ -210,27 +208,27 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
       ctr_hi = static_cast<T>(v_hi);
     }
     // cvar (C_lo - y_lo)^2, gain (C_hi - y_hi)^2: gradient 2 (C - y) c.
-    if (a.w[2] != T(0)) {
-      term[2] = static_cast<T>(dc_lo * dc_lo);
-      f_lo = static_cast<T>(static_cast<double>(a.w[2]) * 2.0 * dc_lo);
+    if (a.w[kCvar] != T(0)) {
+      term[kCvar] = static_cast<T>(dc_lo * dc_lo);
+      f_lo = static_cast<T>(static_cast<double>(a.w[kCvar]) * 2.0 * dc_lo);
     }
-    if (a.w[3] != T(0)) {
-      term[3] = static_cast<T>(dc_hi * dc_hi);
-      f_hi = static_cast<T>(static_cast<double>(a.w[3]) * 2.0 * dc_hi);
+    if (a.w[kGain] != T(0)) {
+      term[kGain] = static_cast<T>(dc_hi * dc_hi);
+      f_hi = static_cast<T>(static_cast<double>(a.w[kGain]) * 2.0 * dc_hi);
     }
     // shape (S_lo - s_lo)^2 + (S_hi - s_hi)^2: gradient 4 (S - s) c (theta - v).
-    if (a.w[5] != T(0)) {
-      term[5] = static_cast<T>(ds_lo * ds_lo + ds_hi * ds_hi);
-      f_vlo = static_cast<T>(static_cast<double>(a.w[5]) * 4.0 * ds_lo);
-      f_vhi = static_cast<T>(static_cast<double>(a.w[5]) * 4.0 * ds_hi);
+    if (a.w[kShape] != T(0)) {
+      term[kShape] = static_cast<T>(ds_lo * ds_lo + ds_hi * ds_hi);
+      f_vlo = static_cast<T>(static_cast<double>(a.w[kShape]) * 4.0 * ds_lo);
+      f_vhi = static_cast<T>(static_cast<double>(a.w[kShape]) * 4.0 * ds_hi);
     }
     tail_grad_add<T>(g, theta, N, need_lo, need_hi, s.c_lo, s.c_hi, f_lo, f_hi, f_vlo, f_vhi, ctr_lo, ctr_hi);
     // Term 6 (consistent): expectile shift 2 omega d^2, d = mean z - mean theta; gradient -4 omega d / N.
-    if (a.w[4] != T(0)) {
+    if (a.w[kShift] != T(0)) {
       const double d = ex.sum * inv_m - kern::sum_double(theta, N) / static_cast<double>(N);
       const double omega = math::expectile_weight<double>(d, a.tau_s);
-      term[4] = static_cast<T>(2.0 * omega * d * d);
-      const T gd = static_cast<T>(-4.0 * static_cast<double>(a.w[4]) * omega * d / static_cast<double>(N));
+      term[kShift] = static_cast<T>(2.0 * omega * d * d);
+      const T gd = static_cast<T>(-4.0 * static_cast<double>(a.w[kShift]) * omega * d / static_cast<double>(N));
 #pragma omp simd
       for (int64_t i = 0; i < N; ++i) g[i] += gd;
     }
@@ -250,52 +248,52 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
       }
     }
     // Term 4: CVaR alignment (CVaR_a(theta) - CVaR_a(z))^2, gradient 2 d c_lo.
-    if (a.w[2] != T(0)) {
+    if (a.w[kCvar] != T(0)) {
       const T d = cvt_lo - cvz_lo;
-      term[2] = d * d;
-      f_lo += a.w[2] * T(2) * d;
+      term[kCvar] = d * d;
+      f_lo += a.w[kCvar] * T(2) * d;
     }
     // Term 5: upper-tail gain.
-    if (a.w[3] != T(0)) {
+    if (a.w[kGain] != T(0)) {
       const T d = cvt_hi - cvz_hi;
-      term[3] = d * d;
-      f_hi += a.w[3] * T(2) * d;
+      term[kGain] = d * d;
+      f_hi += a.w[kGain] * T(2) * d;
     }
     // Term 7: tail shape relu(V_lo(theta) - V_lo(z)) + relu(V_hi(z) - V_hi(theta)).
-    if (a.w[5] != T(0)) {
+    if (a.w[kShape] != T(0)) {
       const T lo = vt_lo - vz_lo, hi = vz_hi - vt_hi;
-      term[5] = (lo > T(0) ? lo : T(0)) + (hi > T(0) ? hi : T(0));
-      if (lo > T(0)) f_vlo = a.w[5] * T(2);
-      if (hi > T(0)) f_vhi = -a.w[5] * T(2);
+      term[kShape] = (lo > T(0) ? lo : T(0)) + (hi > T(0) ? hi : T(0));
+      if (lo > T(0)) f_vlo = a.w[kShape] * T(2);
+      if (hi > T(0)) f_vhi = -a.w[kShape] * T(2);
     }
     ctr_lo = cvt_lo;
     ctr_hi = cvt_hi;
     tail_grad_add<T>(g, theta, N, need_lo, need_hi, s.c_lo, s.c_hi, f_lo, f_hi, f_vlo, f_vhi, ctr_lo, ctr_hi);
     // Term 6 (recipe): mean shift relu(mean z - mean theta).
-    if (a.w[4] != T(0)) {
+    if (a.w[kShift] != T(0)) {
       const T gap = static_cast<T>(kern::sum_double(z, M) / static_cast<double>(M) -
                                    kern::sum_double(theta, N) / static_cast<double>(N));
       if (gap > T(0)) {
-        term[4] = gap;
-        const T d = -a.w[4] / T(N);
+        term[kShift] = gap;
+        const T d = -a.w[kShift] / T(N);
 #pragma omp simd
         for (int64_t i = 0; i < N; ++i) g[i] += d;
       }
     }
   }
   // Term 8: tail curvature (0 for N < 3).
-  if (a.w[6] != T(0) && N >= 3) {
+  if (a.w[kCurv] != T(0) && N >= 3) {
     T lo, hi;
     math::curvature_means<T>(theta, static_cast<int>(N), a.curv_lo, a.curv_hi, lo, hi);
-    term[6] = (lo > T(0) ? lo : T(0)) + (hi > T(0) ? hi : T(0));
-    if (lo > T(0)) math::curvature_grad_add<T>(g, 0, a.curv_lo, a.w[6]);
-    if (hi > T(0)) math::curvature_grad_add<T>(g, static_cast<int>(N) - 2 - a.curv_hi, a.curv_hi, -a.w[6]);
+    term[kCurv] = (lo > T(0) ? lo : T(0)) + (hi > T(0) ? hi : T(0));
+    if (lo > T(0)) math::curvature_grad_add<T>(g, 0, a.curv_lo, a.w[kCurv]);
+    if (hi > T(0)) math::curvature_grad_add<T>(g, static_cast<int>(N) - 2 - a.curv_hi, a.curv_hi, -a.w[kCurv]);
   }
   // Term 9: consistency of the heads, and the gradient w.r.t. each head.
-  const bool consist = a.w[7] != T(0) && H > 1;
+  const bool consist = a.w[kConsist] != T(0) && H > 1;
   const T inv_h = T(1) / T(H);
   if (consist) {
-    const T gc = a.w[7] * T(2) * math::consistency_scale<T>(static_cast<int>(H)) * mw;  // 4 / (H - 1)
+    const T gc = a.w[kConsist] * T(2) * math::consistency_scale<T>(static_cast<int>(H)) * mw;  // 4 / (H - 1)
     T ss = 0;
     for (int64_t k = 0; k < H; ++k) {
       const T* hk = h + k * N;
@@ -307,7 +305,7 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
         gk[i] = g[i] * inv_h * mw + gc * c;
       }
     }
-    term[7] = math::consistency_scale<T>(static_cast<int>(H)) * ss;
+    term[kConsist] = math::consistency_scale<T>(static_cast<int>(H)) * ss;
   } else {
     for (int64_t k = 0; k < H; ++k) {
       T* gk = out_grad + k * N;
@@ -372,14 +370,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
   TORCH_CHECK(taus.dim() == 1 && taus.size(0) == N, "dvpo_C::critic_loss: taus [N] expected");
   TORCH_CHECK(risk_weights.dim() == 1 && risk_weights.size(0) == N, "dvpo_C::critic_loss: risk_weights [N] expected");
   // params: the 8 term weights, tail_mode (0 recipe, 1 consistent), lo_scale, hi_scale, shift_expectile
-  TORCH_CHECK(params.size() == kParams, "dvpo_C::critic_loss: 12 params expected (8 term weights, tail_mode, ",
-              "lo_scale, hi_scale, shift_expectile), got ", params.size());
+  TORCH_CHECK(params.size() == static_cast<size_t>(kParams), "dvpo_C::critic_loss: ", kParams, " params expected (",
+              kTerms, " term weights, tail_mode, lo_scale, hi_scale, shift_expectile), got ", params.size());
   const at::ArrayRef<double> weights = params.slice(0, kTerms);
-  const double tail_mode = params[kTerms];
+  const double tail_mode = params[kTailMode];
   TORCH_CHECK(tail_mode == 0 || tail_mode == 1, "dvpo_C::critic_loss: tail_mode must be 0 (recipe) or 1 ",
               "(consistent), got ", tail_mode);
   const bool consistent = tail_mode == 1;
-  const double lo_scale = params[kTerms + 1], hi_scale = params[kTerms + 2], tau_s = params[kTerms + 3];
+  const double lo_scale = params[kLoScale], hi_scale = params[kHiScale], tau_s = params[kShiftExpectile];
   TORCH_CHECK(!consistent || (std::isfinite(lo_scale) && std::isfinite(hi_scale) && tau_s > 0 && tau_s < 1),
               "dvpo_C::critic_loss: consistent mode needs finite lo_scale and hi_scale and shift_expectile in ",
               "(0, 1), got ", lo_scale, ", ", hi_scale, " and ", tau_s);
@@ -399,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
   at::Tensor terms = at::empty({T_, kTerms}, hc.options());
   at::Tensor grad = at::empty({T_, H, N}, hc.options());
   if (T_ == 0) return {total, terms, grad};
-  const bool need_qh = weights[0] != 0 || weights[1] != 0;
+  const bool need_qh = weights[kQH] != 0 || weights[kRisk] != 0;
   const bool sorted =
       need_qh && (algo == Algorithm::sorted || (algo == Algorithm::automatic && kern::prefer_sorted(N, M)));
   const Isa isa = active_isa();

@@ -12,7 +12,7 @@
 //   1. qh and risk (the quantile Huber and its risk-weighted form) in one pair pass (qh_pairs,
 //      pairwise.cuh): both share the pairs, the risk term only reweights each atom's sums;
 //   2. the tail terms cvar, gain and shape and the mean-shift term shift; gradients into g in one
-//      pass over each needed tail's coefficients. Two modes (params[8], CriticLossParams::tail_mode):
+//      pass over each needed tail's coefficients. Two modes (params[kTailMode], i.e. tail_mode):
 //      recipe (0): one exact bisection select per row finds both thresholds (lower alpha, upper
 //        beta) of theta and of z; CVaR values and tail variances by coefficient passes (common.cuh):
 //          cvar = (CVaR_a(theta) - CVaR_a(z))^2, gain = (CVaR+_b(theta) - CVaR+_b(z))^2,
@@ -37,6 +37,7 @@
 // plus a shuffle butterfly: no atomics, bitwise deterministic. `algorithm` is ignored (pairwise).
 #include "common.cuh"
 #include "pairwise.cuh"
+#include "terms.h"  // kTerms and the term indices kQH..kConsist (generated from dvpo/config.py)
 
 namespace dvpo {
 namespace cuda {
@@ -60,8 +61,6 @@ struct CriticLayout {
 
 constexpr int kTailRecipe = 0, kTailConsistent = 1;
 
-enum Term { kQh = 0, kRisk, kCvar, kGain, kShift, kShape, kCurv, kConsist, kTerms };
-
 template <typename scalar_t, bool kShared>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     critic_loss_kernel(const CriticLossParams<scalar_t> p, const size_t per_token) {
@@ -84,7 +83,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   for (int t = 0; t < kTerms; ++t) w[t] = static_cast<acc>(p.weights[t]);
   const acc k = static_cast<acc>(p.kappa);
   const acc scale = math::qh_scale<acc>(n, m, k, p.normalize_kappa);
-  const bool do_pairs = w[kQh] != acc(0) || w[kRisk] != acc(0);
+  const bool do_pairs = w[kQH] != acc(0) || w[kRisk] != acc(0);
   const bool need_lo = w[kCvar] != acc(0) || w[kShape] != acc(0);
   const bool need_hi = w[kGain] != acc(0) || w[kShape] != acc(0);
   const bool need_var = w[kShape] != acc(0);
@@ -129,10 +128,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
         const acc rwi = rw[i];
         q_part += loss_i;
         r_part += rwi * loss_i;
-        g[i] = -scale * dsum_i * (w[kQh] + w[kRisk] * rwi);
+        g[i] = -scale * dsum_i * (w[kQH] + w[kRisk] * rwi);
       };
       qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
-      if (w[kQh] != acc(0)) term[kQh] = warp_sum(q_part) * scale;
+      if (w[kQH] != acc(0)) term[kQH] = warp_sum(q_part) * scale;
       if (w[kRisk] != acc(0)) term[kRisk] = warp_sum(r_part) * scale;
     } else {
       for (int i = lane; i < n; i += 32) g[i] = acc(0);

@@ -17,6 +17,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "terms.h"  // kTerms, the term and params indices (generated from dvpo/config.py)
+
 namespace dvpo {
 namespace cuda {
 
@@ -52,7 +54,8 @@ struct QuantileHuberParams {
 };
 
 // ----------------------------------------------------------------------------------------- CVaR
-// value[t] = sum_i coef[t, i] x[t, i]; coef = the sorting-free CVaR coefficients (DESIGN.md, term 3).
+// value[t] = sum_i coef[t, i] x[t, i]; coef = the sorting-free CVaR coefficients (docs/math.md,
+// "3. Sorting-free CVaR").
 template <typename scalar_t>
 struct CvarParams {
   using acc = acc_t<scalar_t>;
@@ -69,12 +72,14 @@ struct CvarParams {
 // ------------------------------------------------------------------------------ fused critic loss
 // The eight per-token terms (TERM_NAMES order: qh, risk, cvar, gain, shift, shape, curv, consist),
 // the weighted total and the gradient of the total w.r.t. the heads, all times the mask weight.
-// The op's 12-entry `params` list (dvpo/config.py, PARAM_NAMES) maps onto the last five fields:
-// params[0..7] = weights, [8] = tail_mode, [9] = lo_scale, [10] = hi_scale, [11] = shift_expectile.
+// The op's kParams-entry `params` list (dvpo/config.py, PARAM_NAMES; indices in csrc/terms.h) maps
+// onto the last five fields: params[0, kTerms) = weights, [kTailMode] = tail_mode, [kLoScale] =
+// lo_scale, [kHiScale] = hi_scale, [kShiftExpectile] = shift_expectile.
 // tail_mode 0 ("recipe") is the original form of the cvar, gain, shift and shape terms (lo_scale,
 // hi_scale and shift_expectile are ignored); tail_mode 1 ("consistent") fits theta's tails to
 // targets built from the target's deviations beyond theta's own VaRs, and the shift term is an
-// expectile loss (spec/consistent_tails.md; the kernel's header comment has the formulas).
+// expectile loss (docs/math.md, "4-9. Tail and shape terms"; the kernel's header comment has the
+// formulas).
 template <typename scalar_t>
 struct CriticLossParams {
   using acc = acc_t<scalar_t>;
@@ -84,13 +89,13 @@ struct CriticLossParams {
   const acc* risk_weights = nullptr; // [N]
   const acc* mask = nullptr;         // [T] or nullptr
   acc* total = nullptr;              // [T] out
-  acc* terms = nullptr;              // [T, 8] out
+  acc* terms = nullptr;              // [T, kTerms] out
   acc* grad = nullptr;               // [T, H, N] out
   int64_t tokens = 0;
   int h = 1, n = 0, m = 0;
   double kappa = 1.0, alpha = 0.1, beta = 0.1;
   bool normalize_kappa = false;
-  double weights[8] = {1, 1, 1, 1, 1, 1, 1, 1};  // term weights, TERM_NAMES order
+  double weights[kTerms] = {1, 1, 1, 1, 1, 1, 1, 1};  // term weights, TERM_NAMES order
   int tail_mode = 0;                              // 0 = recipe, 1 = consistent
   double lo_scale = 1.0;                          // 1 - lower_contraction (consistent mode)
   double hi_scale = 1.0;                          // 1 + upper_expansion (consistent mode)
@@ -99,7 +104,8 @@ struct CriticLossParams {
 };
 
 // ----------------------------------------------------------------------------- distributional GAE
-// adv[b, t] = mean_j A[b, t, j]; ret[b, t, j] = V + A; both 0 where mask == 0 (DESIGN.md, term 11).
+// adv[b, t] = mean_j A[b, t, j]; ret[b, t, j] = V + A; both 0 where mask == 0 (docs/math.md,
+// "11. Distributional GAE").
 template <typename scalar_t>
 struct GaeParams {
   using acc = acc_t<scalar_t>;
