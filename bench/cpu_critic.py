@@ -1,4 +1,4 @@
-"""CPU benchmark of the fused DVPO critic loss (DESIGN.md, "Performance contract", CPU rows).
+"""CPU benchmark of the fused DVPO critic loss (docs/architecture.md, "Performance": its CPU rows).
 
 Forward + backward of the fused critic loss (all eight terms) at 4096 tokens, N = M = 200, H = 3,
 fp32, side by side in one run:

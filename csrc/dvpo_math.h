@@ -2,7 +2,7 @@
 //
 // Torch-free and header-only: CUDA translation units include it as-is (every function is
 // __host__ __device__ there), so the CPU and GPU backends compute the same formulas
-// (DESIGN.md, "The math"). Everything is templated on the accumulation type (float or double).
+// (docs/math.md). Everything is templated on the accumulation type (float or double).
 #pragma once
 
 #include <cstring>  // memcpy (bit casts; also callable in CUDA device code)
@@ -151,7 +151,7 @@ DVPO_HD double order_key_inverse(long long key) {
   return x;
 }
 
-// Sorted quantile Huber (DESIGN.md, "algorithm=sorted"): the sums over j of one atom theta from
+// Sorted quantile Huber (docs/architecture.md, "Pair algorithms"): the sums over j of one atom theta from
 // counts and centred sums over the four contiguous ranges of the sorted targets, with c a centre
 // (any value; the sums are of y = z - c) and d = theta - c:
 //   region 1: u < -k       (n1 targets, sum y: s1)
@@ -179,7 +179,8 @@ DVPO_HD void qh_from_regions(const QHRegions<T>& r, T d, QuantileWeights<T> w, T
   dsum = w.neg * g_neg + w.pos * g_pos;
 }
 
-// Tail curvature (DESIGN.md, term 8) from the telescoping sums of second differences:
+// Tail curvature (docs/math.md, term 8 in "4-9. Tail and shape terms") from the telescoping sums
+// of second differences:
 // sum_{j=a}^{b-1} d2_j = (theta_{b+1} - theta_b) - (theta_{a+1} - theta_a), d2_j = theta_{j+2} -
 // 2 theta_{j+1} + theta_j. lo = mean of the first n_lo, hi = -(mean of the last n_hi); n >= 3.
 template <typename T>
@@ -216,7 +217,8 @@ DVPO_HD T gae_step(T reward, T value, T next_value, T next_adv, T gamma, T gamma
 }
 
 // ---------------------------------------------------------------------------------------------
-// Consistent tail terms (tail_targets="consistent"; spec: consistent_tails.md). The targets are
+// Consistent tail terms (tail_targets="consistent"; docs/math.md, "Why the recipe's forms fail, and the
+// consistent ones"). The targets are
 // built from the critic's own VaR v (detached): their expectation over per-sample returns is the
 // pooled distribution's tail, which the recipe's per-sample CVaR/variance targets are not.
 // ---------------------------------------------------------------------------------------------

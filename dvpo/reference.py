@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference of every formula in DESIGN.md ("The math").
+"""The pure-PyTorch reference of every formula in docs/math.md.
 
 This module is the oracle for all backends: it is written for clarity, differentiable with autograd,
 vectorized (the pairwise quantile Huber materializes `[..., N, M]`, which is what the fused kernels
@@ -184,7 +184,8 @@ def expectile_shift_per_token(theta, target, tau):
 
 
 def curvature_counts(n: int, alpha: float, beta: float):
-    """How many second differences each tail of the curvature term averages (DESIGN.md, term 8)."""
+    """How many second differences each tail of the curvature term averages (docs/math.md, term 8 in
+    "4-9. Tail and shape terms")."""
     return max(1, math.floor(alpha * (n - 2))), max(1, math.floor(beta * (n - 2)))
 
 

@@ -1,4 +1,4 @@
-"""dvpo's Triton kernels (installed as `dvpo.kernels`): every op of DESIGN.md as fused Triton kernels
+"""dvpo's Triton kernels (installed as `dvpo.kernels`): every op of docs/math.md as fused Triton kernels
 that return per-token values and the gradient w.r.t. the prediction in one launch.
 
     quantile_huber      terms 1-2, pairwise and tiled (kernels/quantile_huber.py)

@@ -20,7 +20,8 @@ quantities are [BLOCK_T] vectors and rows are [BLOCK_T, n] tiles reduced along a
   value).
 * `tail_coef`: the per-atom coefficients c_i = clamp(a_n - rank_i, 0, 1)/a_n of a tile, with
   rank_i = L + #{k < i: x_k tied at the threshold} from an exclusive cumsum plus a carry across
-  tiles: exactly the index tie-break of DESIGN.md (rank_i = #{x_k < x_i} + #{k < i: x_k == x_i}).
+  tiles: exactly the index tie-break of docs/math.md, "3. Sorting-free CVaR"
+  (rank_i = #{x_k < x_i} + #{k < i: x_k == x_i}).
 
 Reductions and scans are written `tl.reduce(x, axis, SUM)` / `tl.associative_scan(x, axis, SUM)`
 with Triton's own sum combiner: the same code as `tl.sum`/`tl.cumsum` on the GPU, and the Triton

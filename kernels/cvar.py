@@ -1,4 +1,4 @@
-"""Sorting-free CVaR (DESIGN.md term 3): value and coefficients (= gradient) per token.
+"""Sorting-free CVaR (docs/math.md, "3. Sorting-free CVaR"): value and coefficients (= gradient) per token.
 
 Grid: one program per block of BLOCK_T tokens, each row of N atoms in registers (padded to N_PAD, a
 power of two). The threshold is found without sorting: by rank counting on an [N, N] comparison

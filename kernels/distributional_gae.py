@@ -1,4 +1,4 @@
-"""Distributional GAE (DESIGN.md term 11) as a reverse scan.
+"""Distributional GAE (docs/math.md, "11. Distributional GAE") as a reverse scan.
 
 Grid: (blocks of BLOCK_B sequences, blocks of BLOCK_M quantiles). Each program walks its sequences
 backwards in time, carrying per quantile the value and the advantage of the next real token in

@@ -1,4 +1,5 @@
-"""Quantile Huber loss (DESIGN.md terms 1-2): per-token loss and gradient in one pass.
+"""Quantile Huber loss (docs/math.md, "1-2. Quantile Huber and its risk-weighted form"): per-token
+loss and gradient in one pass.
 
 Grid: one program per block of BLOCK_T tokens (BLOCK_T = 1 for large rows). The program walks the
 N quantiles in tiles of BLOCK_N (theta and tau in registers) and, for each, streams the M targets

@@ -1,4 +1,4 @@
-"""A deliberately naive second implementation of DESIGN.md's math, to check the reference against.
+"""A deliberately naive second implementation of docs/math.md, to check the reference against.
 
 Python loops over plain floats, the *sorted* definitions of CVaR and tail variance (not rank
 counting), the O(H^2) pairwise form of the consistency term, and GAE by walking each sequence's

@@ -1,5 +1,6 @@
 """The benchmark harness (bench/, installed as dvpo.bench): it runs, and its JSON has the documented
-schema. Timings are never asserted (DESIGN.md: performance is measured by bench/, not by tests)."""
+schema. Timings are never asserted (docs/architecture.md, "Performance": performance is measured by
+bench/, not by tests)."""
 
 import importlib.util
 import json

@@ -40,7 +40,8 @@ LOW = (torch.bfloat16, torch.float16)
 _ISA_ORDER = ["baseline", "avx2", "avx512"]
 ISAS = _ISA_ORDER[: _ISA_ORDER.index(cpp.isa(detected=True)) + 1]
 
-# (N, M, H): every size of DESIGN.md's list appears as N and as M, and every H in {1, 2, 3, 5}.
+# (N, M, H): every size of tests/utils.py's SIZES (docs/architecture.md, "Correctness bars") appears as N
+# and as M, and every H in {1, 2, 3, 5}.
 SHAPES = [(1, 1, 1), (1, 7, 2), (2, 3, 3), (3, 2, 5), (7, 32, 1), (32, 7, 2), (200, 3, 3), (3, 200, 5),
           (257, 200, 1), (200, 257, 3), (32, 257, 2), (257, 2, 5), (2, 1, 1), (7, 7, 3)]
 
@@ -80,7 +81,8 @@ def _report_worst_errors():
 
 
 def _check(out, expected, dtype, what, tol=None):
-    """rel_err(out, expected) < tol (the DESIGN.md bar for `dtype` unless given), recording the worst."""
+    """rel_err(out, expected) < tol (unless given, the bar for `dtype` of docs/architecture.md,
+    "Correctness bars"), recording the worst."""
     err = rel_err(out, expected)
     tol = TOL[dtype] if tol is None else tol
     key = (dtype, what)

@@ -64,7 +64,8 @@ def _report_worst_errors():
 
 
 def _ok(err, dtype, what, tol=None):
-    """err < tol (the DESIGN.md bar for `dtype` unless given), recording the worst error."""
+    """err < tol (the bar for `dtype` of docs/architecture.md, "Correctness bars", unless given),
+    recording the worst error."""
     tol = TOL[dtype] if tol is None else tol
     key = (dtype, what)
     WORST[key] = max(WORST.get(key, 0.0), err)
@@ -543,7 +544,8 @@ def test_kernels_compile_for_h100():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_realistic_sizes(dtype):
     """On CUDA (compiled kernels, autotuned): the fused critic loss at N = M = 200, H = 3 and the
-    other ops at DESIGN.md's odd sizes, against autograd of the float64 reference."""
+    other ops at the odd sizes of docs/architecture.md ("Correctness bars"), against autograd of the
+    float64 reference."""
     heads, target = _inputs((4, 256), 3, 200, 200, dtype, ties=False)
     mask = random_mask((4, 256), device=DEVICE)
     for reduction in ("token-mean", "none"):

@@ -1,5 +1,5 @@
 """Shared test helpers: tolerances, relative error, random inputs with ties, crossing quantiles and
-masks with empty rows (DESIGN.md, "Correctness bar")."""
+masks with empty rows (docs/architecture.md, "Correctness bars")."""
 
 import contextlib
 import os

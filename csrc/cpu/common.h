@@ -30,7 +30,8 @@ inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at:
 
 // The kernels read contiguous rows in the accumulation dtype: fp32/fp64 contiguous inputs are used
 // in place; bf16/fp16 or strided inputs are converted/copied once (O(tokens x row) extra memory,
-// within the DESIGN.md bound; converting a masked token's garbage is harmless: it is never read).
+// within the bound of docs/architecture.md, "The kernel interface"; converting a masked token's
+// garbage is harmless: it is never read).
 inline at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous();
 }

@@ -1,7 +1,7 @@
-// C++ CPU sorting-free CVaR (DESIGN.md, term 3): per row, the CVaR of the N equally weighted atoms
-// at `level` (upper tail with `upper`) and its gradient, the coefficients c_i. Exact selection of
-// the tail threshold by counting (kern::select_tails), no sort; the reference's index tie-break.
-// A row with a non-finite value gives NaN (value and coefficients).
+// C++ CPU sorting-free CVaR (docs/math.md, "3. Sorting-free CVaR"): per row, the CVaR of the N
+// equally weighted atoms at `level` (upper tail with `upper`) and its gradient, the coefficients
+// c_i. Exact selection of the tail threshold by counting (kern::select_tails), no sort; the
+// reference's index tie-break. A row with a non-finite value gives NaN (value and coefficients).
 
 #include "common.h"
 #include "kernels.h"

@@ -1,5 +1,6 @@
-// C++ CPU distributional GAE (DESIGN.md, term 11): per sequence, a reversed scan over the tokens,
-// vectorized over the M quantiles: A_t = r_t + gamma V_next - V_t + gamma lam A_next at real tokens
+// C++ CPU distributional GAE (docs/math.md, "11. Distributional GAE"): per sequence, a reversed
+// scan over the tokens, vectorized over the M quantiles:
+// A_t = r_t + gamma V_next - V_t + gamma lam A_next at real tokens
 // (mask != 0), where "next" is the next *real* token (padding is skipped; 0 after the last one).
 // Returns the scalar advantage mean_j A_t,j [B, T] and the returns V + A [B, T, M], both 0 at
 // padding, whose values are never read. Parallel over (sequence, block of quantiles); the per-token

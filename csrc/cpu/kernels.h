@@ -199,16 +199,16 @@ DVPO_INLINE void qh_pairwise_sums(const T* theta, int64_t n, const T* z, int64_t
 // Exact tail selection (CVaR without sorting)
 // ---------------------------------------------------------------------------------------------
 //
-// The CVaR coefficient of atom i depends on its rank only (DESIGN.md, term 3), and only the
-// `count` = math::cvar_tail_count(level_n, n) lowest ranks have c > 0. So it is enough to find the
-// key kv of the count-th smallest atom (the count-th largest for the upper tail): atoms strictly
-// below kv have ranks < count - 1 and the full coefficient 1 / level_n, atoms above it have c = 0,
-// and an atom equal to kv has rank (#atoms strictly below) + (#equal atoms of lower index), the
-// reference's index tie-break. kv is found by bisection on counts: each step is one vectorized
-// counting pass over the keys (both tails share it), the first steps bisect the values (fast for
-// real data), later ones the key bits (at most 32 (64 for double) more steps whatever the data);
-// a step that leaves kth - 1 or kth atoms at or below its threshold ends it with one more pass.
-// Non-finite atoms are ordered by their keys (NaN beyond the infinities) so this always ends.
+// The CVaR coefficient of atom i depends on its rank only (docs/math.md, "3. Sorting-free CVaR"),
+// and only the `count` = math::cvar_tail_count(level_n, n) lowest ranks have c > 0. So it is enough
+// to find the key kv of the count-th smallest atom (the count-th largest for the upper tail): atoms
+// strictly below kv have ranks < count - 1 and the full coefficient 1 / level_n, atoms above it
+// have c = 0, and an atom equal to kv has rank (#atoms strictly below) + (#equal atoms of lower
+// index), the reference's index tie-break. kv is found by bisection on counts: each step is one
+// vectorized counting pass over the keys (both tails share it), the first steps bisect the values
+// (fast for real data), later ones the key bits (at most 32 (64 for double) more steps whatever the
+// data); a step that leaves kth - 1 or kth atoms at or below its threshold ends it with one more
+// pass. Non-finite atoms are ordered by their keys (NaN beyond the infinities) so this always ends.
 
 template <typename T>
 struct TailSelect {

@@ -1,6 +1,7 @@
-// C++ CPU quantile Huber loss (DESIGN.md, terms 1 and 2): per-token loss and, in the same pass, the
-// gradient w.r.t. pred (the targets are detached). Parallel over tokens; each token's sums run in a
-// fixed order, so results are deterministic. No [tokens, N, M] buffer: a pair lives in registers.
+// C++ CPU quantile Huber loss (docs/math.md, "1-2. Quantile Huber and its risk-weighted form"):
+// per-token loss and, in the same pass, the gradient w.r.t. pred (the targets are detached).
+// Parallel over tokens; each token's sums run in a fixed order, so results are deterministic. No
+// [tokens, N, M] buffer: a pair lives in registers.
 //
 // algorithm="pairwise": O(N M) per token (kern::qh_pairwise_sums, vectorized over the targets).
 // algorithm="sorted": the token's targets sorted once, then O(log M) per atom from prefix sums

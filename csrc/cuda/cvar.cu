@@ -1,6 +1,6 @@
-// CUDA sorting-free CVaR (DESIGN.md, term 3): value[t] = sum_i c_i x_i and the coefficients c_i
-// (the gradient). One warp per token: the row is staged in the warp's scratch with an
-// order-preserving integer key per atom; the threshold atom of the tail is found by an exact
+// CUDA sorting-free CVaR (docs/math.md, "3. Sorting-free CVaR"): value[t] = sum_i c_i x_i and the
+// coefficients c_i (the gradient). One warp per token: the row is staged in the warp's scratch with
+// an order-preserving integer key per atom; the threshold atom of the tail is found by an exact
 // bisection select over the key bits (warp-cooperative counting, no sort), and the coefficients
 // follow from the threshold plus a ballot prefix count of the tied atoms (common.cuh).
 #include "common.cuh"

@@ -1,4 +1,5 @@
-// CUDA distributional GAE (DESIGN.md, term 11): per quantile j, the reversed recursion
+// CUDA distributional GAE (docs/math.md, "11. Distributional GAE"): per quantile j, the reversed
+// recursion
 //   delta_t = r_t + gamma V_next - V_t,  A_t = delta_t + gamma lam A_next
 // over the real tokens of each row (padding skipped: the recursion links consecutive real tokens;
 // after the last real token V_next = A_next = 0); returns R = V + A and adv_t = mean_j A_t,j, both 0

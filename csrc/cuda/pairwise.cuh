@@ -1,5 +1,5 @@
 // The pairwise quantile Huber sum of one token, loss and gradient in the same pass, by one warp
-// (DESIGN.md, terms 1 and 2). Torch-free.
+// (docs/math.md, "1-2. Quantile Huber and its risk-weighted form"). Torch-free.
 //
 // theta (N atoms) and the targets (M) sit in the warp's scratch. The atoms are processed in chunks
 // of up to 32 * kMaxR: each lane keeps R <= kMaxR atoms in registers and streams the targets from

@@ -1,8 +1,9 @@
-// CUDA quantile Huber loss (DESIGN.md, terms 1 and 2): per-token loss and, in the same pass, the
-// gradient w.r.t. pred. One warp per token: pred and target rows staged in the warp's scratch
-// (converted to acc_t, 16-byte vector loads when aligned), the N x M pairs by qh_pairs
-// (pairwise.cuh), the token's loss by a shuffle reduction. No atomics; never an [N, M] buffer.
-// `algorithm` is not seen here: the CUDA backend always runs the pairwise kernel.
+// CUDA quantile Huber loss (docs/math.md, "1-2. Quantile Huber and its risk-weighted form"):
+// per-token loss and, in the same pass, the gradient w.r.t. pred. One warp per token: pred and
+// target rows staged in the warp's scratch (converted to acc_t, 16-byte vector loads when aligned),
+// the N x M pairs by qh_pairs (pairwise.cuh), the token's loss by a shuffle reduction. No atomics;
+// never an [N, M] buffer. `algorithm` is not seen here: the CUDA backend always runs the pairwise
+// kernel.
 #include "common.cuh"
 #include "pairwise.cuh"
 

@@ -15,7 +15,7 @@ returning per-token values *and* the gradient w.r.t. the prediction, computed in
 
 Outputs are in the accumulation dtype (fp64 for fp64 inputs, else fp32); masked tokens give 0 (the
 mask is a per-token weight; the loss and gradient are multiplied by it). Here the gradients are the
-closed forms of DESIGN.md, written out in PyTorch (custom-op kernels run below autograd, so autograd
+closed forms of docs/math.md, written out in PyTorch (custom-op kernels run below autograd, so autograd
 cannot be used); tests check them against autograd of `dvpo.reference`. The pair tensor is built in
 token chunks of bounded size, so the fallback's memory stays bounded too.
 """
