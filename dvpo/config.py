@@ -24,7 +24,8 @@ PARAM_NAMES = TERM_NAMES + ("tail_mode", "lo_scale", "hi_scale", "shift_expectil
 
 @dataclasses.dataclass(frozen=True)
 class CriticLossConfig:
-    """Hyper-parameters of the fused DVPO critic loss (docs/math.md, "The critic loss").
+    """Hyper-parameters of the fused DVPO critic loss (docs/math.md: "4-9. Tail and shape terms" and
+    "10. The fused critic loss").
 
     Loss shape: `kappa` is the Huber threshold of the quantile loss and `normalize_kappa` divides it
     by kappa (so a small kappa is the plain quantile loss with gradients of size 1). `alpha`, `beta`

@@ -401,8 +401,8 @@ def _emu_transform(text):
 def _build_emulator():
     from torch.utils import cpp_extension
     name = "dvpo_cuda_emu"
-    inputs = sorted(CUDA_SRC.glob("*")) + sorted((CUDA_SRC / "emu").rglob("*.*")) + [ROOT / "csrc" / "dvpo_math.h",
-                                                                                      ROOT / "csrc/cpu/bindings.cpp"]
+    inputs = sorted(CUDA_SRC.glob("*")) + sorted((CUDA_SRC / "emu").rglob("*.*")) + [
+        ROOT / "csrc" / "dvpo_math.h", ROOT / "csrc" / "terms.h", ROOT / "csrc/cpu/bindings.cpp"]
     digest = hashlib.sha1(b"".join(p.read_bytes() for p in inputs if p.is_file())).hexdigest()[:12]
     build = pathlib.Path(tempfile.gettempdir()) / f"dvpo_cuda_emu_{digest}"
     src = build / "src"

@@ -176,8 +176,6 @@ def test_cuda_kernel_files_are_torch_free():
     assert not found, f"torch headers in torch-free kernel files: {found}"
 
 
-@pytest.mark.xfail(strict=True, reason="csrc/cuda/bindings.cpp still checks and copies params with literal indices "
-                                       "(params[8..11], 12, 8): to move to the csrc/terms.h names")
 def test_cuda_binding_uses_the_generated_names():
     code = _code((CSRC / "cuda" / "bindings.cpp").read_text())
     literal = _LITERAL_INDEX.findall(code) + re.findall(r"params\.size\(\)\s*==\s*\d+|\bk\s*<\s*8\b|\{\s*T\s*,\s*8\s*\}",

@@ -195,17 +195,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
               ": risk_weights [N] expected");
   // params (dvpo/config.py, PARAM_NAMES): the 8 term weights, tail_mode (0 recipe, 1 consistent),
   // lo_scale, hi_scale, shift_expectile (the last three are ignored in recipe mode).
-  TORCH_CHECK(params.size() == 12, "dvpo_C::", op,
+  TORCH_CHECK(params.size() == kParams, "dvpo_C::", op,
               ": 12 params expected (8 term weights, tail_mode, lo_scale, hi_scale, shift_expectile), got ",
               params.size());
-  const double tail_mode = params[8];
+  const double tail_mode = params[kTailMode];
   TORCH_CHECK(tail_mode == 0.0 || tail_mode == 1.0, "dvpo_C::", op,
               ": params[8] (tail_mode) must be 0 (recipe) or 1 (consistent), got ", tail_mode);
   if (tail_mode == 1.0) {
-    TORCH_CHECK(std::isfinite(params[9]) && std::isfinite(params[10]), "dvpo_C::", op,
-                ": params[9], params[10] (lo_scale, hi_scale) must be finite, got ", params[9], " and ", params[10]);
-    TORCH_CHECK(params[11] > 0.0 && params[11] < 1.0, "dvpo_C::", op,
-                ": params[11] (shift_expectile) must be in (0, 1), got ", params[11]);
+    TORCH_CHECK(std::isfinite(params[kLoScale]) && std::isfinite(params[kHiScale]), "dvpo_C::", op,
+                ": params[9], params[10] (lo_scale, hi_scale) must be finite, got ", params[kLoScale], " and ",
+                params[kHiScale]);
+    TORCH_CHECK(params[kShiftExpectile] > 0.0 && params[kShiftExpectile] < 1.0, "dvpo_C::", op,
+                ": params[11] (shift_expectile) must be in (0, 1), got ", params[kShiftExpectile]);
   }
   TORCH_CHECK(kappa > 0, "dvpo_C::", op, ": kappa must be > 0");
   TORCH_CHECK(alpha > 0.0 && alpha <= 1.0 && beta > 0.0 && beta <= 1.0, "dvpo_C::", op,
@@ -219,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
   const auto acc = acc_type(heads.scalar_type());
   const int64_t T = heads.size(0);
   at::Tensor total = at::empty({T}, heads.options().dtype(acc));
-  at::Tensor terms = at::empty({T, 8}, heads.options().dtype(acc));
+  at::Tensor terms = at::empty({T, kTerms}, heads.options().dtype(acc));
   at::Tensor grad = at::empty(heads.sizes(), heads.options().dtype(acc));
   if (T == 0) return {total, terms, grad};
   const int h = as_int(heads.size(1), op, "H"), n = as_int(heads.size(2), op, "N");
@@ -252,11 +253,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
     prm.alpha = alpha;
     prm.beta = beta;
     prm.normalize_kappa = normalize_kappa;
-    for (int k = 0; k < 8; ++k) prm.weights[k] = params[k];
+    for (int k = 0; k < kTerms; ++k) prm.weights[k] = params[k];
     prm.tail_mode = tail_mode == 1.0 ? 1 : 0;
-    prm.lo_scale = params[9];
-    prm.hi_scale = params[10];
-    prm.shift_expectile = params[11];
+    prm.lo_scale = params[kLoScale];
+    prm.hi_scale = params[kHiScale];
+    prm.shift_expectile = params[kShiftExpectile];
     const at::Tensor ws = workspace(critic_loss_workspace_bytes(prm), hd);
     prm.workspace = ws.defined() ? ws.data_ptr() : nullptr;
     check_launch(launch_critic_loss(prm, c10::cuda::getCurrentCUDAStream().stream()), op);

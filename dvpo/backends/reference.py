@@ -143,15 +143,15 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
     terms = theta.new_zeros(t_len, len(TERM_NAMES))
     g_theta = torch.zeros_like(theta)  # d total / d theta (ensemble mean)
 
-    def add(k, value, grad):
-        terms[:, k] = value
+    def add(name, value, grad):
+        terms[:, TERM_NAMES.index(name)] = value
         if grad is not None:
-            g_theta.add_(grad * w[TERM_NAMES[k]])
+            g_theta.add_(grad * w[name])
 
     if w["qh"]:
-        add(0, *_qh_loss_grad(theta, z, taus, kappa, None, normalize_kappa))
+        add("qh", *_qh_loss_grad(theta, z, taus, kappa, None, normalize_kappa))
     if w["risk"]:
-        add(1, *_qh_loss_grad(theta, z, taus, kappa, risk_w.to(acc), normalize_kappa))
+        add("risk", *_qh_loss_grad(theta, z, taus, kappa, risk_w.to(acc), normalize_kappa))
     if consistent:
         if w["cvar"] or w["shape"]:
             lo_t, c_lo, y_lo, s_lo_t, ds_lo, s_lo_z = _consistent_tail(theta, z, alpha, lo_scale, False)
@@ -159,17 +159,17 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
             hi_t, c_hi, y_hi, s_hi_t, ds_hi, s_hi_z = _consistent_tail(theta, z, beta, hi_scale, True)
         if w["cvar"]:
             diff = lo_t - y_lo
-            add(2, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
+            add("cvar", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
         if w["gain"]:
             diff = hi_t - y_hi
-            add(3, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
+            add("gain", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
         if w["shift"]:
             gap = z.mean(-1) - theta.mean(-1)
             omega = torch.where(gap > 0, torch.full_like(gap, tau_s), torch.full_like(gap, 1.0 - tau_s))
-            add(4, 2.0 * omega * gap * gap, (-4.0 * omega * gap / n).unsqueeze(-1).expand(-1, n))
+            add("shift", 2.0 * omega * gap * gap, (-4.0 * omega * gap / n).unsqueeze(-1).expand(-1, n))
         if w["shape"]:
             d_lo, d_hi = s_lo_t - s_lo_z, s_hi_t - s_hi_z
-            add(5, d_lo ** 2 + d_hi ** 2, 2.0 * d_lo.unsqueeze(-1) * ds_lo + 2.0 * d_hi.unsqueeze(-1) * ds_hi)
+            add("shape", d_lo ** 2 + d_hi ** 2, 2.0 * d_lo.unsqueeze(-1) * ds_lo + 2.0 * d_hi.unsqueeze(-1) * ds_hi)
     else:
         if w["cvar"] or w["shape"]:
             lo_t, c_lo, vlo_t, dvlo_t = _tail(theta, alpha, False)
@@ -179,23 +179,23 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
             hi_z, _, vhi_z, _ = _tail(z, beta, True)
         if w["cvar"]:
             diff = lo_t - lo_z
-            add(2, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
+            add("cvar", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
         if w["gain"]:
             diff = hi_t - hi_z
-            add(3, diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
+            add("gain", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
         if w["shift"]:
             gap = z.mean(-1) - theta.mean(-1)
-            add(4, torch.relu(gap), -(gap > 0).to(acc).unsqueeze(-1).expand(-1, n) / n)
+            add("shift", torch.relu(gap), -(gap > 0).to(acc).unsqueeze(-1).expand(-1, n) / n)
         if w["shape"]:
             lo, hi = vlo_t - vlo_z, vhi_z - vhi_t
             grad = (lo > 0).to(acc).unsqueeze(-1) * dvlo_t - (hi > 0).to(acc).unsqueeze(-1) * dvhi_t
-            add(5, torch.relu(lo) + torch.relu(hi), grad)
+            add("shape", torch.relu(lo) + torch.relu(hi), grad)
     if w["curv"]:
-        add(6, *_curvature(theta, alpha, beta))
+        add("curv", *_curvature(theta, alpha, beta))
     grad = (g_theta / n_heads).unsqueeze(1).expand(-1, n_heads, -1).clone()
     if w["consist"] and n_heads > 1:
         centred = h - theta.unsqueeze(1)
-        terms[:, 7] = (2.0 / (n_heads - 1)) * (centred ** 2).sum((1, 2))
+        terms[:, TERM_NAMES.index("consist")] = (2.0 / (n_heads - 1)) * (centred ** 2).sum((1, 2))
         grad += w["consist"] * (4.0 / (n_heads - 1)) * centred
     total = (terms * torch.tensor(weights, dtype=acc, device=terms.device)).sum(-1)
     total, grad = _finish(total, grad, mask, 2)

@@ -415,9 +415,15 @@ class Trainer:
             n = quant.shape[-1]
             lo, hi = max(0, int(0.1 * n)), min(n - 1, int(0.9 * n))
             srt = quant.sort(-1).values
+            # Crossing: neighbour quantiles out of order. Where the true quantile function is flat (0/1
+            # outcomes tie many quantiles) any noise orders half of them wrongly, so the deep count, out
+            # of order by more than 1% of the token's fan, is the one that says the fan is disordered.
+            step_down = -quant.diff(dim=-1)
+            fan = (srt[..., -1] - srt[..., 0]).unsqueeze(-1)
             row.update({"value_mean": self._mean(first),
                         "value_spread": self._mean(srt[..., hi] - srt[..., lo], mask),
-                        "value_crossing": self._mean((quant.diff(dim=-1) < 0).float().mean(-1), mask)})
+                        "value_crossing": self._mean((step_down > 0).float().mean(-1), mask),
+                        "value_crossing_deep": self._mean((step_down > 0.01 * fan).float().mean(-1), mask)})
         elif cfg.algo == "ppo":
             adv, returns = A.gae_advantages(rewards, b["values"][..., 0, 0], mask, gamma=cfg.gamma, lam=cfg.lam)
             b["returns"] = returns
