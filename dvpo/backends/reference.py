@@ -152,41 +152,38 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
         add("qh", *_qh_loss_grad(theta, z, taus, kappa, None, normalize_kappa))
     if w["risk"]:
         add("risk", *_qh_loss_grad(theta, z, taus, kappa, risk_w.to(acc), normalize_kappa))
-    if consistent:
-        if w["cvar"] or w["shape"]:
-            lo_t, c_lo, y_lo, s_lo_t, ds_lo, s_lo_z = _consistent_tail(theta, z, alpha, lo_scale, False)
-        if w["gain"] or w["shape"]:
-            hi_t, c_hi, y_hi, s_hi_t, ds_hi, s_hi_z = _consistent_tail(theta, z, beta, hi_scale, True)
-        if w["cvar"]:
-            diff = lo_t - y_lo
-            add("cvar", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
-        if w["gain"]:
-            diff = hi_t - y_hi
-            add("gain", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
-        if w["shift"]:
-            gap = z.mean(-1) - theta.mean(-1)
+    # The tails: theta's CVaRs and coefficients, and what each is aligned with (the target's own CVaR
+    # in the recipe, the Rockafellar-Uryasev target about theta's VaR in the consistent form).
+    if w["cvar"] or w["shape"]:
+        if consistent:
+            lo_t, c_lo, lo_goal, s_lo_t, ds_lo, s_lo_z = _consistent_tail(theta, z, alpha, lo_scale, False)
+        else:
+            lo_t, c_lo, vlo_t, dvlo_t = _tail(theta, alpha, False)
+            lo_goal, _, vlo_z, _ = _tail(z, alpha, False)
+    if w["gain"] or w["shape"]:
+        if consistent:
+            hi_t, c_hi, hi_goal, s_hi_t, ds_hi, s_hi_z = _consistent_tail(theta, z, beta, hi_scale, True)
+        else:
+            hi_t, c_hi, vhi_t, dvhi_t = _tail(theta, beta, True)
+            hi_goal, _, vhi_z, _ = _tail(z, beta, True)
+    if w["cvar"]:
+        diff = lo_t - lo_goal
+        add("cvar", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
+    if w["gain"]:
+        diff = hi_t - hi_goal
+        add("gain", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
+    if w["shift"]:
+        gap = z.mean(-1) - theta.mean(-1)
+        if consistent:  # expectile square
             omega = torch.where(gap > 0, torch.full_like(gap, tau_s), torch.full_like(gap, 1.0 - tau_s))
             add("shift", 2.0 * omega * gap * gap, (-4.0 * omega * gap / n).unsqueeze(-1).expand(-1, n))
-        if w["shape"]:
+        else:  # hinge
+            add("shift", torch.relu(gap), -(gap > 0).to(acc).unsqueeze(-1).expand(-1, n) / n)
+    if w["shape"]:
+        if consistent:
             d_lo, d_hi = s_lo_t - s_lo_z, s_hi_t - s_hi_z
             add("shape", d_lo ** 2 + d_hi ** 2, 2.0 * d_lo.unsqueeze(-1) * ds_lo + 2.0 * d_hi.unsqueeze(-1) * ds_hi)
-    else:
-        if w["cvar"] or w["shape"]:
-            lo_t, c_lo, vlo_t, dvlo_t = _tail(theta, alpha, False)
-            lo_z, _, vlo_z, _ = _tail(z, alpha, False)
-        if w["gain"] or w["shape"]:
-            hi_t, c_hi, vhi_t, dvhi_t = _tail(theta, beta, True)
-            hi_z, _, vhi_z, _ = _tail(z, beta, True)
-        if w["cvar"]:
-            diff = lo_t - lo_z
-            add("cvar", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
-        if w["gain"]:
-            diff = hi_t - hi_z
-            add("gain", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_hi)
-        if w["shift"]:
-            gap = z.mean(-1) - theta.mean(-1)
-            add("shift", torch.relu(gap), -(gap > 0).to(acc).unsqueeze(-1).expand(-1, n) / n)
-        if w["shape"]:
+        else:
             lo, hi = vlo_t - vlo_z, vhi_z - vhi_t
             grad = (lo > 0).to(acc).unsqueeze(-1) * dvlo_t - (hi > 0).to(acc).unsqueeze(-1) * dvhi_t
             add("shape", torch.relu(lo) + torch.relu(hi), grad)
