@@ -24,5 +24,10 @@ _warn_if_cuda_unbuilt()
 
 
 def taus(n: int, kind: str = "midpoint", *, device=None, dtype=_torch.float32) -> _torch.Tensor:
-    """Quantile levels of N atoms: midpoints (2i-1)/(2N) (default) or the paper's grid i/N."""
+    """Quantile levels of N equally weighted atoms, a `[n]` tensor.
+
+    kind="midpoint" (default): (2i-1)/(2n); "paper": i/n, i = 1..n. `device` and `dtype` as for any
+    tensor (fp32 by default). Pass the result as `taus` to the ops (they use the midpoints when
+    `taus` is None). Example: `dvpo.taus(4)` -> tensor([0.1250, 0.3750, 0.6250, 0.8750]).
+    """
     return _reference_taus(n, kind, device=device, dtype=dtype)
