@@ -54,7 +54,7 @@ class CriticLossConfig:
     risk_gamma: float = 1.0
     normalize_kappa: bool = True
     tail_targets: str = "consistent"
-    lower_contraction: float = 0.25
+    lower_contraction: float = 0.4
     upper_expansion: float = 0.0
     shift_expectile: float = 0.5
     qh: float = 1.0
