@@ -403,7 +403,9 @@ def _build_emulator():
     name = "dvpo_cuda_emu"
     inputs = sorted(CUDA_SRC.glob("*")) + sorted((CUDA_SRC / "emu").rglob("*.*")) + [
         ROOT / "csrc" / "dvpo_math.h", ROOT / "csrc" / "terms.h", ROOT / "csrc/cpu/bindings.cpp"]
-    digest = hashlib.sha1(b"".join(p.read_bytes() for p in inputs if p.is_file())).hexdigest()[:12]
+    # one build per source state and torch (an emulator built against another torch must not be reused)
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in inputs if p.is_file())
+                          + f"{torch.__version__} {torch.version.cuda}".encode()).hexdigest()[:12]
     build = pathlib.Path(tempfile.gettempdir()) / f"dvpo_cuda_emu_{digest}"
     src = build / "src"
     src.mkdir(parents=True, exist_ok=True)
@@ -433,7 +435,10 @@ TORCH_LIBRARY_FRAGMENT(dvpo_emu, m) {
     cpp_extension.load(name, sources, build_directory=str(build),
                        extra_include_paths=[str(CUDA_SRC / "emu" / "stubs"), str(src), str(CUDA_SRC / "emu"),
                                             str(ROOT / "csrc"), str(cuda_inc)],
-                       extra_cflags=["-O2", "-std=c++17", "-Wno-attributes"])
+                       # no -std: torch adds the one its headers need (c++20 since 2.13). -Bsymbolic:
+                       # under a CUDA build of torch the real libcudart is loaded first and would
+                       # otherwise interpose on the emulated runtime's functions of the same names.
+                       extra_cflags=["-O2", "-Wno-attributes"], extra_ldflags=["-Wl,-Bsymbolic"])
     return torch.ops.dvpo_emu
 
 
