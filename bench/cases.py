@@ -23,6 +23,7 @@ import torch
 
 from dvpo import ops
 from dvpo import reference as ref
+from dvpo.config import CriticLossConfig
 
 OPS = ("quantile_huber", "cvar", "critic_loss", "distributional_gae")
 BASELINES = ("eager", "compile")
@@ -86,8 +87,14 @@ def eager_cvar(x):
     return ref.cvar(x, CVAR_LEVEL)
 
 
+# The critic loss's configuration for every implementation in a run (`bench/run.py --critic-config`):
+# the default (consistent tail terms) or the published recipe's, to compare the two kernels.
+CRITIC_CONFIGS = {"default": CriticLossConfig(), "recipe": CriticLossConfig.recipe()}
+CRITIC_CONFIG = CRITIC_CONFIGS["default"]
+
+
 def eager_critic_loss(heads, target):
-    return ref.critic_loss(heads, target).loss
+    return ref.critic_loss(heads, target, config=CRITIC_CONFIG).loss
 
 
 def eager_distributional_gae(rewards, values, mask):
@@ -134,7 +141,7 @@ def _kernel_fn(op: str, algorithm: Optional[str]) -> Callable:
     if op == "cvar":
         return lambda x: ops.cvar(x, CVAR_LEVEL)
     if op == "critic_loss":
-        return lambda heads, target: ops.critic_loss(heads, target, algorithm=algorithm).loss
+        return lambda heads, target: ops.critic_loss(heads, target, config=CRITIC_CONFIG, algorithm=algorithm).loss
     if op == "distributional_gae":
         return lambda rewards, values, mask: ops.distributional_gae(rewards, values, mask,
                                                                     gamma=GAE_GAMMA, lam=GAE_LAM)

@@ -105,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "skipped (default 30 s CPU, 10 s GPU, 5 s quick)")
     g.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--critic-config", choices=("default", "recipe"), default="default",
+                   help="critic loss configuration: the default (consistent tail terms) or the published recipe's")
 
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, help="output folder (default: bench/results/)")
@@ -153,6 +155,9 @@ def run(args, argv=None) -> int:
                 print(f"wrote {path}", file=sys.stderr)
         return 0
     cfg = config_from_args(args, argv)
+    from dvpo.bench import cases
+
+    cases.CRITIC_CONFIG = cases.CRITIC_CONFIGS[getattr(args, "critic_config", "default")]
     if args.list:
         print(harness.describe_plan(cfg))
         return 0
