@@ -13,7 +13,7 @@ the lowest for newer GPUs. What was built and why is written to dvpo/_build_info
 """
 
 import glob
-import json
+import pprint
 import os
 import re
 import shutil
@@ -228,8 +228,7 @@ def write_build_info(cuda_built, reason, extra_dirs=()):
         "python": sys.version.split()[0],
     }
     text = ('"""Written by setup.py at build time: what was built and why. Not edited by hand."""\n\n'
-            f"BUILD = {json.dumps(info, indent=4, sort_keys=True)}\n")
-    text = text.replace(": null", ": None").replace(": true", ": True").replace(": false", ": False")
+            f"BUILD = {pprint.pformat(info, sort_dicts=True)}\n")
     for folder in (os.path.join(HERE, "dvpo"),) + tuple(extra_dirs):
         if os.path.isdir(folder):
             with open(os.path.join(folder, "_build_info.py"), "w") as f:
