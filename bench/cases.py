@@ -14,8 +14,6 @@ Implementations ("impls") of an op:
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -59,21 +57,6 @@ class Shape:
         return " ".join(f"{k}={getattr(self, k)}" for k in SHAPE_KEYS if getattr(self, k) is not None)
 
 
-@contextlib.contextmanager
-def forced_backend(name: Optional[str]):
-    """Set DVPO_BACKEND for the duration (dvpo.dispatch reads it on every call)."""
-    if name is None:
-        yield
-        return
-    old = os.environ.get("DVPO_BACKEND")
-    os.environ["DVPO_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DVPO_BACKEND", None)
-        else:
-            os.environ["DVPO_BACKEND"] = old
 
 
 # ------------------------------------------------------------------------- eager reference functions
@@ -401,4 +384,4 @@ def backend_algorithms(name: str, module, op: str) -> Sequence[Optional[str]]:
     return ALGORITHMS
 
 
-__all__ = ["OPS", "SPECS", "Shape", "SweepPlan", "impl_fn", "phase_fns", "forced_backend"]
+__all__ = ["OPS", "SPECS", "Shape", "SweepPlan", "impl_fn", "phase_fns"]

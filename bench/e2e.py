@@ -18,6 +18,7 @@ from typing import Dict, List
 import torch
 
 from dvpo.bench import cases as C
+from dvpo.dispatch import use_backend
 from dvpo.bench import env as E
 from dvpo.bench import timing as TM
 
@@ -225,7 +226,7 @@ def _bench_one(cfg, device, policy, spec, loss_shape, shape, model, opt, ids, ta
     loss_fn = C.impl_fn("critic_loss", backend, alg)
     kernel_backend = backend if backend in C.KERNEL_BACKENDS else None
     try:
-        with C.forced_backend(kernel_backend):
+        with use_backend(kernel_backend):
             t0 = time.perf_counter()
             _step(model, opt, ids, target, loss_fn, device)  # compilation, lazy init, optimizer state
             first_s = time.perf_counter() - t0

@@ -22,6 +22,7 @@ import torch
 
 from dvpo.bench import SCHEMA_VERSION
 from dvpo.bench import cases as C
+from dvpo.dispatch import use_backend
 from dvpo.bench import env as E
 from dvpo.bench import timing as TM
 
@@ -459,7 +460,7 @@ def _run_impl(cfg, device, spec: C.OpSpec, shape: C.Shape, sweeps, dt, dtype, ba
     backward_too = any(m in ("bwd", "fwd+bwd") for m in modes)
     setup, phases = C.phase_fns(spec, fn, inputs, backward_too)
     compile_s = None
-    with C.forced_backend(kernel_backend), warnings.catch_warnings(record=True) as caught:
+    with use_backend(kernel_backend), warnings.catch_warnings(record=True) as caught:
         # e.g. a backend falling back to PyTorch for rows too long for its kernels: the row says so
         warnings.simplefilter("default")
         if backend == "compile":

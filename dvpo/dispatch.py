@@ -8,6 +8,7 @@ the call raises a RuntimeError that says what is missing. A backend that does no
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from typing import Dict, Optional
@@ -83,6 +84,32 @@ def forced() -> Optional[str]:
     if name not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}; got {name!r}")
     return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Force backend `name` for every dvpo op called inside the block (None: automatic choice).
+
+    It sets DVPO_BACKEND, which `select` reads on every call, and restores the previous value on
+    exit, so blocks nest and an exception inside one leaves the process as it was. Tests and the
+    benchmarks use this one helper.
+    """
+    if name is not None:
+        name = name.strip().lower()
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    old = os.environ.get(ENV_VAR)
+    if name is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
 
 
 def select(op: str, device: torch.device):

@@ -6,10 +6,11 @@ import torch
 
 import dvpo
 from dvpo import dispatch, library, ops
+from dvpo.dispatch import use_backend
 from dvpo import reference as ref
 from dvpo.config import TERM_NAMES, CriticLossConfig
 
-from .utils import TOL, critic_inputs, forced_backend, randn, random_mask, rel_err
+from .utils import TOL, critic_inputs, randn, random_mask, rel_err
 
 REDUCTIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "none"]
 CPU_BACKENDS = [b for b in ("reference", "cpp") if dispatch.backends("cpu")[b] == "available"]
@@ -358,7 +359,7 @@ def test_property_reference_backend_matches_autograd_of_reference(h, n, m, token
     heads, target = critic_inputs((tokens,), h, n, m, torch.float64, ties=ties, generator=gen)
     cfg = CriticLossConfig(alpha=alpha, beta=beta, kappa=kappa)
     x = heads.clone().requires_grad_()
-    with forced_backend("reference"):
+    with use_backend("reference"):
         out = ops.critic_loss(x, target, config=cfg, reduction="none")
     want, want_grad = _ref_critic(heads, target, config=cfg, reduction="none")
     assert rel_err(out.loss, want.loss) < 1e-12

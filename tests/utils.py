@@ -1,8 +1,6 @@
 """Shared test helpers: tolerances, relative error, random inputs with ties, crossing quantiles and
 masks with empty rows (docs/architecture.md, "Correctness bars")."""
 
-import contextlib
-import os
 
 import torch
 
@@ -78,15 +76,3 @@ def _redraw_tied_tail_variances(theta, target, dtype, generator, levels=(0.1, 0.
         flat_t[bad.to(flat_t.device)] = fresh.to(flat_t.device)
 
 
-@contextlib.contextmanager
-def forced_backend(name):
-    """Force DVPO_BACKEND inside the block (for hypothesis tests, where fixtures do not reset per example)."""
-    old = os.environ.get("DVPO_BACKEND")
-    os.environ["DVPO_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DVPO_BACKEND", None)
-        else:
-            os.environ["DVPO_BACKEND"] = old
