@@ -1,119 +1,116 @@
-"""The `torch.library` custom ops (namespace `dvpo`) behind `dvpo.ops`.
+"""The `torch.library` custom ops (namespace `dvpo`) behind `dvpo.ops`, registered from the interface
+table in dvpo/opspec.py.
 
 Each op takes flattened tensors (tokens first) and returns per-token values plus the gradient with
-respect to the prediction, computed in the same pass (the targets are detached, so a loss kernel
-can produce its gradient in the forward, as fused cross-entropy kernels do). The autograd formula
-only scales that stored gradient by the upstream gradient. Fake implementations give shapes and
+respect to its first argument, computed in the same pass (the targets are detached, so a loss kernel
+can produce its gradient in the forward, as fused cross-entropy kernels do). The autograd formula only
+scales that stored gradient by the upstream gradient, in place. Fake implementations give shapes and
 dtypes, so torch.compile(fullgraph=True) traces through the ops; the real implementation picks a
 backend per call (dvpo.dispatch).
+
+The module-level names (`library.quantile_huber`, `library.cvar`, `library.critic_loss`,
+`library.distributional_gae`) are the registered ops, callable with the arguments of OPS[name].
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import dispatch
-from .config import TERM_NAMES
+from .opspec import OPS, OpSpec
 from .reference import acc_dtype
 
-
-def _backend(op: str, t: Tensor):
-    return dispatch.select(op, t.device)
-
-
-# ---------------------------------------------------------------------------- quantile Huber
-
-@torch.library.custom_op("dvpo::quantile_huber", mutates_args=())
-def quantile_huber(pred: Tensor, target: Tensor, taus: Tensor, weights: Optional[Tensor],
-                   mask: Optional[Tensor], kappa: float, normalize_kappa: bool,
-                   algorithm: str) -> Tuple[Tensor, Tensor]:
-    return _backend("quantile_huber", pred).quantile_huber(
-        pred, target, taus, weights, mask, kappa, normalize_kappa, algorithm)
+_ANNOTATIONS = {"Tensor": Tensor, "Tensor?": Optional[Tensor], "float": float, "bool": bool, "str": str,
+                "float[]": List[float]}
 
 
-@quantile_huber.register_fake
-def _(pred, target, taus, weights, mask, kappa, normalize_kappa, algorithm):
-    acc = acc_dtype(pred.dtype)
-    return pred.new_empty(pred.shape[:1], dtype=acc), pred.new_empty(pred.shape, dtype=acc)
+def _signature(spec: OpSpec) -> inspect.Signature:
+    """The Python signature torch infers the op's schema from (the same text as spec.schema())."""
+    params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_ANNOTATIONS[a.type])
+              for a in spec.args]
+    return inspect.Signature(params, return_annotation=Tuple[tuple(Tensor for _ in spec.outputs)])
 
 
-# ---------------------------------------------------------------------------- CVaR
-
-@torch.library.custom_op("dvpo::cvar", mutates_args=())
-def cvar(x: Tensor, level: float, upper: bool) -> Tuple[Tensor, Tensor]:
-    return _backend("cvar", x).cvar(x, level, upper)
-
-
-@cvar.register_fake
-def _(x, level, upper):
-    acc = acc_dtype(x.dtype)
-    return x.new_empty(x.shape[:1], dtype=acc), x.new_empty(x.shape, dtype=acc)
+def _with_signature(fn, spec: OpSpec):
+    fn.__signature__ = _signature(spec)
+    fn.__name__ = fn.__qualname__ = spec.name
+    return fn
 
 
-# ---------------------------------------------------------------------------- fused critic loss
-
-@torch.library.custom_op("dvpo::critic_loss", mutates_args=())
-def critic_loss(heads: Tensor, target: Tensor, taus: Tensor, risk_weights: Tensor, mask: Optional[Tensor],
-                kappa: float, alpha: float, beta: float, normalize_kappa: bool, params: List[float],
-                algorithm: str) -> Tuple[Tensor, Tensor, Tensor]:
-    # params: the eight term weights, then the tail-term mode and scalars (dvpo.config.PARAM_NAMES)
-    return _backend("critic_loss", heads).critic_loss(
-        heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa, list(params), algorithm)
+def _real(spec: OpSpec):
+    def impl(*args):
+        return getattr(dispatch.select(spec.name, args[0].device), spec.name)(*args)
+    return _with_signature(impl, spec)
 
 
-@critic_loss.register_fake
-def _(heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa, params, algorithm):
-    acc = acc_dtype(heads.dtype)
-    t = heads.shape[0]
-    return (heads.new_empty((t,), dtype=acc), heads.new_empty((t, len(TERM_NAMES)), dtype=acc),
-            heads.new_empty(heads.shape, dtype=acc))
-
-
-# ---------------------------------------------------------------------------- distributional GAE
-
-@torch.library.custom_op("dvpo::distributional_gae", mutates_args=())
-def distributional_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
-                       lam: float) -> Tuple[Tensor, Tensor]:
-    return _backend("distributional_gae", values).distributional_gae(rewards, values, mask, gamma, lam)
-
-
-@distributional_gae.register_fake
-def _(rewards, values, mask, gamma, lam):
-    acc = acc_dtype(values.dtype)
-    return values.new_empty(values.shape[:2], dtype=acc), values.new_empty(values.shape, dtype=acc)
+def _fake(spec: OpSpec):
+    def fake(*args):
+        first = args[0]
+        acc = acc_dtype(first.dtype)
+        named = dict(zip(spec.arg_names, args))
+        return tuple(first.new_empty(out.shape(named), dtype=acc) for out in spec.outputs)
+    return _with_signature(fake, spec)
 
 
 # ---------------------------------------------------------------------------- autograd
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True: gradcheck, a second
+    backward). Older torch cannot tell; then assume it does (the safe answer)."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
 def _save_grad(ctx, inputs, output):
-    """All three differentiable ops: the last output is d(per-token value)/d(first input)."""
-    grad = output[-1]
-    ctx.save_for_backward(grad)
+    """Every differentiable op: the last output is d(first output)/d(first input)."""
+    ctx.save_for_backward(output[-1])
     ctx.input_dtype = inputs[0].dtype
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _scale_grad(ctx, upstream):
+def _is_one(upstream: Tensor) -> bool:
+    # Only checked on real CPU tensors: on a GPU reading the value would synchronise the stream (one
+    # in-place multiply costs less), and under tracing (fake/functional subclasses) it has no value.
+    return type(upstream) is Tensor and upstream.device.type == "cpu" and bool((upstream == 1).all())
+
+
+def _scale_grad(ctx, upstream: Tensor) -> Tensor:
+    """The stored gradient times the upstream one: in place when nothing can read the stored
+    gradient again (the graph is freed after this backward; eager mode, since under tracing
+    AOTAutograd plans the buffers itself), and not at all when the upstream gradient is all ones."""
     (grad,) = ctx.saved_tensors
-    scale = upstream.reshape(upstream.shape + (1,) * (grad.dim() - upstream.dim()))
-    return (scale.to(grad.dtype) * grad).to(ctx.input_dtype)
+    reused = type(grad) is not Tensor or _graph_is_kept()
+    if _is_one(upstream):
+        grad = grad.clone() if reused and grad.dtype == ctx.input_dtype else grad
+    else:
+        scale = upstream.reshape(upstream.shape + (1,) * (grad.dim() - upstream.dim())).to(grad.dtype)
+        grad = grad * scale if reused else grad.mul_(scale)
+    return grad if grad.dtype == ctx.input_dtype else grad.to(ctx.input_dtype)
 
 
-def _qh_backward(ctx, g_loss, _g_grad):
-    return (_scale_grad(ctx, g_loss),) + (None,) * 7
+def _backward(spec: OpSpec):
+    rest = (None,) * (len(spec.args) - 1)
+
+    def backward(ctx, upstream, *_non_differentiable):
+        return (_scale_grad(ctx, upstream),) + rest
+    return backward
 
 
-def _cvar_backward(ctx, g_value, _g_coef):
-    return _scale_grad(ctx, g_value), None, None
+# ---------------------------------------------------------------------------- registration
+
+def _register(spec: OpSpec):
+    op = torch.library.custom_op(f"dvpo::{spec.name}", _real(spec), mutates_args=())
+    op.register_fake(_fake(spec))
+    if spec.differentiable:
+        op.register_autograd(_backward(spec), setup_context=_save_grad)
+    return op
 
 
-def _critic_backward(ctx, g_total, _g_terms, _g_grad):
-    return (_scale_grad(ctx, g_total),) + (None,) * 10
-
-
-quantile_huber.register_autograd(_qh_backward, setup_context=_save_grad)
-cvar.register_autograd(_cvar_backward, setup_context=_save_grad)
-critic_loss.register_autograd(_critic_backward, setup_context=_save_grad)
+quantile_huber = _register(OPS["quantile_huber"])
+cvar = _register(OPS["cvar"])
+critic_loss = _register(OPS["critic_loss"])
+distributional_gae = _register(OPS["distributional_gae"])

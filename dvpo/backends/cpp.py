@@ -1,5 +1,5 @@
 """The `cpp` backend: the C++ CPU kernels of the `dvpo._C` extension (csrc/cpu), exposed with the
-kernel interface documented in dvpo/backends/reference.py (same functions, same signatures).
+kernel interface of dvpo/opspec.py (same functions, same arguments).
 
 The kernels take flattened tensors (tokens first) of any float dtype and layout (bf16/fp16 and
 strided inputs are converted once to contiguous fp32; fp64 stays fp64) and return per-token values
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.dvpo_C)
+from .. import opspec as _spec
 
 _ops = torch.ops.dvpo_C
 
@@ -28,30 +29,11 @@ def _has_cpu_kernel(op: str) -> bool:
         return hasattr(_ops, op)
 
 
-def quantile_huber(pred, target, taus, weights, mask, kappa, normalize_kappa, algorithm="auto"):
-    return _ops.quantile_huber(pred, target, taus, weights, mask, float(kappa), bool(normalize_kappa),
-                               str(algorithm))
-
-
-def cvar(x, level, upper):
-    return _ops.cvar(x, float(level), bool(upper))
-
-
-def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params,
-                algorithm="auto"):
-    # params: the 8 term weights, then tail_mode, lo_scale, hi_scale, shift_expectile (PARAM_NAMES)
-    return _ops.critic_loss(heads, target, taus, risk_w, mask, float(kappa), float(alpha), float(beta),
-                            bool(normalize_kappa), [float(p) for p in params], str(algorithm))
-
-
-def distributional_gae(rewards, values, mask, gamma, lam):
-    return _ops.distributional_gae(rewards, values, mask, float(gamma), float(lam))
-
-
-OPS = tuple(op for op in ("quantile_huber", "cvar", "critic_loss", "distributional_gae") if _has_cpu_kernel(op))
-for _op in ("quantile_huber", "cvar", "critic_loss", "distributional_gae"):
-    if _op not in OPS:
-        del globals()[_op]
+# Each op forwards to its dvpo_C kernel with the interface of dvpo/opspec.py. An op whose CPU kernel
+# the loaded extension lacks (a build older than these sources) is left undefined here.
+OPS = tuple(op for op in _spec.OPS if _has_cpu_kernel(op))
+for _op in OPS:
+    globals()[_op] = _spec.forwarder(_spec.OPS[_op], getattr(_ops, _op))
 del _op
 
 

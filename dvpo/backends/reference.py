@@ -1,23 +1,14 @@
 """The `reference` backend: the fallback implementation of every op's kernel interface in PyTorch.
 
-Every backend module implements the same kernel interface on flattened tensors (tokens first),
-returning per-token values *and* the gradient w.r.t. the prediction, computed in the forward pass
-(targets are detached, so the backward only scales the stored gradient):
-
-    quantile_huber(pred[T,N], target[T,M], taus[N], weights[N]|None, mask[T]|None, kappa,
-                   normalize_kappa, algorithm) -> (loss[T], grad[T,N])
-    cvar(x[T,N], level, upper) -> (value[T], coef[T,N])
-    critic_loss(heads[T,H,N], target[T,M], taus[N], risk_w[N], mask[T]|None, kappa, alpha, beta,
-                normalize_kappa, params[12], algorithm) -> (total[T], terms[T,8], grad[T,H,N])
-
-`params` holds the eight term weights and the tail-term mode and scalars (dvpo.config.PARAM_NAMES).
-    distributional_gae(rewards[B,T], values[B,T,M], mask[B,T], gamma, lam) -> (adv[B,T], ret[B,T,M])
-
-Outputs are in the accumulation dtype (fp64 for fp64 inputs, else fp32); masked tokens give 0 (the
-mask is a per-token weight; the loss and gradient are multiplied by it). Here the gradients are the
-closed forms of docs/math.md, written out in PyTorch (custom-op kernels run below autograd, so autograd
-cannot be used); tests check them against autograd of `dvpo.reference`. The pair tensor is built in
-token chunks of bounded size, so the fallback's memory stays bounded too.
+Every backend module implements the interface of dvpo/opspec.py (one table: the arguments of each
+op, their types and its outputs) on flattened tensors (tokens first), returning per-token values
+*and* the gradient w.r.t. the first argument, computed in the forward pass (targets are detached,
+so the backward only scales the stored gradient). Outputs are in the accumulation dtype (fp64 for
+fp64 inputs, else fp32); masked tokens give 0 (the mask is a per-token weight; the loss and
+gradient are multiplied by it). Here the gradients are the closed forms of docs/math.md, written
+out in PyTorch (custom-op kernels run below autograd, so autograd cannot be used); tests check them
+against autograd of `dvpo.reference`. The pair tensor is built in token chunks of bounded size, so
+the fallback's memory stays bounded too.
 """
 
 from __future__ import annotations
@@ -127,7 +118,7 @@ def _consistent_tail(theta, target, level, scale, upper):
     return value, c, y, (c * dev * dev).sum(-1), 2.0 * c * dev, s
 
 
-def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params,
+def critic_loss(heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa, params,
                 algorithm="auto"):
     if len(params) != len(PARAM_NAMES):
         raise ValueError(f"params must hold {len(PARAM_NAMES)} values ({', '.join(PARAM_NAMES)}), got {len(params)}")
@@ -151,7 +142,7 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
     if w["qh"]:
         add("qh", *_qh_loss_grad(theta, z, taus, kappa, None, normalize_kappa))
     if w["risk"]:
-        add("risk", *_qh_loss_grad(theta, z, taus, kappa, risk_w.to(acc), normalize_kappa))
+        add("risk", *_qh_loss_grad(theta, z, taus, kappa, risk_weights.to(acc), normalize_kappa))
     # The tails: theta's CVaRs and coefficients, and what each is aligned with (the target's own CVaR
     # in the recipe, the Rockafellar-Uryasev target about theta's VaR in the consistent form).
     if w["cvar"] or w["shape"]:

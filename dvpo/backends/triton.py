@@ -43,13 +43,13 @@ def cvar(x, level, upper):
     return _k.cvar(x.detach(), level, upper)
 
 
-def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params,
+def critic_loss(heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa, params,
                 algorithm="auto"):
     if _too_long(heads.shape[-1], target.shape[-1]):
         _warn_fallback("critic_loss", (heads.shape[-1], target.shape[-1]))
-        return _fallback.critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa,
+        return _fallback.critic_loss(heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa,
                                      params, algorithm)
-    return _k.critic_loss(heads.detach(), target.detach(), taus, risk_w, mask, kappa, alpha, beta,
+    return _k.critic_loss(heads.detach(), target.detach(), taus, risk_weights, mask, kappa, alpha, beta,
                           normalize_kappa, params)
 
 
