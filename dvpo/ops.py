@@ -11,6 +11,7 @@ are `torch.library` ops (dvpo.library), so they work under `torch.compile`. The 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -51,11 +52,51 @@ def _mask_arg(mask, acc):
     return None if mask is None else mask.reshape(-1).to(acc)
 
 
+# Default taus and risk weights, made once per (N, gamma, dtype, device): building them per call
+# copies from the host (a blocking copy on a GPU) and launches small kernels. Bounded, and bypassed
+# while torch.compile traces (a traced tensor must not be cached).
+_CONSTANTS: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_CONSTANTS_MAX = 64
+
+
+def _compiling() -> bool:
+    fn = getattr(torch.compiler, "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+def _constant(key: tuple, make) -> Tensor:
+    if _compiling():
+        return make()
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        with torch.inference_mode(False), torch.no_grad():
+            hit = make()
+        _CONSTANTS[key] = hit
+        if len(_CONSTANTS) > _CONSTANTS_MAX:
+            _CONSTANTS.popitem(last=False)
+    else:
+        _CONSTANTS.move_to_end(key)
+    return hit
+
+
+def _default_taus(n, device, acc) -> Tensor:
+    return _constant(("taus", n, str(device), acc), lambda: ref.taus(n, device=device, dtype=acc))
+
+
 def _taus_arg(taus, n, like, acc):
     if taus is None:
-        return ref.taus(n, device=like.device, dtype=acc)
+        return _default_taus(n, like.device, acc)
     check.vector("taus", taus, n, like.device)
     return taus.to(acc)
+
+
+def _risk_weights_arg(taus, t, config) -> Tensor:
+    """The risk weights of `t` (taus in the accumulation dtype); cached when `t` is the default grid."""
+    gamma = float(config.risk_gamma) if config.risk else 0.0
+    make = (lambda: ref.risk_weights(t, gamma)) if config.risk else (lambda: torch.ones_like(t))
+    if taus is not None:
+        return make()
+    return _constant(("risk", t.shape[0], gamma, str(t.device), t.dtype), make)
 
 
 def risk_weights(taus: Tensor, gamma: float = 1.0) -> Tensor:
@@ -240,7 +281,7 @@ def critic_loss(theta: Tensor, target: Tensor, taus: Optional[Tensor] = None, *,
     h, n, m = heads.shape[-2], heads.shape[-1], target.shape[-1]
     acc = ref.acc_dtype(theta.dtype)
     t = _taus_arg(taus, n, theta, acc)
-    risk_w = ref.risk_weights(t, config.risk_gamma) if config.risk else torch.ones_like(t)
+    risk_w = _risk_weights_arg(taus, t, config)
     tokens = _tokens(lead)
     total, terms, _ = library.critic_loss(
         heads.reshape(tokens, h, n), target.detach().reshape(tokens, m), t, risk_w, _mask_arg(mask, acc),
