@@ -34,8 +34,8 @@ _COERCE: Dict[str, Optional[Callable]] = {
 @dataclass(frozen=True)
 class Arg:
     name: str
-    type: str      # a torch schema type: Tensor, Tensor?, float, bool, str, float[]
-    doc: str = ""  # shape or meaning, for the docs and error messages
+    type: str        # a torch schema type: Tensor, Tensor?, float, bool, str, float[]
+    shape: str = ""  # for the docs: "[T,N]"; "[12]" for a list
 
     def __post_init__(self):
         if self.type not in _COERCE:
@@ -50,6 +50,7 @@ class Out:
     like: str
     dims: Optional[int] = None
     extra: Tuple[int, ...] = ()
+    text: str = ""  # the shape for the docs: "[T]"
 
     def shape(self, args: Dict[str, object]) -> Tuple[int, ...]:
         lead = tuple(args[self.like].shape)
@@ -88,30 +89,31 @@ class OpSpec:
 OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec(
         "quantile_huber",
-        (Arg("pred", "Tensor", "[T, N] predicted quantiles"), Arg("target", "Tensor", "[T, M] target samples"),
-         Arg("taus", "Tensor", "[N]"), Arg("weights", "Tensor?", "[N] or None"), Arg("mask", "Tensor?", "[T] or None"),
-         Arg("kappa", "float"), Arg("normalize_kappa", "bool"), Arg("algorithm", "str")),
-        (Out("loss", "pred", 1), Out("grad", "pred")),
+        (Arg("pred", "Tensor", "[T,N]"), Arg("target", "Tensor", "[T,M]"), Arg("taus", "Tensor", "[N]"),
+         Arg("weights", "Tensor?", "[N]"), Arg("mask", "Tensor?", "[T]"), Arg("kappa", "float"),
+         Arg("normalize_kappa", "bool"), Arg("algorithm", "str")),
+        (Out("loss", "pred", 1, text="[T]"), Out("grad", "pred", text="[T,N]")),
         True, "quantile Huber loss per token and its gradient w.r.t. pred"),
     OpSpec(
         "cvar",
-        (Arg("x", "Tensor", "[T, N] atoms"), Arg("level", "float"), Arg("upper", "bool")),
-        (Out("value", "x", 1), Out("coef", "x")),
+        (Arg("x", "Tensor", "[T,N]"), Arg("level", "float"), Arg("upper", "bool")),
+        (Out("value", "x", 1, text="[T]"), Out("coef", "x", text="[T,N]")),
         True, "CVaR per token and its coefficients (= its gradient w.r.t. x)"),
     OpSpec(
         "critic_loss",
-        (Arg("heads", "Tensor", "[T, H, N] quantile heads"), Arg("target", "Tensor", "[T, M] target samples"),
-         Arg("taus", "Tensor", "[N]"), Arg("risk_weights", "Tensor", "[N]"), Arg("mask", "Tensor?", "[T] or None"),
-         Arg("kappa", "float"), Arg("alpha", "float"), Arg("beta", "float"), Arg("normalize_kappa", "bool"),
-         Arg("params", "float[]", f"[{len(PARAM_NAMES)}]: {', '.join(PARAM_NAMES)}"), Arg("algorithm", "str")),
-        (Out("total", "heads", 1), Out("terms", "heads", 1, (len(TERM_NAMES),)), Out("grad", "heads")),
+        (Arg("heads", "Tensor", "[T,H,N]"), Arg("target", "Tensor", "[T,M]"), Arg("taus", "Tensor", "[N]"),
+         Arg("risk_weights", "Tensor", "[N]"), Arg("mask", "Tensor?", "[T]"), Arg("kappa", "float"),
+         Arg("alpha", "float"), Arg("beta", "float"), Arg("normalize_kappa", "bool"),
+         Arg("params", "float[]", f"[{len(PARAM_NAMES)}]"), Arg("algorithm", "str")),
+        (Out("total", "heads", 1, text="[T]"), Out("terms", "heads", 1, (len(TERM_NAMES),), f"[T,{len(TERM_NAMES)}]"),
+         Out("grad", "heads", text="[T,H,N]")),
         True, "the fused critic loss per token, its unweighted terms, and the gradient w.r.t. heads"),
     OpSpec(
         "distributional_gae",
-        (Arg("rewards", "Tensor", "[B, T]"), Arg("values", "Tensor", "[B, T, M]"), Arg("mask", "Tensor", "[B, T]"),
+        (Arg("rewards", "Tensor", "[B,T]"), Arg("values", "Tensor", "[B,T,M]"), Arg("mask", "Tensor", "[B,T]"),
          Arg("gamma", "float"), Arg("lam", "float")),
-        (Out("advantages", "values", 2), Out("returns", "values")),
-        False, "per-quantile GAE: advantages [B, T] and returns [B, T, M]"),
+        (Out("advantages", "values", 2, text="[B,T]"), Out("returns", "values", text="[B,T,M]")),
+        False, "per-quantile GAE: advantages and returns"),
 )}
 
 
@@ -126,10 +128,11 @@ def forwarder(spec: OpSpec, kernel: Callable) -> Callable:
 
 
 def describe() -> str:
-    """The interface as text (one op a line), for docs and `help`."""
-    lines = []
-    for spec in OPS.values():
-        args = ", ".join(f"{a.name}{'' if not a.doc else ' ' + a.doc}" for a in spec.args)
-        outs = ", ".join(o.name for o in spec.outputs)
-        lines.append(f"{spec.name}({args}) -> ({outs})")
-    return "\n".join(lines)
+    """The interface as text, one op a line (docs/architecture.md quotes it; a test compares)."""
+    def arg(a: Arg) -> str:
+        if a.type.startswith("Tensor"):
+            return f"{a.name}{a.shape}{'?' if a.type.endswith('?') else ''}"
+        return f"{a.name}{a.shape}: {a.type}"
+    return "\n".join(
+        f"{spec.name}({', '.join(arg(a) for a in spec.args)}) -> ({', '.join(o.name + o.text for o in spec.outputs)})"
+        for spec in OPS.values())

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dvpo
+import dvpo.opspec
 from dvpo import library
 from dvpo.config import PARAM_NAMES, TERM_NAMES
 from dvpo.dispatch import use_backend
@@ -78,8 +79,14 @@ def test_compiled_backends_are_built_from_the_table(backend):
 
 def test_critic_loss_params_and_terms_follow_the_config():
     spec = OPS["critic_loss"]
-    assert str(len(PARAM_NAMES)) in next(a.doc for a in spec.args if a.name == "params")
+    assert str(len(PARAM_NAMES)) in next(a.shape for a in spec.args if a.name == "params")
     assert next(o for o in spec.outputs if o.name == "terms").extra == (len(TERM_NAMES),)
+
+
+def test_architecture_doc_quotes_the_table():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    for line in dvpo.opspec.describe().splitlines():
+        assert line in doc, f"docs/architecture.md does not show the current interface line:\n{line}"
 
 
 def _example_args(name, dtype=torch.float32):
