@@ -31,8 +31,12 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import masked as _masked
 from .. import ops
+from ..clipped_loss import clip_bounds
+from ..clipped_loss import clipped_critic_loss as _clipped_critic_loss
 from ..config import CriticLossConfig
+from ..masked import safe_div
 
 __all__ = [
     "MSE_KAPPA",
@@ -140,11 +144,6 @@ class QuantileValueHead(nn.Linear):
 # Aggregation (verl's loss_agg_mode)
 # ----------------------------------------------------------------------------------------------
 
-def _safe_div(num: Tensor, den) -> Tensor:
-    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
-    return num / torch.where(den != 0, den, torch.ones_like(den))
-
-
 def aggregate(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str = "token-mean", *, dp_size: int = 1,
               batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None,
               seq_count_eps: float = 0.0) -> Tensor:
@@ -177,7 +176,7 @@ def aggregate(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str = "token-m
             if dp_size > 1:
                 raise ValueError("batch_num_tokens (the global token count) is required when dp_size > 1")
             batch_num_tokens = m.sum()
-        return _safe_div(masked.sum(), batch_num_tokens) * dp_size
+        return safe_div(masked.sum(), batch_num_tokens) * dp_size
     if loss_agg_mode == "token-sum":
         return masked.sum() * dp_size
     row_w = m.sum(-1)
@@ -188,14 +187,14 @@ def aggregate(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str = "token-m
         count = loss_mask.sum(-1)
         if seq_count_eps:
             count = count + seq_count_eps
-        seq_loss = _safe_div(masked.sum(-1), count.to(loss_mat.dtype))
+        seq_loss = safe_div(masked.sum(-1), count.to(loss_mat.dtype))
     else:
         seq_loss = masked.sum(-1)
     if global_batch_size is None:
         if dp_size > 1:
             raise ValueError("global_batch_size is required when dp_size > 1")
         global_batch_size = seq_valid.sum()
-    loss = _safe_div((seq_loss * seq_valid).sum(), global_batch_size) * dp_size
+    loss = safe_div((seq_loss * seq_valid).sum(), global_batch_size) * dp_size
     if loss_agg_mode == "seq-mean-token-sum-norm":
         loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     return loss
@@ -203,39 +202,20 @@ def aggregate(loss_mat: Tensor, loss_mask: Tensor, loss_agg_mode: str = "token-m
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of `x` over real tokens (0 when there is none); `mask` broadcasts from the left dims."""
-    m = mask.to(x.dtype)
-    while m.dim() < x.dim():
-        m = m.unsqueeze(-1)
-    m = m.expand_as(x)
-    total = torch.where(m != 0, x, torch.zeros((), dtype=x.dtype, device=x.device)) * m
-    return _safe_div(total.sum(), m.sum())
+    return _masked.masked_mean(x, mask)
 
 
 def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """PPO's advantage whitening over real tokens: `(x - mean) / sqrt(var + eps)`, with the masked
-    mean and the unbiased (Bessel-corrected) masked variance, as verl, TRL and OpenRLHF whiten
-    (no NaN for fewer than two real tokens: the variance is then taken as is)."""
-    m = mask.to(x.dtype)
-    n = m.sum()
-    mean = _safe_div((x * m).sum(), n)
-    var = _safe_div((((x - mean) ** 2) * m).sum(), n) * _safe_div(n, n - 1)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    return out if shift_mean else out + mean
+    mean and the unbiased (Bessel-corrected) masked variance, as verl's and TRL's `masked_whiten`
+    (no NaN for fewer than two real tokens: the variance is then taken as is). `dvpo.masked` is the
+    one implementation (the trainer uses it with the population variance)."""
+    return _masked.masked_whiten(x, mask, unbiased=True, shift_mean=shift_mean, eps=eps)
 
 
 # ----------------------------------------------------------------------------------------------
 # The clipped distributional critic loss
 # ----------------------------------------------------------------------------------------------
-
-def clip_bounds(v: Tensor, old: Tensor, eps: float) -> Tensor:
-    """`clip(v, old - eps, old + eps)` as `max(min(v, old + eps), old - eps)` (verl, TRL)."""
-    return torch.max(torch.min(v, old + eps), old - eps)
-
-
-def clip_delta(v: Tensor, old: Tensor, eps: float) -> Tensor:
-    """`old + clamp(v - old, -eps, eps)` (OpenRLHF's formulation; equal to clip_bounds up to rounding)."""
-    return old + (v - old).clamp(-eps, eps)
-
 
 def _dims(shape) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
@@ -352,13 +332,8 @@ def clipped_critic_loss(vpreds: Tensor, returns: Tensor, old_values: Optional[Te
             raise ValueError(f"{o_name} (the old values) are required for value clipping "
                              f"(cliprange_value is not None)")
         old = _old_like(old_values, pred, lead, o_name, v_name).detach().to(dtype)
-    out = ops.critic_loss(pred, target, taus, mask=real, config=cfg, reduction="none")
-    if old is None:
-        return out.loss, torch.zeros(lead, dtype=torch.bool, device=pred.device), out.terms
-    pred_clipped = clip(pred, old, float(cliprange_value))
-    out_clipped = ops.critic_loss(pred_clipped, target, taus, mask=real, config=cfg, reduction="none")
-    per_token = torch.max(out.loss, out_clipped.loss)
-    return per_token, out_clipped.loss > out.loss, out.terms
+    return _clipped_critic_loss(pred, target, old, real, None if old is None else cliprange_value, config=cfg,
+                                taus=taus, clip=clip)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CriticLossConfig
-from ._common import (MSE_KAPPA, QuantileValueHead, aggregate, clip_delta, clipped_critic_loss, compute_dtype,
-                      distributional_returns, expand_token_mask, masked_mean, mse_config, quantile_mean,
-                      result_dtype)
+from ..clipped_loss import clip_delta
+from ._common import (MSE_KAPPA, QuantileValueHead, aggregate, clipped_critic_loss, compute_dtype,
+                      distributional_returns, expand_token_mask, masked_mean, mse_config, quantile_mean, result_dtype)
 
 __all__ = ["ValueLoss", "aggregate_loss", "get_advantages_and_returns", "apply_action_mask", "mean_value",
            "QuantileValueHead", "mse_config", "MSE_KAPPA"]

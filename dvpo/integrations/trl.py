@@ -34,8 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CriticLossConfig
-from ._common import (MSE_KAPPA, QuantileValueHead, clip_bounds, clipped_critic_loss, compute_dtype,
-                      distributional_returns, expand_token_mask, masked_mean, mse_config, result_dtype)
+from ..clipped_loss import clip_bounds
+from ._common import (MSE_KAPPA, QuantileValueHead, clipped_critic_loss, compute_dtype, distributional_returns,
+                      expand_token_mask, masked_mean, mse_config, result_dtype)
 
 __all__ = ["attach_quantile_head", "compute_value_loss", "compute_advantages_and_returns", "fill_padding",
            "QuantileValueHead", "mse_config", "MSE_KAPPA"]

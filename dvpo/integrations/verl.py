@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from ..config import CriticLossConfig
-from ._common import (LOSS_AGG_MODES, MSE_KAPPA, QuantileValueHead, aggregate, clip_bounds, clipped_critic_loss,
-                      compute_dtype, distributional_returns, masked_mean, masked_whiten, mse_config, quantile_mean,
-                      result_dtype)
+from ..clipped_loss import clip_bounds
+from ._common import (LOSS_AGG_MODES, MSE_KAPPA, QuantileValueHead, aggregate, clipped_critic_loss, compute_dtype,
+                      distributional_returns, masked_mean, masked_whiten, mse_config, quantile_mean, result_dtype)
 
 __all__ = [
     "compute_value_loss",
