@@ -1,12 +1,17 @@
-"""Advantage estimators and losses (pure functions): shapes, masks, hand-computed values."""
+"""Advantage estimators, losses, masked reductions (pure functions): shapes, masks, hand-computed values;
+the algorithm registry."""
 
 import math
+import threading
 
 import pytest
 import torch
 
 import dvpo
-from dvpo.trainer import algos as A
+from dvpo import masked
+from dvpo.clipped_loss import clip_bounds, clip_delta
+from dvpo.trainer import advantages as A
+from dvpo.trainer import losses as L
 
 
 def _mask(lengths, t):
@@ -74,7 +79,7 @@ def test_dvpo_advantages_shapes_masks_and_cvar():
 def test_masked_whiten():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 0.0, 0.0]])
     m = _mask([3, 2], 4)
-    w = A.masked_whiten(x, m)
+    w = masked.masked_whiten(x, m) * m
     real = w[m.bool()]
     assert abs(float(real.mean())) < 1e-6 and abs(float(real.pow(2).mean()) - 1.0) < 1e-4
     assert (w[m == 0] == 0).all()
@@ -98,7 +103,7 @@ def test_reinforce_pp_advantages():
     r = torch.tensor([[-0.1, -0.1, 0.9], [0.0, 1.0, 0.0]])
     adv = A.reinforce_pp_advantages(r, mask)
     ret = torch.tensor([[0.7, 0.8, 0.9], [1.0, 1.0, 0.0]])
-    assert torch.allclose(adv, A.masked_whiten(ret, mask), atol=1e-6)
+    assert torch.allclose(adv, masked.masked_whiten(ret, mask) * mask, atol=1e-6)
 
 
 def test_policy_loss_hand_computed():
@@ -114,7 +119,7 @@ def test_policy_loss_hand_computed():
                 ratio = math.exp(logp[i, j] - old[i, j])
                 clipped = min(max(ratio, 1 - eps), 1 + eps)
                 terms.append(max(-adv[i, j].item() * ratio, -adv[i, j].item() * clipped))
-    loss, stats = A.policy_loss(logp, old, adv, mask, eps)
+    loss, stats = L.policy_loss(logp, old, adv, mask, eps)
     assert abs(float(loss) - sum(terms) / len(terms)) < 1e-6
     assert 0.0 <= stats["clipfrac"] <= 1.0
 
@@ -122,8 +127,8 @@ def test_policy_loss_hand_computed():
 def test_kl_estimators():
     logp = torch.tensor([-1.0, -2.0])
     ref = torch.tensor([-1.5, -1.0])
-    assert torch.allclose(A.kl_penalty(logp, ref, "k1"), logp - ref)
-    k3 = A.kl_penalty(logp, ref, "k3")
+    assert torch.allclose(L.kl_penalty(logp, ref, "k1"), logp - ref)
+    k3 = L.kl_penalty(logp, ref, "k3")
     assert (k3 >= 0).all() and torch.allclose(k3, torch.exp(ref - logp) - (ref - logp) - 1)
 
 
@@ -137,13 +142,13 @@ def test_scalar_value_loss_hand_computed():
     for i in range(2):
         for j in range(2):
             if mask[i, j]:
-                vc = old[i, j] + max(-c, min(c, v[i, j] - old[i, j]))
+                vc = min(max(v[i, j], old[i, j] - c), old[i, j] + c)
                 vals.append(max((v[i, j] - ret[i, j]) ** 2, (vc - ret[i, j]) ** 2))
-    assert abs(float(A.scalar_value_loss(v, old, ret, mask, c)) - 0.5 * sum(vals) / len(vals)) < 1e-6
+    assert abs(float(L.scalar_value_loss(v, old, ret, mask, c)) - 0.5 * sum(vals) / len(vals)) < 1e-6
     # heads: every head against the same (worst-case) target
     vh = torch.stack([v, v + 1], -1)
     oh = torch.stack([old, old + 1], -1)
-    l2 = A.scalar_value_loss(vh, oh, ret, mask, 0.0)
+    l2 = L.scalar_value_loss(vh, oh, ret, mask, 0.0)
     assert abs(float(l2) - 0.5 * float(((vh - ret[..., None]) ** 2 * mask[..., None]).sum() / 6)) < 1e-6
 
 
@@ -155,13 +160,94 @@ def test_distributional_value_loss_is_the_op():
     target = torch.randn(b, t, n)
     mask = _mask([4, 2], t)
     cfg = dvpo.CriticLossConfig()
-    loss, terms = A.distributional_value_loss(theta, old, target, mask, cfg, clip=0.0)
+    loss, terms = L.distributional_value_loss(theta, old, target, mask, cfg, clip=0.0)
     ref = dvpo.ops.critic_loss(theta, target, mask=mask, config=cfg)
     assert torch.allclose(loss, ref.loss) and set(terms) == set(dvpo.TERM_NAMES)
-    lc, _ = A.distributional_value_loss(theta, old, target, mask, cfg, clip=0.05)
+    lc, _ = L.distributional_value_loss(theta, old, target, mask, cfg, clip=0.05)
     per_tok = dvpo.ops.critic_loss(theta, target, mask=mask, config=cfg, reduction="none").loss
-    clipped = old + (theta - old).clamp(-0.05, 0.05)
+    clipped = torch.max(torch.min(theta, old + 0.05), old - 0.05)
     per_tok_c = dvpo.ops.critic_loss(clipped, target, mask=mask, config=cfg, reduction="none").loss
-    assert torch.allclose(lc, A.masked_mean(torch.maximum(per_tok, per_tok_c), mask))
+    assert torch.allclose(lc, L.masked_mean(torch.maximum(per_tok, per_tok_c), mask))
     lc.backward()
     assert torch.isfinite(theta.grad).all()
+
+
+def test_masked_moments_population_and_bessel():
+    torch.manual_seed(3)
+    x = torch.randn(5, 7, dtype=torch.float64)
+    m = _mask([7, 3, 1, 0, 5], 7)
+    real = x[m.bool()]
+    mean, var = masked.masked_moments(x, m)
+    assert torch.allclose(mean, real.mean()) and torch.allclose(var, real.var(unbiased=False))
+    _, var_b = masked.masked_moments(x, m, unbiased=True)
+    assert torch.allclose(var_b, real.var(unbiased=True))
+    x_nan = x.masked_fill(m == 0, float("nan"))                     # padding cannot leak in
+    assert torch.equal(torch.stack(masked.masked_moments(x_nan, m)), torch.stack((mean, var)))
+    mean0, var0 = masked.masked_moments(x, torch.zeros_like(m))        # no real token: zeros, not NaN
+    assert float(mean0) == 0.0 and float(var0) == 0.0
+    one = torch.zeros_like(m)
+    one[1, 2] = 1
+    assert float(masked.masked_moments(x, one, unbiased=True)[1]) == 0.0
+
+
+def test_masked_reductions_over_ranks_equal_one_process():
+    """Two 'ranks' (threads summing through a barrier) give the one-process mean, variance and whitening."""
+    torch.manual_seed(4)
+    x = torch.randn(6, 5)
+    m = _mask([5, 2, 4, 1, 3, 5], 5)
+    slots, barrier = [None, None], threading.Barrier(2)
+
+    def rank(r, out):
+        def all_reduce(t):
+            slots[r] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        part = slice(0, 2) if r == 0 else slice(2, 6)                  # uneven shards
+        out[r] = (masked.masked_moments(x[part], m[part], all_reduce=all_reduce),
+                  masked.masked_whiten(x[part], m[part], all_reduce=all_reduce) * m[part],
+                  masked.masked_mean(x[part], m[part], all_reduce=all_reduce))
+
+    out = [None, None]
+    threads = [threading.Thread(target=rank, args=(r, out)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    mean, var = masked.masked_moments(x, m)
+    for (m_r, v_r), _, mean_r in out:
+        assert torch.allclose(m_r, mean) and torch.allclose(v_r, var) and torch.allclose(mean_r, mean)
+    assert torch.allclose(torch.cat([out[0][1], out[1][1]]), masked.masked_whiten(x, m) * m, atol=1e-6)
+
+
+def test_clip_bounds_is_the_identity_inside_the_range():
+    """Why the trainer and the adapters clip with clip_bounds: inside the clip range it returns v
+    itself, while old + clamp(v - old) (OpenRLHF's form) can be a rounding away from v."""
+    torch.manual_seed(5)
+    v = torch.randn(10000)
+    old = v + 0.1 * torch.randn(10000)
+    inside = (v - old).abs() < 0.5
+    assert torch.equal(clip_bounds(v, old, 0.5)[inside], v[inside])
+    assert not torch.equal(clip_delta(v, old, 0.5)[inside], v[inside])
+    assert torch.allclose(clip_delta(v, old, 0.5), clip_bounds(v, old, 0.5), atol=1e-6)
+
+
+def test_registry_is_the_one_list_of_algorithms():
+    from dvpo.trainer import TrainConfig
+    from dvpo.trainer.algorithms import ALGORITHMS, ALGOS, Algorithm, get_algorithm
+    from dvpo.trainer.config import TrainConfig as Cfg
+
+    field = {f.name: f for f in __import__("dataclasses").fields(Cfg)}["algo"]
+    assert tuple(field.metadata["choices"]) == ALGOS == ("dvpo", "ppo", "grpo", "robust-ppo", "reinforce++")
+    for name, cls in ALGORITHMS.items():
+        assert issubclass(cls, Algorithm) and cls.name == name
+        shape = TrainConfig(algo=name, n_heads=3, n_quantiles=7).critic_shape()
+        expect = {"none": None, "scalar": (shape[0] if shape else None, 1), "distributional": (3, 7)}[cls.critic]
+        assert shape == expect, name
+        if shape is not None:
+            view = cls(TrainConfig(algo=name, n_heads=3, n_quantiles=7)).view(torch.zeros(2, 4, *shape))
+            assert view.shape == {"ppo": (2, 4), "robust-ppo": (2, 4, 3), "dvpo": (2, 4, 3, 7)}[name]
+    with pytest.raises(ValueError, match="one of dvpo, ppo"):
+        get_algorithm("a2c")

@@ -9,7 +9,7 @@ import torch
 
 import dvpo
 from dvpo.trainer import TrainConfig, train
-from dvpo.trainer.algos import ALGOS
+from dvpo.trainer.algorithms import ALGOS
 from dvpo.trainer.loop import read_metrics
 
 TASKS = ("math", "science", "dialogue")
@@ -115,9 +115,9 @@ def test_trainer_uses_the_fused_critic_op(sft_cache, tmp_path, monkeypatch):
 
 
 def test_nan_loss_skips_and_aborts(sft_cache, tmp_path, monkeypatch):
-    from dvpo.trainer import algos
+    from dvpo.trainer import losses
 
-    real = algos.policy_loss
+    real = losses.policy_loss
     state = {"n": 0, "nan_calls": {1}}
 
     def flaky(*args, **kwargs):
@@ -127,7 +127,7 @@ def test_nan_loss_skips_and_aborts(sft_cache, tmp_path, monkeypatch):
             loss = loss * float("nan")
         return loss, stats
 
-    monkeypatch.setattr(algos, "policy_loss", flaky)
+    monkeypatch.setattr(losses, "policy_loss", flaky)
     s = train(tiny(sft_cache, tmp_path / "one", algo="ppo", steps=3, ppo_epochs=1), log=None)
     rows = read_metrics(str(tmp_path / "one"))
     assert s["status"] == "ok" and s["bad_steps"] == 1

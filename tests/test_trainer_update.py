@@ -1,6 +1,7 @@
 """One PPO update on a fixed batch against a hand computation, and the sampler against the scorer."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -20,17 +21,17 @@ def sft_cache(tmp_path_factory):
 
 def _hand_logp(model, b):
     """Response log-probs by an explicit forward and per-token indexing (no trainer helpers)."""
-    ids = torch.cat([b["p_ids"], b["r_ids"]], 1)
-    attn = torch.cat([b["p_mask"], b["mask"].long()], 1)
+    ids = torch.cat([b.p_ids, b.r_ids], 1)
+    attn = torch.cat([b.p_mask, b.mask.long()], 1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float()
-    p = b["p_ids"].shape[1]
+    p = b.p_ids.shape[1]
     rows = []
     for i in range(ids.shape[0]):
         row = []
-        for j in range(b["r_ids"].shape[1]):
+        for j in range(b.r_ids.shape[1]):
             lp = torch.log_softmax(logits[i, p - 1 + j], -1)
-            row.append(lp[b["r_ids"][i, j]])
+            row.append(lp[b.r_ids[i, j]])
         rows.append(torch.stack(row))
     return torch.stack(rows)
 
@@ -42,15 +43,15 @@ def test_one_step_ppo_update_matches_hand_computed(sft_cache, tmp_path):
     tr = Trainer(cfg, log=None)
     tr.setup()
     row = {}
-    b = tr.rollout(row)
-    tr.advantages(b, row)
-    mask = b["mask"]
+    b = tr.advantages(tr.rollout(row), row)
+    mask = b.mask
     B, T = mask.shape
     m = mask.tolist()
 
     # --- advantages and returns by hand: per-token rewards, GAE recursion, whitening -------------
-    old, ref, v = b["old_logp"].tolist(), b["ref_logp"].tolist(), b["values"][..., 0, 0].tolist()
-    outcome = b["outcome"].tolist()
+    assert b.values.shape == (B, T)                                   # PPO's critic: one scalar per token
+    old, ref, v = b.old_logp.tolist(), b.ref_logp.tolist(), b.values.tolist()
+    outcome = b.outcome.tolist()
     adv_h, ret_h = [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
     for i in range(B):
         n = int(sum(m[i]))
@@ -65,12 +66,12 @@ def test_one_step_ppo_update_matches_hand_computed(sft_cache, tmp_path):
     mu = sum(flat) / len(flat)
     sd = math.sqrt(sum((x - mu) ** 2 for x in flat) / len(flat) + 1e-8)
     white = [[(adv_h[i][j] - mu) / sd if m[i][j] else 0.0 for j in range(T)] for i in range(B)]
-    assert torch.allclose(b["adv"], torch.tensor(white), atol=1e-4)
-    assert torch.allclose(b["returns"], torch.tensor(ret_h), atol=1e-5)
+    assert torch.allclose(b.advantages, torch.tensor(white), atol=1e-4)
+    assert torch.allclose(b.returns, torch.tensor(ret_h), atol=1e-5)
 
     # --- move old_logp so ratios differ from 1 and the clip is active ------------------------------
     g = torch.Generator().manual_seed(0)
-    b["old_logp"] = b["old_logp"] + 0.4 * torch.randn(B, T, generator=g) * mask
+    b = dataclasses.replace(b, old_logp=b.old_logp + 0.4 * torch.randn(B, T, generator=g) * mask)
     pol0, crit0 = copy.deepcopy(tr.policy), copy.deepcopy(tr.critic)
     p_before = [p.detach().clone() for p in tr.policy.parameters()]
     c_before = [p.detach().clone() for p in tr.critic.parameters()]
@@ -83,21 +84,21 @@ def test_one_step_ppo_update_matches_hand_computed(sft_cache, tmp_path):
     for i in range(B):
         for j in range(T):
             if m[i][j]:
-                ratio = torch.exp(logp[i, j] - b["old_logp"][i, j])
+                ratio = torch.exp(logp[i, j] - b.old_logp[i, j])
                 a = white[i][j]
                 terms.append(torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)))
     pg = torch.stack(terms).mean()
-    ids = torch.cat([b["p_ids"], b["r_ids"]], 1)
-    attn = torch.cat([b["p_mask"], mask.long()], 1)
+    ids = torch.cat([b.p_ids, b.r_ids], 1)
+    attn = torch.cat([b.p_mask, mask.long()], 1)
     hid = crit0.backbone(input_ids=ids, attention_mask=attn,
                          position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
-    vals = crit0.heads(hid)[:, b["p_ids"].shape[1] - 1:-1, 0]
+    vals = crit0.heads(hid)[:, b.p_ids.shape[1] - 1:-1, 0]
     vterms = []
     for i in range(B):
         for j in range(T):
             if m[i][j]:
                 vo = v[i][j]
-                vc = vo + torch.clamp(vals[i, j] - vo, -0.05, 0.05)
+                vc = torch.clamp(vals[i, j], vo - 0.05, vo + 0.05)
                 vterms.append(torch.maximum((vals[i, j] - ret_h[i][j]) ** 2, (vc - ret_h[i][j]) ** 2))
     vl = 0.5 * torch.stack(vterms).mean()
     assert abs(out["pg_loss"] - float(pg.detach())) < 1e-5

@@ -167,7 +167,7 @@ def load_grid(name_or_path: str) -> Grid:
     if not isinstance(raw_blocks, list) or not raw_blocks:
         raise ValueError(f"{path}: needs at least one [[block]]")
     from dvpo.tasks import get_task, parse_noise
-    from dvpo.trainer.algos import ALGOS
+    from dvpo.trainer.algorithms import ALGOS
 
     blocks, names = [], set()
     for i, b in enumerate(raw_blocks):

@@ -108,3 +108,69 @@ def commit(tmp: str, path: str):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- a trainer's checkpoint ------------------------------------------------------------------------
+
+def save_trainer(tr):
+    """Rank 0 writes `OUT/ckpt` of the `Trainer` `tr` (every rank calls this: the vote labels are
+    gathered): the policy (HF safetensors + tokenizer), the critic, the optimizers' tensors, and in
+    state.json the step, counters, every generator's state and the vote labels."""
+    from safetensors.torch import save_file
+
+    from .models import save_critic
+
+    votes = dict(tr.votes)
+    if tr.dist.enabled:
+        for part in tr.dist.gather_objects(tr.votes):
+            votes.update(part)
+    if not tr.dist.is_main:
+        return
+    path = os.path.join(tr.out, "ckpt")
+    tmp = begin(path)
+    tr.policy.save_pretrained(os.path.join(tmp, "policy"))
+    tr.tok.save_pretrained(os.path.join(tmp, "policy"))
+    if tr.critic is not None:
+        save_critic(tr.critic, os.path.join(tmp, "critic"))
+    tensors, opt_meta = optimizer_tensors("policy", tr.opt)
+    meta = {"policy": opt_meta}
+    if tr.critic_opt is not None:
+        t2, m2 = optimizer_tensors("critic", tr.critic_opt)
+        tensors.update(t2)
+        meta["critic"] = m2
+    save_file(tensors, os.path.join(tmp, "optim.safetensors"))
+    state = {
+        "step": tr.step, "bad_streak": tr.bad_streak, "init_dir": tr.init_dir,
+        "optimizers": meta,
+        "rng": {"sample": generator_state(tr.g_sample), "vote": generator_state(tr.g_vote),
+                "shuffle": generator_state(tr.g_shuffle), "noise": generator_state(tr.g_noise),
+                "prompts": python_random_state(tr.prompt_rng), "global": global_rng_states()},
+        "votes": [[k, list(v) if v is not None else None] for k, v in votes.items()],
+    }
+    write_json(os.path.join(tmp, "state.json"), state)
+    commit(tmp, path)
+
+
+def load_trainer(tr, path: str):
+    """Restore what `save_trainer` wrote into the set-up `Trainer` `tr` (its models are loaded already)."""
+    from safetensors.torch import load_file
+
+    from .models import load_critic_into
+
+    state = read_json(os.path.join(path, "state.json"))
+    if tr.critic is not None:
+        load_critic_into(tr.critic, os.path.join(path, "critic"))
+    tensors = load_file(os.path.join(path, "optim.safetensors"), device=str(tr.device))
+    load_optimizer("policy", tr.opt, tensors, state["optimizers"]["policy"])
+    if tr.critic_opt is not None:
+        load_optimizer("critic", tr.critic_opt, tensors, state["optimizers"]["critic"])
+    rng = state["rng"]
+    set_generator_state(tr.g_sample, rng["sample"])
+    set_generator_state(tr.g_vote, rng["vote"])
+    set_generator_state(tr.g_shuffle, rng["shuffle"])
+    set_generator_state(tr.g_noise, rng["noise"])
+    set_python_random_state(tr.prompt_rng, rng["prompts"])
+    set_global_rng_states(rng["global"])
+    tr.votes = {k: (tuple(v) if v is not None else None) for k, v in state["votes"]}
+    tr.step = state["step"]
+    tr.bad_streak = state["bad_streak"]

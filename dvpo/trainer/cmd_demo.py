@@ -12,7 +12,7 @@ import time
 def add_arguments(parser: argparse.ArgumentParser):
     from dvpo import cli
 
-    from .algos import ALGOS
+    from .algorithms import ALGOS
     from .config import noise_arg, task_arg
 
     parser.add_argument("--out", default="dvpo-demo", help="run directory (replaced if it holds a run)")

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from typing import Optional
 
+from .algorithms import ALGOS
 
 def _loss_defaults():
     # dvpo.config imports torch only for a type: cheap enough here
@@ -70,8 +71,7 @@ class SFTConfig(ModelFields, SFTFields):
 
 @dataclasses.dataclass
 class TrainConfig(SFTConfig):
-    algo: str = _f("dvpo", "dvpo, ppo, grpo, robust-ppo or reinforce++",
-                   choices=("dvpo", "ppo", "grpo", "robust-ppo", "reinforce++"))
+    algo: str = _f("dvpo", "the RL algorithm: " + ", ".join(ALGOS) + " (dvpo/trainer/algorithms/)", choices=ALGOS)
     noise: str = _f("none", "reward noise: none, flip:P, gauss:S, rm:ACC, missing:P, vote:K (chain with +)")
     steps: int = _f(200, "RL steps")
     out: Optional[str] = _f(None, "run directory (metrics.jsonl, plots, checkpoints)")
@@ -149,10 +149,15 @@ class TrainConfig(SFTConfig):
         names = [f.name for f in dataclasses.fields(SFTConfig) if f.name != "out"]
         return SFTConfig(**{n: getattr(self, n) for n in names}, out=None)
 
+    def algorithm(self):
+        """This run's `Algorithm` (the registry in `dvpo/trainer/algorithms/`)."""
+        from .algorithms import get_algorithm
+
+        return get_algorithm(self.algo)(self)
+
     def critic_shape(self):
         """(H, N) of the critic's output, or None for the critic-free algorithms."""
-        return {"dvpo": (self.n_heads, self.n_quantiles), "ppo": (1, 1),
-                "robust-ppo": (self.n_heads, 1)}.get(self.algo)
+        return self.algorithm().critic_shape()
 
 
 def to_dict(cfg) -> dict:
@@ -310,8 +315,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, skip=(), defaults
 def check_config(cfg) -> Optional[tuple]:
     """What the per-flag types cannot see (several fields together): None, or (flag, value, what is
     expected) for a one-line usage error."""
-    if getattr(cfg, "algo", None) == "grpo" and cfg.group_size < 2:
-        return "--group-size", cfg.group_size, "an integer >= 2 for --algo grpo (group statistics)"
+    if getattr(cfg, "algo", None) in ALGOS:
+        from .algorithms import get_algorithm
+
+        problem = get_algorithm(cfg.algo).check(cfg)
+        if problem is not None:
+            return problem
     if not cfg.model and cfg.hidden % cfg.heads:         # transformers rejects it with a long traceback
         return "--heads", cfg.heads, f"a divisor of --hidden ({cfg.hidden})"
     if hasattr(cfg, "critic_loss_config"):

@@ -134,7 +134,7 @@ def evaluate_checkpoint(path: str, *, task: Optional[str] = None, n_eval: Option
     For a policy dir (an SFT warm start or any saved policy): n_eval 256, seed 0, temperature 1."""
     from dvpo.tasks import get_task
 
-    from .loop import _derived_seed
+    from .loop import derived_seed
     from .models import autocast, load_policy, pick_device
 
     info = describe_checkpoint(path)
@@ -147,7 +147,7 @@ def evaluate_checkpoint(path: str, *, task: Optional[str] = None, n_eval: Option
     n_eval = int(n_eval if n_eval is not None else run.get("n_eval", 256))
     if seed is None:
         step = info["step"]
-        seed = _derived_seed(run["seed"], f"eval:{step}") if run and step is not None else 0
+        seed = derived_seed(run["seed"], f"eval:{step}") if run and step is not None else 0
     max_new = (run.get("max_new_tokens") or t.max_new_tokens) if same_task else t.max_new_tokens
     bf16 = bool(run.get("bf16", True))
     dev = pick_device(device)
@@ -158,3 +158,24 @@ def evaluate_checkpoint(path: str, *, task: Optional[str] = None, n_eval: Option
     res.update({"checkpoint": info["policy_dir"], "task": task_spec, "n_eval": n_eval, "step": info["step"],
                 "sampled_seed": int(seed)})
     return res
+
+
+@torch.no_grad()
+def value_fan(tr, index: int = 0) -> Dict:
+    """The critic's value quantiles along the greedy response to the held-out prompt `index` of the
+    `Trainer` `tr` (for `value_fan.png`): per token the ensemble mean's quantiles and every head's."""
+    from .rollout import critic_values, score
+
+    p = tr.heldout[index]
+    ids, mask = encode_prompts(tr.tok, [p.prompt], tr.device)
+    r_ids, r_mask = sample(tr.policy, ids, mask, tr.max_new, tr.tok.eos_token_id, tr.tok.pad_token_id, greedy=True)
+    if tr.shared_critic:
+        _, _, hidden = score(tr.policy, ids, mask, r_ids, r_mask, want_hidden=True)
+        v = tr.critic.heads_from_hidden(hidden)
+    else:
+        v = critic_values(tr.critic, ids, mask, r_ids, r_mask)
+    v = v[0].float().cpu()                                               # [R, H, N]
+    tokens = [tr.tok.decode([t]) for t in r_ids[0].tolist()]
+    text = decode(tr.tok, r_ids, r_mask)[0]
+    return {"prompt": p.prompt, "response": text, "tokens": tokens, "true_reward": tr.task.reward(p, text),
+            "quantiles": v.mean(1).tolist(), "heads": v.tolist(), "taus": tr.taus.tolist(), "algo": tr.cfg.algo}

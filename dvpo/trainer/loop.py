@@ -1,5 +1,11 @@
-"""The RL loop: rollouts, (noisy) rewards, advantages, PPO-style updates, evaluation, metrics,
-checkpoints and exact resume. `train(TrainConfig) -> summary`.
+"""The RL loop: `train(TrainConfig) -> summary`, one `Trainer.step` per iteration of
+
+    rollout -> rewards -> values -> advantages -> K epochs of minibatch updates of actor and critic -> log
+
+The stages live in their own modules: `experience.py` (sample, reward, score into a `Batch`),
+the algorithm's `advantages` (`algorithms/`), whitening (`dvpo.masked`), `update.py` (the PPO
+epochs), `metrics.py` (the metric files) and `checkpoint.py` (exact resume). What differs between
+algorithms is in `algorithms/` only; this file has no per-algorithm branch.
 
 Under `torchrun` (see `distributed.py`) the same loop runs on every rank: each rank samples, scores
 and updates on its contiguous shard of the global batch's prompts (whole GRPO groups), with the
@@ -11,20 +17,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import math
+import hashlib
 import os
 import random
 import re
+import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
-from . import algos as A
+from . import advantages as adv
 from . import checkpoint as ck
+from . import metrics
+from .batch import Batch
 from .config import TrainConfig, from_dict, to_dict
-from .distributed import Dist, shard
+from .distributed import Dist
+from .metrics import read_metrics
+
+__all__ = ["Trainer", "train", "read_metrics", "evaluate_checkpoint", "default_out", "TrainingAborted"]
 
 # config fields that do not change a run's trajectory (may differ when resuming)
 RUNTIME_FIELDS = {"steps", "resume", "progress", "plots", "threads", "device", "save_every", "eval_every",
@@ -40,48 +51,37 @@ def default_out(cfg: TrainConfig) -> str:
     return os.path.join("runs", re.sub(r"[^A-Za-z0-9_.+-]+", "_", name))
 
 
-def _derived_seed(seed: int, stream: str) -> int:
-    import hashlib
-
+def derived_seed(seed: int, stream: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{stream}".encode(), digest_size=8).digest(), "little") >> 1
 
 
 def _stderr(msg):
-    import sys
-
     print(msg, file=sys.stderr, flush=True)
-
-
-def _json_float(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, log="stderr"):
         from dvpo.tasks import get_task, parse_noise
 
-        if log == "stderr":
-            log = _stderr
-        self.log = log or (lambda *a, **k: None)
-        if cfg.algo not in A.ALGOS:
-            raise ValueError(f"algo must be one of {', '.join(A.ALGOS)}, got {cfg.algo!r}")
-        A.parse_advantage(cfg.advantage)
-        if cfg.algo == "grpo" and cfg.group_size < 2:
-            raise ValueError("grpo needs group_size >= 2")
-        if cfg.algo in ("dvpo", "robust-ppo") and cfg.n_heads < 1:
-            raise ValueError("n_heads must be >= 1")
+        from .algorithms import get_algorithm
+
+        self.log = _stderr if log == "stderr" else (log or (lambda *a, **k: None))
+        problem = get_algorithm(cfg.algo).check(cfg)      # an unknown name is a ValueError here
+        if problem is not None:
+            raise ValueError(f"{problem[0]} {problem[1]!r}: expected {problem[2]}")
+        adv.parse_advantage(cfg.advantage)
         self.cfg = cfg
+        self.algo = cfg.algorithm()
         self.out = cfg.out or default_out(cfg)
         self.task = get_task(cfg.task)
         self.noise = parse_noise(cfg.noise, salt=cfg.seed)
-        self.closs_cfg = cfg.critic_loss_config() if cfg.algo == "dvpo" else None
         self.max_new = cfg.max_new_tokens or self.task.max_new_tokens
         self.dist = Dist.single()
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self):
+        import dvpo
+
         from .models import build_critic, load_policy, pick_device
         from .sft import sft
 
@@ -134,14 +134,15 @@ class Trainer:
         if main and not resuming and init_dir != ref_dir:
             self.policy.save_pretrained(ref_dir)     # the reference policy travels with the run
             self.tok.save_pretrained(ref_dir)
-        shape = cfg.critic_shape()
-        self.critic = None
+        shape = self.algo.critic_shape()
+        self.critic, self.taus = None, None
         if shape is not None:
             self.critic = build_critic(self.policy, shape[0], shape[1], cfg.shared_critic,
-                                       _derived_seed(cfg.seed, "critic-init"))
-            self.taus = dvpo_taus(shape[1], cfg.taus, self.device)
+                                       derived_seed(cfg.seed, "critic-init"))
+            self.taus = dvpo.taus(shape[1], cfg.taus, device=self.device)
+        self.shared_critic = self.critic is not None and cfg.shared_critic
         pol_params = list(self.policy.parameters())
-        if self.critic is not None and cfg.shared_critic:
+        if self.shared_critic:
             pol_params += list(self.critic.heads.parameters())
         self.opt = torch.optim.AdamW(pol_params, lr=cfg.policy_lr, weight_decay=cfg.weight_decay)
         self.critic_opt = None
@@ -151,15 +152,15 @@ class Trainer:
         gdev = self.device if self.device.type == "cuda" else "cpu"
         # every rank holds the same generators and draws for the whole global batch (then uses its rows)
         self.g_sample = torch.Generator(device=gdev)
-        self.g_sample.manual_seed(_derived_seed(cfg.seed, "sample"))
-        # vote:K labels are drawn per prompt (`_vote_uniforms`); this generator only keeps the
+        self.g_sample.manual_seed(derived_seed(cfg.seed, "sample"))
+        # vote:K labels are drawn per prompt (`experience._vote_uniforms`); this generator only keeps the
         # checkpoint format (its state is saved and restored, nothing draws from it)
         self.g_vote = torch.Generator(device=gdev)
-        self.g_vote.manual_seed(_derived_seed(cfg.seed, "vote"))
+        self.g_vote.manual_seed(derived_seed(cfg.seed, "vote"))
         self.g_shuffle = torch.Generator()
-        self.g_shuffle.manual_seed(_derived_seed(cfg.seed, "shuffle"))
+        self.g_shuffle.manual_seed(derived_seed(cfg.seed, "shuffle"))
         self.g_noise = torch.Generator()
-        self.g_noise.manual_seed(_derived_seed(cfg.seed, "noise"))
+        self.g_noise.manual_seed(derived_seed(cfg.seed, "noise"))
         self.prompt_rng = random.Random(f"prompts:{cfg.seed}")
         self.votes: Dict[str, Optional[tuple]] = {}
         self.step = 0
@@ -167,9 +168,9 @@ class Trainer:
         self.heldout = self.task.heldout_set(cfg.n_eval)
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         if resuming:
-            self._load(ckpt)
+            ck.load_trainer(self, ckpt)
             if main:
-                self._truncate_metrics(self.step)
+                metrics.truncate(self.metrics_path, self.step)
         elif main:
             if os.path.exists(self.metrics_path):
                 os.remove(self.metrics_path)
@@ -189,376 +190,63 @@ class Trainer:
 
         return autocast(self.device, self.use_bf16)
 
-    # ---- checkpoints ------------------------------------------------------------------------------
     def save(self):
-        """Rank 0 writes the checkpoint (every rank calls this: the vote labels are gathered)."""
-        from safetensors.torch import save_file
+        ck.save_trainer(self)
 
-        from .models import save_critic
+    # ---- the models' forward passes -----------------------------------------------------------------
+    def score(self, policy, mb, want_entropy: bool = False):
+        """(log-probs, entropies, last hidden states if the critic shares the trunk) of a minibatch."""
+        from .rollout import score
 
-        votes = dict(self.votes)
-        if self.dist.enabled:
-            for part in self.dist.gather_objects(self.votes):
-                votes.update(part)
-        if not self.dist.is_main:
-            return
-        path = os.path.join(self.out, "ckpt")
-        tmp = ck.begin(path)
-        self.policy.save_pretrained(os.path.join(tmp, "policy"))
-        self.tok.save_pretrained(os.path.join(tmp, "policy"))
-        if self.critic is not None:
-            save_critic(self.critic, os.path.join(tmp, "critic"))
-        tensors, opt_meta = ck.optimizer_tensors("policy", self.opt)
-        meta = {"policy": opt_meta}
-        if self.critic_opt is not None:
-            t2, m2 = ck.optimizer_tensors("critic", self.critic_opt)
-            tensors.update(t2)
-            meta["critic"] = m2
-        save_file(tensors, os.path.join(tmp, "optim.safetensors"))
-        state = {
-            "step": self.step, "bad_streak": self.bad_streak, "init_dir": self.init_dir,
-            "optimizers": meta,
-            "rng": {"sample": ck.generator_state(self.g_sample), "vote": ck.generator_state(self.g_vote),
-                    "shuffle": ck.generator_state(self.g_shuffle), "noise": ck.generator_state(self.g_noise),
-                    "prompts": ck.python_random_state(self.prompt_rng), "global": ck.global_rng_states()},
-            "votes": [[k, list(v) if v is not None else None] for k, v in votes.items()],
-        }
-        ck.write_json(os.path.join(tmp, "state.json"), state)
-        ck.commit(tmp, path)
+        return score(policy, mb.p_ids, mb.p_mask, mb.r_ids, mb.mask.long(), want_entropy=want_entropy,
+                     want_hidden=self.shared_critic)
 
-    def _load(self, path: str):
-        from safetensors.torch import load_file
+    def values(self, critic, p_ids, p_mask, r_ids, r_mask, hidden=None) -> Optional[torch.Tensor]:
+        """The critic's values in the algorithm's view (None without a critic); a shared critic
+        reads the policy's `hidden` states."""
+        from .rollout import critic_values
 
-        from .models import load_critic_into
+        if self.critic is None:
+            return None
+        raw = self.critic.heads_from_hidden(hidden) if self.shared_critic else critic_values(
+            critic, p_ids, p_mask, r_ids, r_mask)
+        return self.algo.view(raw.float())
 
-        state = ck.read_json(os.path.join(path, "state.json"))
-        if self.critic is not None:
-            load_critic_into(self.critic, os.path.join(path, "critic"))
-        tensors = load_file(os.path.join(path, "optim.safetensors"), device=str(self.device))
-        ck.load_optimizer("policy", self.opt, tensors, state["optimizers"]["policy"])
-        if self.critic_opt is not None:
-            ck.load_optimizer("critic", self.critic_opt, tensors, state["optimizers"]["critic"])
-        rng = state["rng"]
-        ck.set_generator_state(self.g_sample, rng["sample"])
-        ck.set_generator_state(self.g_vote, rng["vote"])
-        ck.set_generator_state(self.g_shuffle, rng["shuffle"])
-        ck.set_generator_state(self.g_noise, rng["noise"])
-        ck.set_python_random_state(self.prompt_rng, rng["prompts"])
-        ck.set_global_rng_states(rng["global"])
-        self.votes = {k: (tuple(v) if v is not None else None) for k, v in state["votes"]}
-        self.step = state["step"]
-        self.bad_streak = state["bad_streak"]
+    def metric_mean(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
+        """Mean over the global batch's real tokens (every entry without a mask), for metrics."""
+        from dvpo.masked import masked_mean
 
-    def _truncate_metrics(self, step: int):
-        if not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(rows)
+        return float(masked_mean(x, mask, all_reduce=self.dist.sum_tensor))
 
-    def _write_metrics(self, row: Dict):
-        if not self.dist.is_main:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({k: _json_float(v) for k, v in row.items()}) + "\n")
+    # ---- the stages of a step --------------------------------------------------------------------------
+    def rollout(self, row: Dict) -> Batch:
+        """Sample, reward and score this rank's shard of the step's global batch."""
+        from .experience import collect
 
-    # ---- rollout ------------------------------------------------------------------------------------
-    def _encode(self, prompts):
-        from .rollout import encode_prompts
+        return collect(self, row)
 
-        return encode_prompts(self.tok, prompts, self.device)
+    def advantages(self, batch: Batch, row: Dict) -> Batch:
+        """The batch with the algorithm's advantages (whitened over the global batch unless the
+        algorithm says not to) and the critic's targets."""
+        from dvpo.masked import masked_moments, masked_whiten
 
-    def _vote_uniforms(self, prompt: str, k: int) -> torch.Tensor:
-        """The sampling draws [k, max_new] of a prompt's vote:K samples, from a generator seeded by the
-        run's seed and the prompt: the labels do not depend on the batch, the order or the rank."""
-        g = torch.Generator()
-        g.manual_seed(_derived_seed(self.cfg.seed, "vote:" + prompt))
-        return torch.rand(k, max(1, self.max_new), generator=g)
+        cfg, mask = self.cfg, batch.mask
+        kl = batch.old_logp - batch.ref_logp if self.algo.kl_in_reward else None
+        rewards = adv.token_rewards(batch.outcome, mask, kl, cfg.kl_coef if kl is not None else 0.0)
+        raw, returns, stats = self.algo.advantages(batch, rewards, self.metric_mean)
+        row.update(stats)
+        mean, var = masked_moments(raw, mask, all_reduce=self.dist.sum_tensor)     # population variance
+        row["adv_raw_std"] = float(var.sqrt())
+        if self.algo.whiten:
+            raw = masked_whiten(raw, mask, moments=(mean, var)) * mask
+        return batch.with_targets(raw, returns)
 
-    @torch.no_grad()
-    def vote_labels(self, problems) -> List[Optional[tuple]]:
-        """Majority-vote labels from K samples of the initial (reference) policy, once per prompt."""
-        from .rollout import decode, sample
+    def update(self, batch: Batch, row: Dict) -> bool:
+        """K epochs of minibatch updates; True when a non-finite loss or gradient skipped one."""
+        from .update import update
 
-        k = self.noise.vote_k
-        need = []
-        for p in problems:
-            if p.prompt not in self.votes and p not in need:
-                need.append(p)
-        if need:
-            prompts = [p.prompt for p in need for _ in range(k)]
-            ids, mask = self._encode(prompts)
-            u = torch.cat([self._vote_uniforms(p.prompt, k) for p in need]).to(self.device)
-            with self.autocast():
-                r_ids, r_mask = sample(self.ref, ids, mask, self.max_new, self.tok.eos_token_id,
-                                       self.tok.pad_token_id, temperature=self.cfg.temperature, uniforms=u)
-            texts = decode(self.tok, r_ids, r_mask)
-            for i, p in enumerate(need):
-                self.votes[p.prompt] = self.task.majority(p, texts[i * k:(i + 1) * k])
-        return [self.votes[p.prompt] for p in problems]
+        return update(self, batch, row)
 
-    @torch.no_grad()
-    def rollout(self, row: Dict) -> Dict:
-        """Sample, reward and score this rank's shard of the step's global batch (all of it in one
-        process). Metrics in `row` are over the global batch."""
-        from .rollout import critic_values, decode, sample, score
-
-        cfg, task, dist = self.cfg, self.task, self.dist
-        g = cfg.group_size
-        t0 = time.perf_counter()
-        all_problems = [task.train_problem(self.prompt_rng) for _ in range(cfg.prompts_per_step)]
-        p_lo, p_hi = shard(len(all_problems), dist.world, dist.rank)
-        problems = all_problems[p_lo:p_hi]
-        lo, n_global = p_lo * g, len(all_problems) * g
-        rep = [p for p in problems for _ in range(g)]
-        # the draws of the whole global batch, on every rank; this rank samples with its rows
-        gdev = self.g_sample.device
-        u = torch.rand(n_global, max(1, self.max_new), generator=self.g_sample, device=gdev)
-        u = u[lo:lo + len(rep)].to(self.device)
-        p_ids, p_mask = self._encode([p.prompt for p in rep])
-        with self.autocast():
-            r_ids, r_mask = sample(self.policy, p_ids, p_mask, self.max_new, self.tok.eos_token_id,
-                                   self.tok.pad_token_id, temperature=cfg.temperature, uniforms=u)
-        texts = decode(self.tok, r_ids, r_mask)
-        t1 = time.perf_counter()
-        true = [task.reward(p, t) for p, t in zip(rep, texts)]
-        correct = [task.correct(p, t) for p, t in zip(rep, texts)]
-        vote_r, labels = None, None
-        if self.noise.vote_k:
-            labels = self.vote_labels(problems)
-            lab = {p.prompt: l for p, l in zip(problems, labels)}
-            vote_r = [task.vote_reward(p, t, lab[p.prompt]) for p, t in zip(rep, texts)]
-        # per-sample values of the global batch (rank order = the global order): the reward noise and
-        # the logged rates are computed from them exactly as in one process
-        per_row = dist.gather_lists(list(zip(true, correct, texts, vote_r or [None] * len(rep))))
-        g_true = [r[0] for r in per_row]
-        g_rep = [p for p in all_problems for _ in range(g)]
-        if labels is not None:
-            g_labels = dist.gather_lists(labels)
-            row["vote_label_acc"] = sum(
-                task.vote_reward(p, p.gold, l) for p, l in zip(all_problems, g_labels)) / len(all_problems)
-        noisy, info = self.noise.apply(g_true, generator=self.g_noise, prompts=[p.prompt for p in g_rep],
-                                       responses=[r[2] for r in per_row],
-                                       vote_rewards=[r[3] for r in per_row] if vote_r is not None else None)
-        missing = [x != x for x in noisy]
-        noisy = [cfg.missing_fill if m else x for x, m in zip(noisy, missing)]
-        t2 = time.perf_counter()
-        mask = r_mask.float()
-        with self.autocast():
-            logp, ent, hidden = score(self.policy, p_ids, p_mask, r_ids, r_mask, want_entropy=True,
-                                      want_hidden=self.critic is not None and cfg.shared_critic)
-            ref_logp, _, _ = score(self.ref, p_ids, p_mask, r_ids, r_mask)
-            values = None
-            if self.critic is not None:
-                values = (self.critic.heads_from_hidden(hidden) if cfg.shared_critic
-                          else critic_values(self.critic, p_ids, p_mask, r_ids, r_mask)).float()
-        t3 = time.perf_counter()
-        n = n_global
-        lens = mask.sum(1)
-        tok_means = dist.mean_pairs({
-            "kl": (float(((logp - ref_logp) * mask).sum()), float(lens.sum())),
-            "kl_k3": (float((A.kl_penalty(logp, ref_logp, "k3") * mask).sum()), float(lens.sum())),
-            "entropy": (float((ent * mask).sum()), float(lens.sum())),
-            "resp_len": (float(lens.sum()), float(len(rep)))})
-        row.update({
-            "reward_true": sum(g_true) / n, "reward_noisy": sum(noisy) / n,
-            "acc_train": sum(r[1] for r in per_row) / n,
-            "noise_disagree": sum(abs(a - b) > 1e-9 for a, b in zip(g_true, noisy)) / n,
-            "noise_missing": sum(missing) / n,
-            **tok_means,
-            "t_sample": t1 - t0, "t_reward": t2 - t1, "t_score": t3 - t2,
-        })
-        my_noisy = noisy[lo:lo + len(rep)]
-        return {"problems": problems, "texts": texts, "p_ids": p_ids, "p_mask": p_mask, "r_ids": r_ids,
-                "mask": mask, "old_logp": logp.float(), "ref_logp": ref_logp.float(), "values": values,
-                "outcome": torch.tensor(my_noisy, dtype=torch.float32, device=self.device),
-                "true": torch.tensor(true, device=self.device),
-                # where this shard sits in the global batch, and every row's token count (minibatch
-                # denominators under torchrun)
-                "lo": lo, "n_global": n_global,
-                "lens": torch.tensor(dist.gather_lists(lens.tolist()), dtype=torch.float64)}
-
-    # ---- advantages -----------------------------------------------------------------------------
-    def _mean(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
-        """Mean of x over the real tokens (all entries without a mask) of the global batch."""
-        if mask is None:
-            return self.dist.mean_pairs({"m": (float(x.sum()), float(x.numel()))})["m"]
-        if not self.dist.enabled:
-            return float(A.masked_mean(x, mask))
-        m = mask.to(x.dtype)
-        return self.dist.mean_pairs({"m": (float((x * m).sum()), float(m.sum()))})["m"]
-
-    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8):
-        """(x - mean) / std over the real tokens of the global batch (population variance), 0 at
-        padding; also returns the raw std. One process: `algos.masked_whiten`."""
-        if not self.dist.enabled:
-            std = float(torch.sqrt(A.masked_mean((x - A.masked_mean(x, mask)) ** 2, mask)))
-            return A.masked_whiten(x, mask, eps), std
-        m = mask.to(x.dtype)
-        mean = self._mean(x, mask)
-        var = self.dist.mean_pairs({"v": (float((((x - mean) ** 2) * m).sum()), float(m.sum()))})["v"]
-        return (x - mean) * (1.0 / math.sqrt(var + eps)) * m, math.sqrt(var)
-
-    def advantages(self, b: Dict, row: Dict):
-        cfg = self.cfg
-        mask = b["mask"]
-        kl = b["old_logp"] - b["ref_logp"]
-        in_reward = cfg.algo != "grpo"
-        rewards = A.token_rewards(b["outcome"], mask, kl if in_reward else None, cfg.kl_coef if in_reward else 0.0)
-        if cfg.algo == "dvpo":
-            quant = b["values"].mean(-2)                                   # ensemble [B, T, N]
-            adv, returns = A.dvpo_advantages(rewards, quant, mask, gamma=cfg.gamma, lam=cfg.lam,
-                                             advantage=cfg.advantage)
-            b["returns"] = returns
-            first = quant[:, 0]
-            n = quant.shape[-1]
-            lo, hi = max(0, int(0.1 * n)), min(n - 1, int(0.9 * n))
-            srt = quant.sort(-1).values
-            # Crossing: neighbour quantiles out of order. Where the true quantile function is flat (0/1
-            # outcomes tie many quantiles) any noise orders half of them wrongly, so the deep count, out
-            # of order by more than 1% of the token's fan, is the one that says the fan is disordered.
-            step_down = -quant.diff(dim=-1)
-            fan = (srt[..., -1] - srt[..., 0]).unsqueeze(-1)
-            row.update({"value_mean": self._mean(first),
-                        "value_spread": self._mean(srt[..., hi] - srt[..., lo], mask),
-                        "value_crossing": self._mean((step_down > 0).float().mean(-1), mask),
-                        "value_crossing_deep": self._mean((step_down > 0.01 * fan).float().mean(-1), mask)})
-        elif cfg.algo == "ppo":
-            adv, returns = A.gae_advantages(rewards, b["values"][..., 0, 0], mask, gamma=cfg.gamma, lam=cfg.lam)
-            b["returns"] = returns
-            row["value_mean"] = self._mean(b["values"][:, 0, 0, 0])
-        elif cfg.algo == "robust-ppo":
-            worst = b["values"][..., 0].min(-1).values                       # min over the H critics
-            adv, returns = A.gae_advantages(rewards, worst, mask, gamma=cfg.gamma, lam=cfg.lam)
-            b["returns"] = returns
-            row.update({"value_mean": self._mean(worst[:, 0]),
-                        "value_head_spread": self._mean(b["values"][..., 0].max(-1).values - worst, mask)})
-        elif cfg.algo == "grpo":
-            adv = A.grpo_advantages(b["outcome"], cfg.group_size, mask, scale=cfg.grpo_scale)  # groups are local
-        elif cfg.algo == "reinforce++":
-            adv = A.reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma, whiten=False)
-            adv, _ = self._whiten(adv, mask)                              # over the global batch
-        if cfg.algo in A.CRITIC_ALGOS:
-            adv, row["adv_raw_std"] = self._whiten(adv, mask)
-        else:
-            row["adv_raw_std"] = self._whiten(adv, mask)[1]
-        b["adv"] = adv
-
-    # ---- update -----------------------------------------------------------------------------------
-    def _critic_loss(self, values, b, idx, acc, mask=None, denom=None):
-        cfg = self.cfg
-        mask = b["mask"][idx] if mask is None else mask
-        old = b["values"][idx]
-        if cfg.algo == "dvpo":
-            t0 = time.perf_counter()
-            loss, terms = A.distributional_value_loss(values, old, b["returns"][idx], mask, self.closs_cfg,
-                                                      cfg.cliprange_value, taus=self.taus, denom=denom)
-            acc["t_critic_loss"] = acc.get("t_critic_loss", 0.0) + time.perf_counter() - t0
-            for name, v in terms.items():
-                acc.setdefault("term_" + name, []).append(float(A.masked_mean(v.float(), mask, denom=denom)))
-            return loss
-        if cfg.algo == "ppo":
-            return A.scalar_value_loss(values[..., 0, 0], old[..., 0, 0], b["returns"][idx], mask,
-                                       cfg.cliprange_value, denom=denom)
-        return A.scalar_value_loss(values[..., 0], old[..., 0], b["returns"][idx], mask, cfg.cliprange_value,
-                                   denom=denom)
-
-    def _minibatch(self, b: Dict, gidx: torch.Tensor):
-        """(local row indices, their mask, loss denominator) of a minibatch given by global row indices.
-
-        One process: the rows themselves and no denominator (token means of the minibatch). Under
-        torchrun: this rank's rows of the minibatch, in the minibatch's order, and the denominator
-        global tokens / world size (DDP averages the gradients). A rank with no row in the minibatch
-        runs one of its rows with a zero mask, so that it takes part in the gradient all-reduce."""
-        if not self.dist.enabled:
-            idx = gidx.to(self.device)
-            return idx, b["mask"][idx], None
-        lo, nl = b["lo"], b["mask"].shape[0]
-        mine = (gidx >= lo) & (gidx < lo + nl)
-        idx = (gidx[mine] - lo).to(self.device)
-        denom = max(float(b["lens"][gidx].sum()), 1.0) / self.dist.world
-        if idx.numel() == 0:
-            idx = torch.zeros(1, dtype=torch.long, device=self.device)
-            return idx, torch.zeros_like(b["mask"][idx]), denom
-        return idx, b["mask"][idx], denom
-
-    def update(self, b: Dict, row: Dict):
-        from .rollout import critic_values, score
-
-        cfg, dist = self.cfg, self.dist
-        n = b["n_global"]
-        mb = max(1, math.ceil(n / max(1, cfg.minibatches)))
-        acc: Dict = {}
-        skipped, bad = 0, False
-        pol_params = [p for g in self.opt.param_groups for p in g["params"]]
-        shared = self.critic is not None and cfg.shared_critic
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, generator=self.g_shuffle)          # global rows, the same on every rank
-            for start in range(0, n, mb):
-                idx, mask, denom = self._minibatch(b, perm[start:start + mb])
-                with self.autocast():
-                    logp, ent, hidden = score(self.policy_train, b["p_ids"][idx], b["p_mask"][idx], b["r_ids"][idx],
-                                              mask.long(), want_entropy=cfg.entropy_coef > 0, want_hidden=shared)
-                    pg, st = A.policy_loss(logp, b["old_logp"][idx], b["adv"][idx], mask, cfg.clip_eps, denom=denom)
-                    loss = pg
-                    if cfg.entropy_coef > 0:
-                        loss = loss - cfg.entropy_coef * A.masked_mean(ent, mask, denom=denom)
-                    if cfg.algo == "grpo" and cfg.kl_coef:
-                        kl_loss = A.masked_mean(A.kl_penalty(logp, b["ref_logp"][idx], "k3"), mask, denom=denom)
-                        loss = loss + cfg.kl_coef * kl_loss
-                        acc.setdefault("kl_loss", []).append(float(kl_loss.detach()))
-                    vloss = None
-                    if self.critic is not None:
-                        values = (self.critic.heads_from_hidden(hidden) if shared else
-                                  critic_values(self.critic_train, b["p_ids"][idx], b["p_mask"][idx],
-                                                b["r_ids"][idx], mask.long())).float()
-                        vloss = self._critic_loss(values, b, idx, acc, mask=mask, denom=denom)
-                        if shared:
-                            loss = loss + cfg.vf_coef * vloss
-                finite = bool(torch.isfinite(loss)) and (vloss is None or bool(torch.isfinite(vloss)))
-                if not dist.all_true(finite):                    # skipped on every rank together
-                    skipped += 1
-                    bad = True
-                    continue
-                self.opt.zero_grad(set_to_none=True)
-                if self.critic_opt is not None:
-                    self.critic_opt.zero_grad(set_to_none=True)
-                    (loss + vloss).backward()    # disjoint parameters: one backward for both
-                else:
-                    loss.backward()
-                if shared:
-                    dist.average_grads(self.critic.heads.parameters())    # not under DDP
-                # after DDP's all-reduce: the global gradient, the same norm on every rank
-                gn = torch.nn.utils.clip_grad_norm_(pol_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                cgn = None
-                if self.critic_opt is not None:
-                    cgn = torch.nn.utils.clip_grad_norm_(self.critic.parameters(),
-                                                         cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                if not bool(torch.isfinite(gn)) or (cgn is not None and not bool(torch.isfinite(cgn))):
-                    skipped += 1
-                    bad = True
-                    continue
-                self.opt.step()
-                if self.critic_opt is not None:
-                    self.critic_opt.step()
-                acc.setdefault("pg_loss", []).append(float(pg.detach()))
-                acc.setdefault("clipfrac", []).append(st["clipfrac"])
-                acc.setdefault("approx_kl", []).append(st["approx_kl"])
-                acc.setdefault("grad_norm", []).append(float(gn))
-                if vloss is not None:
-                    acc.setdefault("critic_loss", []).append(float(vloss.detach()))
-                if cgn is not None:
-                    acc.setdefault("critic_grad_norm", []).append(float(cgn))
-        # per-minibatch values: each rank's is its share x world size, so the global one is the mean
-        # over ranks (the grad norms are already global: equal on every rank)
-        acc.update(dist.mean_lists({k: v for k, v in acc.items() if isinstance(v, list)}))
-        for k, v in acc.items():
-            row[k] = (sum(v) / len(v)) if isinstance(v, list) else v
-        row["skipped_updates"] = skipped
-        return bad
-
-    # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, step: int) -> Dict:
         """Held-out evaluation (sharded over the ranks under torchrun; the single-process numbers)."""
         from .evaluate import evaluate
@@ -566,36 +254,25 @@ class Trainer:
         t0 = time.perf_counter()
         with self.autocast():
             res = evaluate(self.policy, self.tok, self.task, self.heldout, self.max_new,
-                           sampled_seed=_derived_seed(self.cfg.seed, f"eval:{step}"),
+                           sampled_seed=derived_seed(self.cfg.seed, f"eval:{step}"),
                            temperature=self.cfg.temperature, dist=self.dist)
         res["t_eval"] = time.perf_counter() - t0
         return res
 
-    @torch.no_grad()
-    def value_fan(self, index: int = 0) -> Optional[Dict]:
-        with self.autocast():
-            return self._value_fan(index)
-
-    def _value_fan(self, index: int) -> Optional[Dict]:
-        """The critic's value quantiles along the greedy response to one held-out prompt."""
-        from .rollout import critic_values, decode, sample, score
-
-        if self.critic is None:
-            return None
-        p = self.heldout[index]
-        ids, mask = self._encode([p.prompt])
-        r_ids, r_mask = sample(self.policy, ids, mask, self.max_new, self.tok.eos_token_id, self.tok.pad_token_id,
-                               greedy=True)
-        if self.cfg.shared_critic:
-            _, _, hidden = score(self.policy, ids, mask, r_ids, r_mask, want_hidden=True)
-            v = self.critic.heads_from_hidden(hidden)
-        else:
-            v = critic_values(self.critic, ids, mask, r_ids, r_mask)
-        v = v[0].float().cpu()                                               # [R, H, N]
-        tokens = [self.tok.decode([t]) for t in r_ids[0].tolist()]
-        text = decode(self.tok, r_ids, r_mask)[0]
-        return {"prompt": p.prompt, "response": text, "tokens": tokens, "true_reward": self.task.reward(p, text),
-                "quantiles": v.mean(1).tolist(), "heads": v.tolist(), "taus": self.taus.tolist(), "algo": self.cfg.algo}
+    def step_once(self) -> Dict:
+        """One training step; returns its metrics row (written by the caller)."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        row = {"step": self.step}
+        batch = self.rollout(row)                   # rollout, rewards, values
+        batch = self.advantages(batch, row)
+        t1 = time.perf_counter()
+        bad = self.update(batch, row)               # K epochs of actor and critic minibatch updates
+        row["t_update"] = time.perf_counter() - t1
+        row["t_step"] = time.perf_counter() - t0
+        row["t_step_cpu"] = time.process_time() - c0        # CPU seconds (all threads): robust to a busy machine
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+        row["bad_step"] = bad
+        return row
 
     # ---- the loop -----------------------------------------------------------------------------------
     def run(self, stop_at: Optional[int] = None, checkpoint_on_stop: bool = True) -> Dict:
@@ -603,11 +280,9 @@ class Trainer:
 
         cfg = self.cfg
         t_start = time.time()
-        resumed = self.setup()
-        if not resumed:
-            row = {"step": 0}
-            row.update(self.evaluate(0))
-            self._write_metrics(row)
+        if not self.setup():
+            row = {"step": 0, **self.evaluate(0)}
+            self.write_row(row)
             self.log(f"[{cfg.algo} {cfg.task} noise={cfg.noise} seed={cfg.seed}] step 0: held-out accuracy "
                      f"{row['heldout_acc']:.3f} (sampled {row['heldout_acc_sampled']:.3f})")
         status = "ok"
@@ -617,27 +292,17 @@ class Trainer:
         while self.step < cfg.steps:
             self.step += 1
             step = self.step
-            t0, c0 = time.perf_counter(), time.process_time()
-            row = {"step": step}
-            batch = self.rollout(row)
-            self.advantages(batch, row)
-            t1 = time.perf_counter()
-            bad = self.update(batch, row)
-            row["t_update"] = time.perf_counter() - t1
-            row["t_step"] = time.perf_counter() - t0
-            row["t_step_cpu"] = time.process_time() - c0        # CPU seconds (all threads): robust to a busy machine
-            self.bad_streak = self.bad_streak + 1 if bad else 0
-            row["bad_step"] = bad
+            row = self.step_once()
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 row.update(self.evaluate(step))
                 last_eval = row["heldout_acc"]
-            self._write_metrics(row)
+            self.write_row(row)
             post = {"r_true": f"{row['reward_true']:.2f}", "r_noisy": f"{row['reward_noisy']:.2f}"}
             if last_eval is not None:
                 post["heldout"] = f"{last_eval:.2f}"
             bar.set_postfix(post)
             bar.update(1)
-            if bad:
+            if row["bad_step"]:
                 self.log(f"step {step}: non-finite loss or gradient, {row['skipped_updates']} update(s) skipped")
             if self.bad_streak >= cfg.max_bad_steps:
                 status = "aborted"
@@ -652,55 +317,30 @@ class Trainer:
         bar.close()
         return self.finish(status, time.time() - t_start)
 
+    def write_row(self, row: Dict):
+        if self.dist.is_main:
+            metrics.append_row(self.metrics_path, row)
+
     def finish(self, status: str, wall: float) -> Dict:
         """The summary (rank 0 writes it and the plots; every rank returns it)."""
-        summary = self._finish(status, wall) if self.dist.is_main else None
+        summary = None
+        if self.dist.is_main:
+            rows = read_metrics(self.out)
+            cfg = self.cfg
+            summary = {"status": status, "out": self.out, "algo": cfg.algo, "task": cfg.task, "noise": cfg.noise,
+                       "seed": cfg.seed, "steps": self.step, "sft_dir": self.init_dir, **metrics.summarize(rows),
+                       "wall_seconds": wall, "world_size": self.dist.world}
+            if cfg.plots:
+                from .evaluate import value_fan
+                from .plots import plot_run
+
+                with self.autocast():
+                    fan = value_fan(self) if self.critic is not None else None
+                if fan is not None:
+                    ck.write_json(os.path.join(self.out, "value_fan.json"), fan)
+                summary["plots"] = plot_run(self.out, rows, fan)
+            ck.write_json(os.path.join(self.out, "summary.json"), summary)
         return self.dist.broadcast_object(summary)
-
-    def _finish(self, status: str, wall: float) -> Dict:
-        rows = read_metrics(self.out)
-        evals = [r for r in rows if "heldout_acc" in r]
-        steps = [r for r in rows if r["step"] > 0]
-        tail = steps[-max(1, len(steps) // 10):] if steps else []
-        summary = {
-            "status": status, "out": self.out, "algo": self.cfg.algo, "task": self.cfg.task, "noise": self.cfg.noise,
-            "seed": self.cfg.seed, "steps": self.step, "sft_dir": self.init_dir,
-            "heldout_acc_initial": evals[0]["heldout_acc"] if evals else None,
-            "heldout_acc_final": evals[-1]["heldout_acc"] if evals else None,
-            "heldout_acc_sampled_initial": evals[0].get("heldout_acc_sampled") if evals else None,
-            "heldout_acc_sampled_final": evals[-1].get("heldout_acc_sampled") if evals else None,
-            "heldout_reward_final": evals[-1].get("heldout_reward") if evals else None,
-            "heldout_acc_best": max(r["heldout_acc"] for r in evals) if evals else None,
-            "reward_true_last10pct": sum(r["reward_true"] for r in tail) / len(tail) if tail else None,
-            "reward_noisy_last10pct": sum(r["reward_noisy"] for r in tail) / len(tail) if tail else None,
-            "sec_per_step_median": sorted(r["t_step"] for r in steps)[len(steps) // 2] if steps else None,
-            "cpu_sec_per_step_median": sorted(r["t_step_cpu"] for r in steps)[len(steps) // 2] if steps else None,
-            "bad_steps": sum(bool(r.get("bad_step")) for r in steps),
-            "wall_seconds": wall, "world_size": self.dist.world,
-        }
-        if self.cfg.plots:
-            from .plots import plot_run
-
-            fan = self.value_fan()
-            if fan is not None:
-                ck.write_json(os.path.join(self.out, "value_fan.json"), fan)
-            summary["plots"] = plot_run(self.out, rows, fan)
-        ck.write_json(os.path.join(self.out, "summary.json"), summary)
-        return summary
-
-
-def dvpo_taus(n: int, kind: str, device) -> torch.Tensor:
-    import dvpo
-
-    return dvpo.taus(n, kind, device=device)
-
-
-def read_metrics(out: str) -> List[Dict]:
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def train(config: TrainConfig, *, stop_at: Optional[int] = None, checkpoint_on_stop: bool = True,

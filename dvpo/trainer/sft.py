@@ -44,7 +44,7 @@ def sft(cfg: SFTConfig, *, force: bool = False, log=None) -> str:
         return path
     from dvpo.tasks import get_task
 
-    from .algos import masked_mean
+    from dvpo.masked import masked_mean
     from .evaluate import evaluate
     from .models import autocast, build_policy, pick_device
     from .rollout import encode_prompts, encode_responses, score
