@@ -22,7 +22,7 @@ COMMANDS = {
     "calibrate": ("dvpo.calibrate", "known-answer suite: does the critic loss learn the true return distribution?"),
     "check": ("dvpo.check", "run the fused critic loss on every available backend against the reference"),
     "sft": ("dvpo.trainer.cmd_sft", "SFT warm-up of the policy on a task (cached by task, model and seed)"),
-    "train": ("dvpo.trainer.cmd_train", "one RL run: --algo dvpo|ppo|grpo|robust-ppo|reinforce++ --task --noise"),
+    "train": ("dvpo.trainer.cmd_train", "one RL run: --algo (the list: dvpo train --help) --task --noise"),
     "eval": ("dvpo.trainer.cmd_eval", "held-out accuracy of a run or policy checkpoint (--ckpt DIR)"),
     "demo": ("dvpo.trainer.cmd_demo", "SFT warm-up + a short DVPO run on a tiny model (a few minutes on a CPU)"),
     "experiment": ("dvpo.experiments.cmd", "run an experiment grid (algos x noise x seeds x tasks), resumable; "
