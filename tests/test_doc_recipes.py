@@ -76,6 +76,20 @@ def require(module: str, hint: str = ""):
         pytest.skip(reason, allow_module_level=True)
 
 
+def assert_matches_framework(ours, theirs, ours_input, theirs_input, dtype, frac=None):
+    """An adapter's loss equals the framework's own (and its clipfrac, given `frac=(ours, theirs)`),
+    and so do the gradients of the inputs they were computed from (a backward of each); tolerance by
+    dtype (returned, for further comparisons)."""
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours, theirs, **tol)
+    if frac is not None:
+        torch.testing.assert_close(*frac)
+    theirs.backward()
+    ours.backward()
+    torch.testing.assert_close(ours_input.grad, theirs_input.grad, **tol)
+    return tol
+
+
 def _sections():
     docs = DOCS.read_text()
     readme = README.read_text()

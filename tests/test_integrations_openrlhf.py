@@ -44,7 +44,7 @@ def _load_openrlhf_loss():
         sys.modules.pop("openrlhf.models", None)
 
 
-from tests.test_doc_recipes import SHAPE_IDS, SHAPES, _functions, require  # noqa: E402
+from tests.test_doc_recipes import SHAPE_IDS, SHAPES, _functions, assert_matches_framework, require  # noqa: E402
 
 openrlhf_loss, _why = _load_openrlhf_loss()
 if openrlhf_loss is None:
@@ -82,11 +82,7 @@ def test_scalar_critic_equals_openrlhf_value_loss(clip_eps, token_level_loss, dt
     v2 = values.detach().clone().requires_grad_()
     ours_fn = dvpo_openrlhf.ValueLoss(clip_eps, token_level_loss, config=dvpo_openrlhf.mse_config())
     ours = ours_fn(v2.unsqueeze(-1), old_values.unsqueeze(-1), returns.unsqueeze(-1), action_mask=mask)
-    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(ours, theirs, **tol)
-    theirs.backward()
-    ours.backward()
-    torch.testing.assert_close(v2.grad, values.grad, **tol)
+    assert_matches_framework(ours, theirs, v2, values, dtype)
 
 
 @pytest.mark.parametrize("token_level_loss", [True, False])

@@ -21,7 +21,7 @@ def _ppo_module():
     return None
 
 
-from tests.test_doc_recipes import SHAPE_IDS, SHAPES, require  # noqa: E402
+from tests.test_doc_recipes import SHAPE_IDS, SHAPES, assert_matches_framework, require  # noqa: E402
 
 require("trl", "TRL is not installed (pip install 'trl<1.13', or dvpo's [trl] extra)")
 ppo = _ppo_module()
@@ -78,12 +78,7 @@ def test_scalar_critic_equals_trl_value_loss(b, t, dtype):
                                                  config=dvpo_trl.mse_config())
     assert (ours.shape, our_frac.shape) == (theirs.shape, their_frac.shape) == ((), ())
     assert (ours.dtype, our_frac.dtype) == (theirs.dtype, their_frac.dtype)
-    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(ours, theirs, **tol)
-    torch.testing.assert_close(our_frac, their_frac)
-    theirs.backward()
-    ours.backward()
-    torch.testing.assert_close(v2.grad, vpred.grad, **tol)
+    tol = assert_matches_framework(ours, theirs, v2, vpred, dtype, frac=(our_frac, their_frac))
     # the same with an explicit quantile dim
     ours_q, _ = dvpo_trl.compute_value_loss(v2.detach().unsqueeze(-1), mb_values.unsqueeze(-1),
                                             mb_return.unsqueeze(-1), ~padding_mask_p1, eps,

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from tests.test_doc_recipes import SHAPE_IDS, SHAPES, require
+from tests.test_doc_recipes import SHAPE_IDS, SHAPES, assert_matches_framework, require
 
 core_algos = require("verl.trainer.ppo.core_algos",
                      "verl is not installed (pip install verl, or dvpo's [verl] extra); its value loss is compared here")
@@ -54,12 +54,7 @@ def test_scalar_critic_equals_verl_compute_value_loss(mode, dtype):
                                                   values=values.unsqueeze(-1), response_mask=mask,
                                                   cliprange_value=0.3, loss_agg_mode=mode,
                                                   config=dvpo_verl.mse_config())
-    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(ours, theirs, **tol)
-    torch.testing.assert_close(our_frac, their_frac)
-    theirs.backward()
-    ours.backward()
-    torch.testing.assert_close(v2.grad, vpreds.grad, **tol)
+    assert_matches_framework(ours, theirs, v2, vpreds, dtype, frac=(our_frac, their_frac))
 
 
 @pytest.mark.parametrize("mode", MODES)
