@@ -24,6 +24,7 @@ COMMANDS = {
     "sft": ("dvpo.trainer.cmd_sft", "SFT warm-up of the policy on a task (cached by task, model and seed)"),
     "train": ("dvpo.trainer.cmd_train", "one RL run: --algo (the list: dvpo train --help) --task --noise"),
     "eval": ("dvpo.trainer.cmd_eval", "held-out accuracy of a run or policy checkpoint (--ckpt DIR)"),
+    "inspect": ("dvpo.inspection", "what a run's critic learned: value fan charts and advantage heat maps (PNG)"),
     "demo": ("dvpo.trainer.cmd_demo", "SFT warm-up + a short DVPO run on a tiny model (a few minutes on a CPU)"),
     "experiment": ("dvpo.experiments.cmd", "run an experiment grid (algos x noise x seeds x tasks), resumable; "
                                            "results.csv/.md and plots"),
