@@ -23,6 +23,7 @@ import re
 from typing import Dict, List, Optional
 
 BANDS = (0.1, 0.25, 0.5, 0.75, 0.9)         # quantile levels drawn (interpolated) in the fan chart
+SHOWN = {" ": "␣"}                          # tokens drawn as another character (a space would be invisible)
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -168,7 +169,7 @@ class RunView:
         noisy, _ = self.noise.apply(true, generator=g, prompts=[p.prompt for p in problems], responses=texts,
                                     vote_rewards=vote)
         fill = float(self.cfg.get("missing_fill", 0.0))
-        return [fill if x != x else float(x) for x in noisy]
+        return [fill if math.isnan(x) else float(x) for x in noisy]
 
 
 def _stream(seed: int, name: str) -> int:
@@ -236,8 +237,8 @@ def advantages(cfg: Dict, values, outcome, mask, kl, group_size: int):
         for t in reversed(range(rewards.shape[1])):
             running = rewards[:, t] + gamma * running * m[:, t]
             ret[:, t] = running * m[:, t]
-        return _masked_whiten(ret, m), ret, f"reinforce++: return-to-go (gamma {gamma:g}) of the rewards " \
-                                            f"({kl_text}), whitened over the batch"
+        what = f"reinforce++: return-to-go (gamma {gamma:g}) of the rewards ({kl_text}), whitened over this batch"
+        return _masked_whiten(ret, m), ret, what
     if values is None:
         return None
     if algo == "dvpo":
@@ -249,12 +250,14 @@ def advantages(cfg: Dict, values, outcome, mask, kl, group_size: int):
             head = f"dvpo: lower CVaR {spec.split(':', 1)[1]} over quantiles of the per-quantile GAE"
         else:
             head = "dvpo: mean over quantiles of the per-quantile GAE"
-        what = f"{head} on the mean over heads (gamma {gamma:g}, lambda {lam:g}; rewards: {kl_text}), whitened"
+        what = (f"{head} on the mean over heads (gamma {gamma:g}, lambda {lam:g}; rewards: {kl_text}), "
+                f"whitened over this batch")
     else:
         v = values[..., 0, 0] if algo == "ppo" else values[..., 0].min(-1).values
         raw, _ = ops.distributional_gae(rewards, v.unsqueeze(-1), m, gamma=gamma, lam=lam)
         critic = "scalar critic" if algo == "ppo" else "worst of the scalar heads"
-        what = f"{algo}: GAE of the {critic} (gamma {gamma:g}, lambda {lam:g}; rewards: {kl_text}), whitened"
+        what = (f"{algo}: GAE of the {critic} (gamma {gamma:g}, lambda {lam:g}; rewards: {kl_text}), "
+                f"whitened over this batch")
     raw = raw.float()
     return _masked_whiten(raw, m), raw, what
 
@@ -352,12 +355,11 @@ def plot_fan(view: RunView, fan: List[Dict], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dvpo.trainer.plots import tight_layout
-
     n = len(fan)
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.8), squeeze=False, sharey=True,
+                             layout="constrained")
     clean = view.noise.is_clean
     for ax, row in zip(axes.flat, fan):
         x = list(range(len(row["tokens"])))
@@ -379,7 +381,7 @@ def plot_fan(view: RunView, fan: List[Dict], path: str):
             ax.plot([end], [row["noisy_reward"]], marker="x", ms=9, mew=2, color="tab:red", ls="none",
                     label="noisy reward (seen)")
         ax.set_xticks(x + [end])
-        ax.set_xticklabels(row["tokens"] + ["end"], fontfamily="monospace")
+        ax.set_xticklabels([SHOWN.get(t, t) for t in row["tokens"]] + ["end"], fontfamily="monospace")
         ax.set_xlim(-0.5, end + 0.6)
         ax.set_title(f"{row['prompt']} → {_short(row['response'])}   "
                      f"({_reward_text(row['true_reward'], row['noisy_reward'], clean)})", fontsize=10,
@@ -392,12 +394,10 @@ def plot_fan(view: RunView, fan: List[Dict], path: str):
     for ax in axes[-1, :]:
         ax.set_xlabel("response token")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
     kind = ("critic's value distribution per token: quantiles of the mean over heads"
             if "quantiles" in fan[0] else "critic's value per token")
     fig.suptitle(f"{view.algo} ({view.name}, step {view.step}, noise {view.noise.spec}): {kind}", fontsize=11)
-    tight_layout(fig)
-    fig.subplots_adjust(bottom=0.1 + 0.25 / (rows * 3.2 + 0.8))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -410,14 +410,12 @@ def plot_heat(panels: List[Dict], path: str):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from dvpo.trainer.plots import tight_layout
-
     vmax = max(abs(a) for p in panels for row in p["heat"]["advantages"] for a in row) or 1.0
     width = max(len(t) for p in panels for t in p["heat"]["tokens"])
     nrows = len(panels[0]["heat"]["tokens"])
     cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="0.93")     # padding: light grey
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (3.6 + 0.45 * width) + 1.2, 1.2 + 0.42 * nrows),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     im = None
     for ax, p in zip(axes[0], panels):
         view, heat = p["view"], p["heat"]
@@ -430,7 +428,7 @@ def plot_heat(panels: List[Dict], path: str):
             for i, toks in enumerate(heat["tokens"]):
                 for j, t in enumerate(toks):
                     dark = abs(grid[i, j]) > 0.6 * vmax
-                    ax.text(j, i, t, ha="center", va="center", fontsize=9 if len(t) == 1 else 7,
+                    ax.text(j, i, SHOWN.get(t, t), ha="center", va="center", fontsize=9 if len(t) == 1 else 7,
                             fontfamily="monospace", color="white" if dark else "black")
         ax.set_yticks(range(nrows))
         ax.set_yticklabels([f"{q}  {_reward_text(t, s, clean)}" for q, t, s in
@@ -448,10 +446,6 @@ def plot_heat(panels: List[Dict], path: str):
     note = "" if noise.is_clean else f"; red labels: the noise ({noise.spec}) changed the reward"
     sep = "\n" if len(panels) == 1 else ""
     fig.suptitle(f"advantage per response token{sep} (rows: prompt, true reward r, reward seen{note})", fontsize=10)
-    try:
-        fig.set_layout_engine("constrained")
-    except Exception:  # noqa: BLE001 - older matplotlib: the default layout
-        tight_layout(fig)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -486,7 +480,7 @@ def inspect_runs(paths: List[str], out: str, *, n_prompts: int = 6, n_responses:
     summary = {"seed": seed, "task": views[0].cfg["task"], "bands": [f"q{round(b * 100):02d}" for b in BANDS],
                "fan_pooling": "per quantile level, the mean over the critic's H heads (the ensemble the trainer "
                               "uses); bands interpolate the sorted quantiles at the levels in `bands`",
-               "runs": [], "figures": []}
+               "runs": [], "figures": []}         # figures: file names in `out`
     panels = []
     for view, label in zip(views, labels):
         fan = fan_data(view, fan_problems, seed)
@@ -507,7 +501,7 @@ def inspect_runs(paths: List[str], out: str, *, n_prompts: int = 6, n_responses:
         else:
             fpath = os.path.join(out, f"fan_{label}.png")
             plot_fan(view, fan, fpath)
-            summary["figures"].append(fpath)
+            summary["figures"].append(os.path.basename(fpath))
         if heat["advantages"] is None:
             log(f"dvpo inspect: {view.name} ({view.algo}): advantages not reproduced; left out of the heat map")
         else:
@@ -516,7 +510,7 @@ def inspect_runs(paths: List[str], out: str, *, n_prompts: int = 6, n_responses:
     if panels:
         hpath = os.path.join(out, "advantages.png")
         plot_heat(panels, hpath)
-        summary["figures"].append(hpath)
+        summary["figures"].append(os.path.basename(hpath))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -553,6 +547,6 @@ def run(args) -> int:
                                group_size=args.group_size, seed=args.seed, device=args.device)
     except RunError as exc:
         usage_error(args, f"argument --ckpt: {exc}")
-    for path in summary["figures"] + [os.path.join(args.out, "summary.json")]:
-        print(path)
+    for name in summary["figures"] + ["summary.json"]:
+        print(os.path.join(args.out, name))
     return 0

@@ -24,7 +24,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect-runs")
     cache = str(root / "sft")
     out = {}
-    for algo, noise in (("dvpo", "flip:0.3"), ("ppo", "flip:0.3"), ("grpo", "none")):
+    for algo, noise in (("dvpo", "flip:0.3"), ("ppo", "flip:0.3"), ("grpo", "none"), ("robust-ppo", "none")):
         out[algo] = str(root / algo)
         train(TrainConfig(**{**TINY, "algo": algo, "noise": noise, "sft_cache": cache, "out": out[algo]}), log=None)
     return out
@@ -166,16 +166,23 @@ def test_two_runs_side_by_side_and_a_run_without_critic(runs, tmp_path, capsys):
                                _critic_outputs(runs["ppo"], [pp["fan"][0]["prompt"]],
                                                [pp["fan"][0]["tokens"]])[0][0, :, 0, 0], rtol=1e-5, atol=1e-6)
 
-    # grpo: no critic, so no fan chart (one line says so); its heat map is the group-normalised reward
+    # grpo: no critic, so no fan chart (one line says so); its heat map is the group-normalised reward.
+    # Beside it robust-ppo: a fan of the worst of its scalar heads, with their range.
     out = tmp_path / "grpo"
-    text = _inspect(["--ckpt", runs["grpo"], "--out", str(out), "--n-prompts", "2", "--n-responses", "4"], capsys)
+    text = _inspect(["--ckpt", runs["grpo"], "--ckpt", runs["robust-ppo"], "--out", str(out), "--n-prompts", "2",
+                     "--n-responses", "4"], capsys)
     assert "no critic" in text.out + text.err
-    assert sorted(os.listdir(out)) == ["advantages.png", "summary.json"]
-    heat = json.loads((out / "summary.json").read_text())["runs"][0]["heat"]
+    assert sorted(os.listdir(out)) == ["advantages.png", "fan_robust-ppo.png", "summary.json"]
+    _image_ok(out / "fan_robust-ppo.png")
+    gr, rp = json.loads((out / "summary.json").read_text())["runs"]
+    assert gr["fan"] is None and gr["critic"] is None
+    heat = gr["heat"]
     r = torch.tensor(heat["noisy_reward"], dtype=torch.float64).view(-1, 2)
     want = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).reshape(-1)
     for row, a in zip(heat["advantages"], want.tolist()):
         assert row == pytest.approx([a] * len(row), abs=1e-5)
+    row = rp["fan"][0]
+    assert all(lo <= v <= hi and v == lo for lo, v, hi in zip(row["head_min"], row["value"], row["head_max"]))
 
 
 def _usage_error(argv, capsys, prefix="dvpo inspect: error: argument"):
@@ -211,3 +218,56 @@ def test_bad_flags(runs, tmp_path, capsys):
     assert "--ckpt" in _usage_error(["inspect", "--out", out], capsys, prefix="dvpo inspect: error: the following "
                                                                               "arguments are required")
     assert not os.path.exists(out)
+
+
+def _rtg(rewards, m, gamma):
+    out = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        running = 0.0
+        for t in reversed(range(rewards.shape[1])):
+            if m[b, t]:
+                running = float(rewards[b, t]) + gamma * running
+                out[b, t] = running
+    return out
+
+
+@pytest.mark.parametrize("algo,extra", [("dvpo", {}), ("dvpo", {"advantage": "cvar:0.3"}), ("ppo", {}),
+                                        ("robust-ppo", {}), ("reinforce++", {}), ("grpo", {}),
+                                        ("grpo", {"grpo_scale": False})])
+def test_advantages_follow_each_algorithms_definition(algo, extra):
+    """inspection.advantages on random data (ragged masks, an empty row) against the formulas written out:
+    token rewards (outcome at the last real token, -kl_coef * KL at each), then the algorithm's estimator."""
+    from dvpo.inspection import advantages
+
+    g = torch.Generator().manual_seed(7)
+    b, t, h, n = 6, 7, 3, 5
+    lens = [7, 3, 1, 5, 0, 6]
+    m = torch.tensor([[1.0] * k + [0.0] * (t - k) for k in lens])
+    values = torch.randn(b, t, h, n, generator=g)
+    kl = torch.randn(b, t, generator=g).abs()
+    outcome = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    cfg = {"algo": algo, "gamma": 0.9, "lam": 0.8, "kl_coef": 0.3, **extra}
+    adv, _, what = advantages(cfg, values if algo in ("dvpo", "ppo", "robust-ppo") else None, outcome, m, kl, 2)
+    assert algo in what and adv.shape == (b, t)
+    rewards = -0.3 * kl * m
+    for i, k in enumerate(lens):
+        if k:
+            rewards[i, k - 1] += outcome[i]
+    v64 = values.double()
+    if algo == "grpo":
+        r = outcome.double().view(-1, 2)
+        c = r - r.mean(1, keepdim=True)
+        if extra.get("grpo_scale", True):
+            c = c / (r.std(1, keepdim=True) + 1e-6)
+        want = c.reshape(-1, 1) * m
+    elif algo == "reinforce++":
+        want = _whiten(_rtg(rewards.double(), m, 0.9), m.double())
+    else:
+        ens = {"dvpo": v64.mean(2), "ppo": v64[..., 0, :1],
+               "robust-ppo": v64[..., 0].min(-1, keepdim=True).values}[algo]
+        a, returns = reference.distributional_gae(rewards.double(), ens, m, gamma=0.9, lam=0.8)
+        if "advantage" in extra:
+            a = reference.cvar(returns - ens, 0.3) * m
+        want = _whiten(a, m.double())
+    torch.testing.assert_close(adv.double(), want, rtol=1e-4, atol=1e-5)
+    assert float(adv[4].abs().sum()) == 0.0                     # the empty row stays 0
