@@ -24,9 +24,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect-runs")
     cache = str(root / "sft")
     out = {}
-    for algo, noise in (("dvpo", "flip:0.3"), ("ppo", "flip:0.3"), ("grpo", "none"), ("robust-ppo", "none")):
-        out[algo] = str(root / algo)
-        train(TrainConfig(**{**TINY, "algo": algo, "noise": noise, "sft_cache": cache, "out": out[algo]}), log=None)
+    for name, algo, noise, extra in (("dvpo", "dvpo", "flip:0.3", {}), ("ppo", "ppo", "flip:0.3", {}),
+                                     ("grpo", "grpo", "none", {}), ("robust-ppo", "robust-ppo", "none", {}),
+                                     ("shared", "dvpo", "none", {"shared_critic": True, "steps": 1})):
+        out[name] = str(root / name)
+        train(TrainConfig(**{**TINY, "algo": algo, "noise": noise, "sft_cache": cache, "out": out[name], **extra}),
+              log=None)
     return out
 
 
@@ -183,6 +186,29 @@ def test_two_runs_side_by_side_and_a_run_without_critic(runs, tmp_path, capsys):
         assert row == pytest.approx([a] * len(row), abs=1e-5)
     row = rp["fan"][0]
     assert all(lo <= v <= hi and v == lo for lo, v, hi in zip(row["head_min"], row["value"], row["head_max"]))
+
+
+def test_shared_critic_values_come_from_the_policy_trunk(runs, tmp_path, capsys):
+    from dvpo.trainer.models import build_critic, load_critic_into, load_policy
+    from dvpo.trainer.rollout import encode_prompts, score
+
+    out = tmp_path / "shared"
+    _inspect(["--ckpt", runs["shared"], "--out", str(out), "--n-prompts", "2", "--n-responses", "2"], capsys)
+    _image_ok(out / "fan_shared.png")
+    run = json.loads((out / "summary.json").read_text())["runs"][0]
+    assert run["critic"]["shared"] is True
+    ckpt = os.path.join(runs["shared"], "ckpt")
+    policy, tok = load_policy(os.path.join(ckpt, "policy"), torch.device("cpu"), bf16=False)
+    critic = load_critic_into(build_critic(policy, 2, 5, True, seed=1), os.path.join(ckpt, "critic"))
+    fan = run["fan"]
+    ids, mask = encode_prompts(tok, [r["prompt"] for r in fan], "cpu")
+    r_ids, r_mask = _response_batch(tok, [r["tokens"] for r in fan])
+    with torch.no_grad():
+        _, _, hidden = score(policy, ids, mask, r_ids, r_mask, want_hidden=True)
+        q = critic.heads_from_hidden(hidden).double().mean(2)
+    for i, row in enumerate(fan):
+        torch.testing.assert_close(torch.tensor(row["quantiles"], dtype=torch.float64), q[i, :len(row["tokens"])],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def _usage_error(argv, capsys, prefix="dvpo inspect: error: argument"):
