@@ -64,9 +64,9 @@ class RunView:
         try:
             info = describe_checkpoint(path)
         except CheckpointError as exc:
-            raise RunError(exc.reason) from None
+            raise RunError(f"invalid value {path!r}: {exc.reason}") from None
         if info["run"] is None:
-            raise RunError("not a run dir (dvpo train --out): no run config.json there")
+            raise RunError(f"invalid value {path!r}: not a run dir (dvpo train --out): no run config.json there")
         cfg = info["run"]
         self.path, self.cfg, self.step, self.device = path, cfg, info["step"], device
         self.algo = cfg["algo"]
@@ -85,7 +85,8 @@ class RunView:
             except (OSError, ValueError):
                 ref_dir = ""
         if not os.path.isdir(ref_dir):
-            raise RunError("the run has no reference policy (no ref/ dir), needed for the KL term")
+            raise RunError(f"invalid value {path!r}: the run has no reference policy (no ref/ dir), needed for "
+                           f"the KL term of the rewards")
         self.ref, _ = load_policy(ref_dir, device, attn, self.bf16)
         self.critic, self.taus = None, None
         critic_dir = os.path.join(os.path.dirname(info["policy_dir"]), "critic")
