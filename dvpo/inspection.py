@@ -23,7 +23,7 @@ import re
 from typing import Dict, List, Optional
 
 BANDS = (0.1, 0.25, 0.5, 0.75, 0.9)         # quantile levels drawn (interpolated) in the fan chart
-SHOWN = {" ": "␣"}                          # tokens drawn as another character (a space would be invisible)
+SHOWN = {" ": "␣", "<bos>": "bos", "<pad>": "pad"}   # as drawn (a space would be invisible; short names)
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -381,8 +381,11 @@ def plot_fan(view: RunView, fan: List[Dict], path: str):
         if not clean:
             ax.plot([end], [row["noisy_reward"]], marker="x", ms=9, mew=2, color="tab:red", ls="none",
                     label="noisy reward (seen)")
-        ax.set_xticks(x + [end])
-        ax.set_xticklabels([SHOWN.get(t, t) for t in row["tokens"]] + ["end"], fontfamily="monospace")
+        every = max(1, math.ceil(len(x) / 30))                        # long responses: every k-th label
+        ticks = x[::every] + [end]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([SHOWN.get(row["tokens"][i], row["tokens"][i]) for i in x[::every]] + ["end"],
+                           fontfamily="monospace", fontsize=9 if len(x) <= 12 else 7)
         ax.set_xlim(-0.5, end + 0.6)
         ax.set_title(f"{row['prompt']} → {_short(row['response'])}   "
                      f"({_reward_text(row['true_reward'], row['noisy_reward'], clean)})", fontsize=10,
