@@ -190,77 +190,47 @@ def _uniforms(seed: int, name: str, rows: int, cols: int):
 
 # ---- advantages as the trainer computes them --------------------------------------------------------
 
-def _masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / sqrt(var + eps) over the real tokens (population variance), 0 at padding."""
-    m = mask.to(x.dtype)
-    n = m.sum().clamp(min=1)
-    mean = (x * m).sum() / n
-    var = (((x - mean) ** 2) * m).sum() / n
-    return (x - mean) * (var + eps).rsqrt() * m
-
-
-def token_rewards(outcome, mask, kl, kl_coef: float):
-    """-kl_coef * kl_t at every real token, plus the outcome at the last one (0 at padding)."""
-    import torch
-
-    m = mask.float()
-    r = -kl_coef * kl.float() * m if kl is not None and kl_coef else torch.zeros_like(m)
-    last = (m * torch.arange(m.shape[1], dtype=m.dtype)).argmax(1)
-    r[torch.arange(m.shape[0]), last] += outcome.float()
-    return r * m
-
-
 def advantages(cfg: Dict, values, outcome, mask, kl, group_size: int):
     """(advantages the actor uses [B, R], raw advantages before whitening, a one-line definition) for the
-    run's algorithm, or None for an algorithm this command does not reproduce."""
-    import torch
-
-    from dvpo import ops
+    run's algorithm, computed by the trainer's own estimators (dvpo/trainer/advantages.py) and whitened
+    over this batch, or None for a critic algorithm given no values."""
+    from dvpo.masked import masked_whiten
+    from dvpo.trainer import advantages as A
 
     algo = cfg["algo"]
     gamma, lam, kl_coef = float(cfg.get("gamma", 1.0)), float(cfg.get("lam", 0.95)), float(cfg.get("kl_coef", 0.0))
     m = mask.float()
     if algo == "grpo":
-        r = outcome.float().view(-1, group_size)
-        centred = r - r.mean(1, keepdim=True)
         scale = bool(cfg.get("grpo_scale", True))
-        if scale and group_size > 1:
-            centred = centred / (r.std(1, unbiased=True, keepdim=True) + 1e-6)
-        adv = centred.reshape(-1, 1) * m
+        adv = A.grpo_advantages(outcome, group_size, m, scale=scale)
         what = (f"grpo: noisy outcome minus its group's mean{' over the group std' if scale else ''} "
                 f"(groups of {group_size}), at every token; not whitened")
         return adv, adv, what
-    rewards = token_rewards(outcome, mask, kl, kl_coef)
+    rewards = A.token_rewards(outcome, m, kl, kl_coef)
     kl_text = f"outcome at the last token - {kl_coef:g} x KL(policy || ref) per token"
     if algo == "reinforce++":
-        ret = torch.zeros_like(rewards)
-        running = torch.zeros(rewards.shape[0])
-        for t in reversed(range(rewards.shape[1])):
-            running = rewards[:, t] + gamma * running * m[:, t]
-            ret[:, t] = running * m[:, t]
+        ret = A.reinforce_pp_advantages(rewards, m, gamma, whiten=False)
         what = f"reinforce++: return-to-go (gamma {gamma:g}) of the rewards ({kl_text}), whitened over this batch"
-        return _masked_whiten(ret, m), ret, what
+        return masked_whiten(ret, m) * m, ret, what
     if values is None:
         return None
     if algo == "dvpo":
-        quant = values.mean(-2)                                       # the ensemble's quantiles [B, R, N]
-        raw, returns = ops.distributional_gae(rewards, quant, m, gamma=gamma, lam=lam)
         spec = str(cfg.get("advantage", "mean") or "mean")
-        if spec.startswith("cvar:"):
-            raw = ops.cvar(returns - quant.to(returns.dtype), float(spec.split(":", 1)[1])) * m
-            head = f"dvpo: lower CVaR {spec.split(':', 1)[1]} over quantiles of the per-quantile GAE"
-        else:
-            head = "dvpo: mean over quantiles of the per-quantile GAE"
+        raw, _ = A.dvpo_advantages(rewards, values.mean(-2), m, gamma=gamma, lam=lam, advantage=spec)
+        kind, alpha = A.parse_advantage(spec)
+        head = {"mean": "dvpo: mean over quantiles of the per-quantile GAE",
+                "cvar": f"dvpo: lower CVaR {alpha:g} over quantiles of the per-quantile GAE",
+                "trim": f"dvpo: mean per-quantile GAE floored at the critic's {alpha:g}-quantile"}[kind]
         what = (f"{head} on the mean over heads (gamma {gamma:g}, lambda {lam:g}; rewards: {kl_text}), "
                 f"whitened over this batch")
     else:
         v = values[..., 0, 0] if algo == "ppo" else values[..., 0].min(-1).values
-        raw, _ = ops.distributional_gae(rewards, v.unsqueeze(-1), m, gamma=gamma, lam=lam)
+        raw, _ = A.gae_advantages(rewards, v, m, gamma=gamma, lam=lam)
         critic = "scalar critic" if algo == "ppo" else "worst of the scalar heads"
         what = (f"{algo}: GAE of the {critic} (gamma {gamma:g}, lambda {lam:g}; rewards: {kl_text}), "
                 f"whitened over this batch")
     raw = raw.float()
-    return _masked_whiten(raw, m), raw, what
+    return masked_whiten(raw, m) * m, raw, what
 
 
 # ---- the numbers ----------------------------------------------------------------------------------

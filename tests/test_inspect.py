@@ -257,7 +257,8 @@ def _rtg(rewards, m, gamma):
     return out
 
 
-@pytest.mark.parametrize("algo,extra", [("dvpo", {}), ("dvpo", {"advantage": "cvar:0.3"}), ("ppo", {}),
+@pytest.mark.parametrize("algo,extra", [("dvpo", {}), ("dvpo", {"advantage": "cvar:0.3"}),
+                                        ("dvpo", {"advantage": "trim:0.2"}), ("ppo", {}),
                                         ("robust-ppo", {}), ("reinforce++", {}), ("grpo", {}),
                                         ("grpo", {"grpo_scale": False})])
 def test_advantages_follow_each_algorithms_definition(algo, extra):
@@ -292,8 +293,11 @@ def test_advantages_follow_each_algorithms_definition(algo, extra):
         ens = {"dvpo": v64.mean(2), "ppo": v64[..., 0, :1],
                "robust-ppo": v64[..., 0].min(-1, keepdim=True).values}[algo]
         a, returns = reference.distributional_gae(rewards.double(), ens, m, gamma=0.9, lam=0.8)
-        if "advantage" in extra:
+        if extra.get("advantage", "").startswith("cvar:"):
             a = reference.cvar(returns - ens, 0.3) * m
+        elif extra.get("advantage", "").startswith("trim:"):  # floored at the 0.2-quantile (atom ceil(0.2 n) - 1)
+            srt = ens.sort(-1).values
+            a = torch.maximum(a, srt[..., 0] - ens.mean(-1)) * m
         want = _whiten(a, m.double())
     torch.testing.assert_close(adv.double(), want, rtol=1e-4, atol=1e-5)
     assert float(adv[4].abs().sum()) == 0.0                     # the empty row stays 0

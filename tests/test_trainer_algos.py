@@ -76,6 +76,26 @@ def test_dvpo_advantages_shapes_masks_and_cvar():
         A.parse_advantage("cvar:0")
 
 
+def test_dvpo_trim_advantage_floors_only_the_negative_side():
+    torch.manual_seed(2)
+    b, t, n = 4, 6, 8
+    mask = _mask([6, 3, 1, 0], t)
+    r = A.token_rewards(torch.tensor([1.0, 0.0, -3.0, 1.0]), mask)
+    q = (torch.randn(b, t, n) * 0.5 + 0.4).sort(-1).values
+    adv, _ = A.dvpo_advantages(r, q, mask, gamma=1.0, lam=0.95)
+    alpha = 0.25
+    trim, _ = A.dvpo_advantages(r, q, mask, gamma=1.0, lam=0.95, advantage=f"trim:{alpha}")
+    # the floor: the critic's alpha-quantile (the atom at level alpha: index ceil(alpha n) - 1 when sorted)
+    floor = q[..., int(torch.tensor(alpha * n).ceil()) - 1] - q.mean(-1)
+    want = torch.where(adv < floor, floor, adv) * mask
+    assert torch.allclose(trim, want, atol=1e-6)
+    assert (trim >= adv - 1e-6).all() and (trim[adv > 0] == adv[adv > 0]).all()
+    assert (trim[mask == 0] == 0).all()
+    assert (trim > adv + 1e-3).any(), "the -3 outcome falls below the critic's lower quantile: it must be floored"
+    with pytest.raises(ValueError, match="trim:ALPHA"):
+        A.parse_advantage("trim:1.5")
+
+
 def test_masked_whiten():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 0.0, 0.0]])
     m = _mask([3, 2], 4)

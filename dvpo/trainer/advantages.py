@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from dvpo import ops
+from dvpo import reference
 
 from ..masked import masked_whiten
 
@@ -33,26 +34,43 @@ def token_rewards(outcome: torch.Tensor, mask: torch.Tensor, kl: Optional[torch.
     return r * mask.float()
 
 
+ADVANTAGE_KINDS = ("mean", "cvar", "trim")
+
+
 def parse_advantage(spec: str) -> Tuple[str, float]:
-    """'mean' or 'cvar:ALPHA' (the lower-tail CVaR of the per-quantile advantages)."""
+    """'mean', 'cvar:ALPHA' (the lower-tail CVaR of the per-quantile advantages) or 'trim:ALPHA' (the
+    mean advantage with its negative side floored at the critic's own alpha-quantile deviation)."""
     if spec in ("mean", "", None):
         return "mean", 0.0
     kind, _, value = str(spec).partition(":")
-    if kind == "cvar":
-        alpha = float(value)
+    if kind in ("cvar", "trim"):
+        try:
+            alpha = float(value)
+        except ValueError:
+            alpha = float("nan")
         if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"advantage cvar:ALPHA needs ALPHA in (0, 1], got {value!r}")
-        return "cvar", alpha
-    raise ValueError(f"advantage must be 'mean' or 'cvar:ALPHA', got {spec!r}")
+            raise ValueError(f"advantage {kind}:ALPHA needs ALPHA in (0, 1], got {value!r}")
+        return kind, alpha
+    raise ValueError(f"advantage must be 'mean', 'cvar:ALPHA' or 'trim:ALPHA', got {spec!r}")
 
 
 def dvpo_advantages(rewards, quantiles, mask, *, gamma: float, lam: float, advantage: str = "mean"):
-    """(raw advantages [B, T], critic targets [B, T, N]) from the ensemble quantiles [B, T, N]."""
+    """(raw advantages [B, T], critic targets [B, T, N]) from the ensemble quantiles [B, T, N].
+
+    mean: mean_j A_t,j (PPO's GAE with the fan's mean as the baseline). cvar:ALPHA: the lower CVaR over
+    j of A_t,j (risk-averse: tokens with a wide fan lose). trim:ALPHA: max(mean_j A_t,j, q_alpha(V_t) -
+    mean_j V_t,j): a return below what the critic itself puts at its alpha-quantile counts only as
+    that quantile, so a single surprising low reward (a flipped label) cannot push the policy down
+    further than the critic's lower tail; positive advantages are kept whole (docs/math.md, 11)."""
     adv, returns = ops.distributional_gae(rewards, quantiles, mask, gamma=gamma, lam=lam)
     kind, alpha = parse_advantage(advantage)
+    m = mask.to(returns.dtype)
+    q = quantiles.to(returns.dtype)
     if kind == "cvar":
-        per_quantile = returns - quantiles.to(returns.dtype)        # A_t,j = R_t,j - V_t,j
-        adv = ops.cvar(per_quantile, alpha) * mask.to(per_quantile.dtype)
+        adv = ops.cvar(returns - q, alpha) * m                      # A_t,j = R_t,j - V_t,j
+    elif kind == "trim":
+        floor = reference.var_atom(q, alpha) - q.mean(-1)
+        adv = torch.maximum(adv.to(returns.dtype), floor) * m
     return adv.float(), returns.float()
 
 

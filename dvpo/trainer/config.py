@@ -102,7 +102,8 @@ class TrainConfig(SFTConfig):
     n_heads: int = _f(3, "critic heads H (dvpo: quantile heads; robust-ppo: scalar critics)")
     n_quantiles: int = _f(32, "quantiles per head N (dvpo; the paper uses 200)")
     taus: str = _f("midpoint", "quantile grid: midpoint (2i-1)/2N or paper i/N", choices=("midpoint", "paper"))
-    advantage: str = _f("mean", "dvpo actor advantage: mean over quantiles, or cvar:ALPHA (risk-sensitive)")
+    advantage: str = _f("mean", "dvpo actor advantage: mean over quantiles, cvar:ALPHA (lower CVaR over "
+                        "quantiles) or trim:ALPHA (negative side floored at the critic's ALPHA-quantile)")
     grpo_scale: bool = _f(True, "grpo: divide by the group std (off: Dr. GRPO)")
     # critic loss: defaults are dvpo.CriticLossConfig's (docs/math.md; --tail-targets recipe and --kappa 1
     # --no-normalize-kappa with every --loss-* at 1 give the published recipe)
@@ -219,17 +220,14 @@ def noise_arg(text: str) -> str:
 
 
 def advantage_arg(text: str) -> str:
-    """An actor-advantage spec (argparse type): mean or cvar:ALPHA."""
-    if text == "mean":
-        return text
-    kind, _, value = str(text).partition(":")
+    """An actor-advantage spec (argparse type): mean, cvar:ALPHA or trim:ALPHA."""
+    from .advantages import parse_advantage
+
     try:
-        ok = kind == "cvar" and 0.0 < float(value) <= 1.0
+        parse_advantage(text)
     except ValueError:
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected mean or cvar:ALPHA with ALPHA "
-                                          f"in (0, 1] (e.g. cvar:0.25)")
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected mean, cvar:ALPHA or trim:ALPHA with "
+                                          f"ALPHA in (0, 1] (e.g. trim:0.1)") from None
     return text
 
 
