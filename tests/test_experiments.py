@@ -18,7 +18,7 @@ SPEC_COLUMNS = ["block", "task", "algo", "variant", "noise", "seed", "steps", "s
 
 
 def test_builtin_grids_load_and_expand():
-    assert {"main", "ablation", "sensitivity", "smoke"} <= set(builtin_grids())
+    assert {"main", "ablation", "sensitivity", "pilot", "smoke"} <= set(builtin_grids())
     main_runs = expand(load_grid("main"))
     assert len(main_runs) == 5 * 5 * 3 + 5 * 2 * 3
     assert {s.algo for s in main_runs} == {"dvpo", "ppo", "grpo", "robust-ppo", "reinforce++"}

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     from dvpo import cli
 
     parser.add_argument("--grid", required=True, type=_grid,
-                        help="a built-in grid (main, ablation, sensitivity, smoke) or a grid TOML file (required)")
+                        help="a built-in grid (main, ablation, sensitivity, pilot, smoke) or a grid TOML file (required)")
     parser.add_argument("--out", required=True,
                         help="output dir: runs/, sft_cache/, results.csv/.md, plots (required)")
     parser.add_argument("--jobs", type=cli.positive_int, default=None,

@@ -51,7 +51,7 @@ def builtin_grids() -> List[str]:
 
 
 def resolve_grid(name_or_path: str) -> str:
-    """A grid file: a path, or the name of a built-in grid (main, ablation, sensitivity, smoke)."""
+    """A grid file: a path, or the name of a built-in grid (main, ablation, sensitivity, pilot, smoke)."""
     if os.path.exists(name_or_path):
         return name_or_path
     path = os.path.join(GRIDS_DIR, name_or_path + ".toml")
