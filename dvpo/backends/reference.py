@@ -118,6 +118,18 @@ def _consistent_tail(theta, target, level, scale, upper):
     return value, c, y, (c * dev * dev).sum(-1), 2.0 * c * dev, s
 
 
+def _tail_side(theta, z, level, scale, upper, consistent):
+    """One tail: theta's CVaR, its coefficients, what it is aligned with (the target's own CVaR in the
+    recipe, the Rockafellar-Uryasev target about theta's VaR in the consistent form), and the shape
+    statistic of theta with its gradient and of the target (tail variance in the recipe, the second
+    moment about theta's VaR in the consistent form)."""
+    if consistent:
+        return _consistent_tail(theta, z, level, scale, upper)
+    value, c, s_t, ds_t = _tail(theta, level, upper)
+    goal, _, s_z, _ = _tail(z, level, upper)
+    return value, c, goal, s_t, ds_t, s_z
+
+
 def critic_loss(heads, target, taus, risk_weights, mask, kappa, alpha, beta, normalize_kappa, params,
                 algorithm="auto"):
     if len(params) != len(PARAM_NAMES):
@@ -143,20 +155,10 @@ def critic_loss(heads, target, taus, risk_weights, mask, kappa, alpha, beta, nor
         add("qh", *_qh_loss_grad(theta, z, taus, kappa, None, normalize_kappa))
     if w["risk"]:
         add("risk", *_qh_loss_grad(theta, z, taus, kappa, risk_weights.to(acc), normalize_kappa))
-    # The tails: theta's CVaRs and coefficients, and what each is aligned with (the target's own CVaR
-    # in the recipe, the Rockafellar-Uryasev target about theta's VaR in the consistent form).
     if w["cvar"] or w["shape"]:
-        if consistent:
-            lo_t, c_lo, lo_goal, s_lo_t, ds_lo, s_lo_z = _consistent_tail(theta, z, alpha, lo_scale, False)
-        else:
-            lo_t, c_lo, vlo_t, dvlo_t = _tail(theta, alpha, False)
-            lo_goal, _, vlo_z, _ = _tail(z, alpha, False)
+        lo_t, c_lo, lo_goal, s_lo_t, ds_lo, s_lo_z = _tail_side(theta, z, alpha, lo_scale, False, consistent)
     if w["gain"] or w["shape"]:
-        if consistent:
-            hi_t, c_hi, hi_goal, s_hi_t, ds_hi, s_hi_z = _consistent_tail(theta, z, beta, hi_scale, True)
-        else:
-            hi_t, c_hi, vhi_t, dvhi_t = _tail(theta, beta, True)
-            hi_goal, _, vhi_z, _ = _tail(z, beta, True)
+        hi_t, c_hi, hi_goal, s_hi_t, ds_hi, s_hi_z = _tail_side(theta, z, beta, hi_scale, True, consistent)
     if w["cvar"]:
         diff = lo_t - lo_goal
         add("cvar", diff ** 2, 2.0 * diff.unsqueeze(-1) * c_lo)
@@ -175,8 +177,8 @@ def critic_loss(heads, target, taus, risk_weights, mask, kappa, alpha, beta, nor
             d_lo, d_hi = s_lo_t - s_lo_z, s_hi_t - s_hi_z
             add("shape", d_lo ** 2 + d_hi ** 2, 2.0 * d_lo.unsqueeze(-1) * ds_lo + 2.0 * d_hi.unsqueeze(-1) * ds_hi)
         else:
-            lo, hi = vlo_t - vlo_z, vhi_z - vhi_t
-            grad = (lo > 0).to(acc).unsqueeze(-1) * dvlo_t - (hi > 0).to(acc).unsqueeze(-1) * dvhi_t
+            lo, hi = s_lo_t - s_lo_z, s_hi_z - s_hi_t
+            grad = (lo > 0).to(acc).unsqueeze(-1) * ds_lo - (hi > 0).to(acc).unsqueeze(-1) * ds_hi
             add("shape", torch.relu(lo) + torch.relu(hi), grad)
     if w["curv"]:
         add("curv", *_curvature(theta, alpha, beta))
