@@ -22,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def backend(request):
+    """The backend an op contract test runs on (tests/backends.py), forced for the whole test:
+    parametrize "backend" indirectly with tests.backends.params() or .cases(). Skipped, with the
+    reason, where it cannot run."""
+    from .backends import BACKENDS, forced, skip_reason
+    name = request.param
+    reason = skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+    with forced(name):
+        yield BACKENDS[name]

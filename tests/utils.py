@@ -76,3 +76,43 @@ def _redraw_tied_tail_variances(theta, target, dtype, generator, levels=(0.1, 0.
         flat_t[bad.to(flat_t.device)] = fresh.to(flat_t.device)
 
 
+REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "none")
+
+
+def grad(value, x, upstream=None):
+    """d(sum(value * upstream))/dx (upstream: a random positive weight per output, or None for ones)."""
+    if upstream is not None:
+        value = value * upstream.to(value.dtype)
+    (g,) = torch.autograd.grad(value.sum(), x)
+    return g
+
+
+def upstream_like(value):
+    """A random positive upstream gradient for `value` (float64, on its device)."""
+    return torch.rand(value.shape, dtype=torch.float64).to(value.device) + 0.5
+
+
+def weighted_mask(lead, *, device="cpu", generator=None):
+    """A float mask with masked tokens, an all-masked row (when there are rows) and non-binary weights."""
+    m = random_mask(lead, dtype=torch.float32, generator=generator)
+    return (m * (0.5 + torch.rand(lead, generator=generator))).to(device)
+
+
+def assert_compiled_matches_eager(step, backend, x, *args):
+    """torch.compile(step, fullgraph=True) gives eager's value and gradient w.r.t. `x`."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend.compile_backend)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, comp = step(xe, *args), compiled(xc, *args)
+    assert torch.allclose(eager, comp, rtol=1e-6, atol=1e-6)
+    eager.backward()
+    comp.backward()
+    assert torch.allclose(xe.grad, xc.grad, rtol=1e-6, atol=1e-7)
+
+
+def with_garbage_at_masked(x, target, mask):
+    """Copies of `x` and `target` with NaN and inf at the tokens `mask` drops (weight 0)."""
+    dirty_x, dirty_t = x.clone(), target.clone()
+    dirty_x[mask == 0] = float("nan")
+    dirty_t[mask == 0] = float("inf")
+    return dirty_x, dirty_t
