@@ -1,11 +1,13 @@
-"""The `triton` backend (kernels/, through dvpo.backends.triton) against autograd of the float64
-reference: every op forward and backward, fp32/bf16 (fp64 computed in fp64), odd sizes, ties,
-crossing quantiles, masks with empty rows, both CVaR threshold selects, both tail-term modes of the
-critic loss (consistent, recipe), opcheck and torch.compile.
+"""The `triton` backend (kernels/, through dvpo.backends.triton): what only it has. The op contract
+(values and gradients against the float64 reference, masks, layouts, opcheck, torch.compile, ...)
+runs on it in tests/test_quantile_huber.py, test_cvar.py, test_critic_loss.py and
+test_distributional_gae.py: on CUDA with a GPU, else on CPU tensors in the Triton interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1) at small token counts.
 
-Without a GPU the kernels run on CPU tensors in the Triton interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1), so these checks use small token counts; with a GPU the same checks run on CUDA,
-and the `gpu`-marked tests at the end add realistic sizes.
+Here: dispatch picks it and it implements the kernel interface; both CVaR threshold selects (rank
+counting and the exact bisection select) forced at every size; rows beyond one tile and beyond the
+rank-count limit; rows too long for registers fall back with a warning; no unexpected warnings; an
+ahead-of-time compile for sm_90 without a GPU (DVPO_TEST_AOT=1); and, `gpu`-marked, realistic sizes.
 """
 
 import os
@@ -18,19 +20,16 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton backend needs the `triton` package (not importable here)")
 
-import dvpo  # noqa: E402
 from dvpo import dispatch, library, ops  # noqa: E402
 from dvpo import reference as ref  # noqa: E402
 from dvpo.backends import reference as ref_backend  # noqa: E402
-from dvpo.config import PARAM_NAMES, TERM_NAMES, CriticLossConfig  # noqa: E402
+from dvpo.config import TERM_NAMES, CriticLossConfig  # noqa: E402
 
 from .utils import TOL, randn, random_mask, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-REDUCTIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "none"]
-LOW = (torch.float32, torch.bfloat16)
 MODES = ("consistent", "recipe")  # CriticLossConfig.tail_targets
 
 
@@ -50,26 +49,9 @@ def select(request, monkeypatch):
     return request.param
 
 
-# Worst relative error seen per (input dtype, quantity), printed at the end of the module (pytest -s).
-WORST = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_worst_errors():
-    yield
-    if WORST:
-        print("\nworst relative errors vs the float64 reference (triton backend, %s):" % DEVICE)
-        for (dtype, what), err in sorted(WORST.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-            print(f"  {str(dtype):15s} {what:10s} {err:.2e}")
-
-
 def _ok(err, dtype, what, tol=None):
-    """err < tol (the bar for `dtype` of docs/architecture.md, "Correctness bars", unless given),
-    recording the worst error."""
-    tol = TOL[dtype] if tol is None else tol
-    key = (dtype, what)
-    WORST[key] = max(WORST.get(key, 0.0), err)
-    return err < tol
+    """err < tol (the bar for `dtype` of docs/architecture.md, "Correctness bars", unless given)."""
+    return err < (TOL[dtype] if tol is None else tol)
 
 
 def _grad(loss, x, upstream=None):
@@ -117,7 +99,16 @@ def _check_critic(heads, target, mask, cfg, reduction="none", tol=None):
     return out
 
 
-# --------------------------------------------------------------------------- dispatch, interface
+_SETTINGS = dict(kappa=0.7, alpha=0.2, beta=0.15, risk_gamma=2.0, consist=0.5, shape=2.0,
+                 lower_contraction=0.3, upper_expansion=0.5, shift_expectile=0.7)
+
+
+def _cfg(mode="consistent", **overrides):
+    return CriticLossConfig(**dict(_SETTINGS, tail_targets=mode, **overrides))
+
+
+_CFG = _cfg()
+
 
 def test_dispatch_selects_the_triton_backend():
     assert dispatch.selected_name("critic_loss", DEVICE) == "triton"
@@ -133,34 +124,9 @@ def test_backend_implements_the_kernel_interface():
             list(inspect.signature(getattr(ref_backend, op)).parameters), op
 
 
-# --------------------------------------------------------------------------- quantile Huber
-
-@pytest.mark.parametrize("n,m", [(1, 1), (2, 3), (3, 7), (7, 33), (33, 2), (33, 32)])
-@pytest.mark.parametrize("dtype", LOW)
-def test_quantile_huber_matches_reference(n, m, dtype):
-    ties = n in (3, 33)
-    pred = randn((2, 5, n), dtype, ties=ties, device=DEVICE)
-    target = randn((2, 5, m), dtype, scale=2.0, ties=ties, device=DEVICE)
-    mask = random_mask((2, 5), device=DEVICE)
-    t = dvpo.taus(n, "paper", dtype=torch.float64, device=DEVICE)
-    w = torch.rand(n, dtype=torch.float64, device=DEVICE) + 0.5
-    for kw, reduction in [(dict(), "none"), (dict(kappa=0.4, normalize_kappa=True, weights=w), "seq-mean-token-mean")]:
-        x = pred.clone().requires_grad_()
-        got = ops.quantile_huber(x, target, t, mask=mask, reduction=reduction, **kw)
-        x64 = pred.double().requires_grad_()
-        want = ref.quantile_huber(x64, target.double(), t, mask=mask, reduction=reduction, **kw)
-        up = torch.rand_like(want) + 0.5
-        g = _grad(got, x, up.float())
-        assert got.dtype == torch.float32 and g.dtype == dtype
-        assert _ok(rel_err(got, want), dtype, "qh loss")
-        assert _ok(rel_err(g, _grad(want, x64, up)), dtype, "qh grad")
-
-
-# --------------------------------------------------------------------------- CVaR
-
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 33])
 @pytest.mark.parametrize("upper", [False, True])
-def test_cvar_matches_reference(n, upper, select):
+def test_cvar_with_each_select(n, upper, select):
     for dtype, ties, levels in [(torch.float32, True, (0.05, 0.3, 1.0)), (torch.bfloat16, False, (0.3,))]:
         x = randn((3, 4, n), dtype, ties=ties, device=DEVICE)
         x[0, 0] = 0.0
@@ -184,84 +150,11 @@ def test_cvar_heavy_ties_split_by_index(select):
         assert torch.equal(coef, ref.cvar_coefficients(x.double(), level, upper).float())
 
 
-# --------------------------------------------------------------------------- fused critic loss
-
-# Non-default settings, in either tail mode (recipe mode ignores the three consistent-mode scalars).
-_SETTINGS = dict(kappa=0.7, alpha=0.2, beta=0.15, risk_gamma=2.0, consist=0.5, shape=2.0,
-                 lower_contraction=0.3, upper_expansion=0.5, shift_expectile=0.7)
-
-
-def _cfg(mode="consistent", **overrides):
-    return CriticLossConfig(**dict(_SETTINGS, tail_targets=mode, **overrides))
-
-
-_CFG = _cfg()
-
-
-@pytest.mark.parametrize("h,n,m,ties", [(1, 1, 1, False), (3, 2, 3, True), (1, 3, 7, False), (3, 7, 33, True),
-                                        (1, 33, 7, True), (3, 33, 32, False), (3, 7, 2, False),
-                                        (2, 32, 1, True), (3, 2, 32, False)])
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("mode", MODES)
-def test_critic_loss_matches_reference(h, n, m, ties, dtype, mode):
-    heads, target = _inputs((2, 5), h, n, m, dtype, ties)
-    mask = random_mask((2, 5), device=DEVICE)
-    _check_critic(heads, target, mask, _cfg(mode))
-
-
-@pytest.mark.parametrize("dtype", LOW)
-def test_default_recipe_and_symmetric_configs(dtype):
-    """The default config (consistent, kappa 0.01 normalized, rho_lo 0.25), CriticLossConfig.recipe()
-    and CriticLossConfig.symmetric(), as the library ships them."""
-    heads, target = _inputs((3, 4), 3, 11, 13, dtype, ties=False)
-    mask = random_mask((3, 4), device=DEVICE)
-    for cfg in (CriticLossConfig(), CriticLossConfig.recipe(), CriticLossConfig.symmetric()):
-        _check_critic(heads, target, mask, cfg, reduction="seq-mean-token-mean")
-
-
-def test_float16_inputs():
-    heads, target = _inputs((2, 5), 3, 7, 9, torch.float16, ties=False)
-    for mode in MODES:
-        _check_critic(heads, target, random_mask((2, 5), device=DEVICE), _cfg(mode))
-    pred = heads[..., 0, :]
-    x = pred.clone().requires_grad_()
-    x64 = pred.double().requires_grad_()
-    got, want = ops.quantile_huber(x, target, kappa=0.5), ref.quantile_huber(x64, target.double(), kappa=0.5)
-    assert _ok(rel_err(got, want), torch.float16, "qh loss")
-    assert _ok(rel_err(_grad(got, x), _grad(want, x64)), torch.float16, "qh grad")
-    assert _ok(rel_err(ops.cvar(pred, 0.3), ref.cvar(pred.double(), 0.3)), torch.float16, "cvar")
-
-
 @pytest.mark.parametrize("h,n,m,ties", [(3, 7, 33, True), (1, 33, 3, False), (3, 3, 2, True)])
 @pytest.mark.parametrize("mode", MODES)
 def test_critic_loss_bisection_select(h, n, m, ties, select, mode):
     heads, target = _inputs((11,), h, n, m, torch.float32, ties)
     _check_critic(heads, target, random_mask((11,), device=DEVICE), _cfg(mode, alpha=0.3, beta=0.25))
-
-
-@pytest.mark.parametrize("off", TERM_NAMES)
-@pytest.mark.parametrize("mode", MODES)
-def test_critic_loss_each_weight_off(off, mode):
-    heads, target = _inputs((2, 4), 3, 9, 8, torch.float32, ties=True)
-    out = _check_critic(heads, target, None, _cfg(mode, **{off: 0.0, "alpha": 0.3}))
-    assert torch.all(out.terms[off] == 0)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_critic_loss_single_terms(mode):
-    """Each term alone (all other weights 0): values and gradients term by term (in consistent mode
-    cvar alone needs only the lower tail, gain only the upper, shape both)."""
-    heads, target = _inputs((3, 3), 3, 12, 10, torch.float32, ties=False)
-    for name in TERM_NAMES:
-        cfg = _cfg(mode, **{k: (1.0 if k == name else 0.0) for k in TERM_NAMES}, alpha=0.25, beta=0.4)
-        _check_critic(heads, target, None, cfg)
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("mode", MODES)
-def test_critic_loss_reductions(reduction, mode):
-    heads, target = _inputs((3, 4), 3, 5, 6, torch.float32, ties=False)
-    _check_critic(heads, target, random_mask((3, 4), device=DEVICE), _cfg(mode), reduction=reduction)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -288,8 +181,6 @@ def test_float64_is_computed_in_float64(select, mode):
     assert _ok(rel_err(got, ref.quantile_huber(x, x.flip(0), kappa=0.3)), torch.float64, "qh loss")
 
 
-# --------------------------------------------------------------------------- consistent tail terms
-
 def test_consistent_var_atom_ties_and_targets_at_the_var(select):
     """Many atoms of theta tied at the VaR (the boundary weight split by index, v their common value)
     and target atoms exactly at v (the kink of min(z - v, 0)): values and gradients as the reference."""
@@ -306,110 +197,6 @@ def test_consistent_var_atom_ties_and_targets_at_the_var(select):
             _check_critic(heads, target, None, cfg)
 
 
-def test_consistent_shift_at_zero_gap():
-    """mean z == mean theta exactly: the expectile shift and its gradient are 0 (either omega)."""
-    heads = torch.tensor([[[1.0, -1.0, 0.5, 0.5]], [[0.25, 0.75, 2.0, -1.0]]], device=DEVICE)
-    target = torch.tensor([[0.5, -0.5, 0.0, 1.0, 0.5, 0.0], [1.0, 0.0, 0.5, 0.5, 0.0, 1.0]], device=DEVICE)
-    cfg = _cfg(**{k: (1.0 if k == "shift" else 0.0) for k in TERM_NAMES})
-    x = heads.clone().requires_grad_()
-    out = ops.critic_loss(x, target, config=cfg, reduction="none")
-    assert torch.all(out.terms["shift"] == 0) and torch.all(_grad(out.loss, x) == 0)
-    _check_critic(heads, target, None, cfg)
-
-
-def test_tail_mode_and_params():
-    """params[8] selects the mode; recipe mode ignores params[9:12] (bit for bit); consistent mode
-    uses them; a list of the wrong length is refused."""
-    assert len(PARAM_NAMES) == 12
-    heads, target = _inputs((6,), 3, 9, 7, torch.float32, ties=False)
-    t = dvpo.taus(9, device=DEVICE)
-    w = ref.risk_weights(t)
-    mask = torch.tensor([1, 0, 1, 1, 0.5, 1], dtype=torch.float32, device=DEVICE)
-
-    def run(params):
-        return library.critic_loss(heads, target, t, w, mask, 0.7, 0.2, 0.3, False, params, "auto")
-
-    weights = [1.0, 0.5, 2.0, 1.0, 1.5, 1.0, 1.0, 0.5]
-    a, b = run(weights + [0.0, 1.0, 1.0, 0.5]), run(weights + [0.0, 0.2, 3.0, 0.9])
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    c, d = run(weights + [1.0, 1.0, 1.0, 0.5]), run(weights + [1.0, 0.2, 3.0, 0.9])
-    assert not torch.equal(a[1][:, 2:6], c[1][:, 2:6])  # cvar, gain, shift, shape differ between modes
-    assert torch.equal(a[1][:, [0, 1, 6, 7]], c[1][:, [0, 1, 6, 7]])  # the others do not
-    assert not torch.equal(c[1], d[1])
-    for p in (weights + [1.0, 0.2, 3.0, 0.9], weights + [0.0, 0.2, 3.0, 0.9]):
-        want = ref_backend.critic_loss(heads, target, t, w, mask, 0.7, 0.2, 0.3, False, p)
-        for got_x, want_x in zip(run(p), want):
-            assert rel_err(got_x, want_x) < 1e-5
-    from dvpo import kernels
-    with pytest.raises(ValueError, match="params"):
-        kernels.critic_loss(heads, target, t, w, mask, 0.7, 0.2, 0.3, False, weights)
-
-
-# --------------------------------------------------------------------------- masks, layouts
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_all_masked_gives_zero_loss_and_zero_finite_grads(reduction):
-    heads, target = _inputs((3, 4), 3, 7, 5, torch.float32, ties=False)
-    heads[0, 0, 0, 0] = float("nan")  # garbage at masked tokens must not leak
-    target[1, 2, 3] = float("inf")
-    mask = torch.zeros(3, 4, dtype=torch.bool, device=DEVICE)
-    x = heads.clone().requires_grad_()
-    out = ops.critic_loss(x, target, mask=mask, reduction=reduction)
-    g = _grad(out.loss, x)
-    assert torch.all(out.loss == 0) and torch.all(g == 0)
-    assert all(torch.all(v == 0) for v in out.terms.values())
-    q = ops.quantile_huber(x.mean(-2), target, mask=mask, reduction=reduction)
-    assert torch.all(q == 0) and torch.all(_grad(q, x) == 0)
-
-
-def test_nan_at_masked_tokens_does_not_leak_and_weights_scale():
-    heads, target = _inputs((2, 5), 3, 6, 4, torch.float32, ties=False)
-    heads[0, 1] = float("nan")
-    target[1, 3] = float("nan")
-    mask = torch.tensor([[1.0, 0.0, 0.5, 2.0, 1.0], [1.0, 1.0, 1.0, 0.0, 0.25]], device=DEVICE)
-    clean_h, clean_t = heads.clone(), target.clone()
-    clean_h[0, 1] = 0.0
-    clean_t[1, 3] = 0.0
-    x = heads.clone().requires_grad_()
-    out = ops.critic_loss(x, target, mask=mask, reduction="none")
-    g = _grad(out.loss, x)
-    assert torch.all(torch.isfinite(out.loss)) and torch.all(torch.isfinite(g))
-    assert torch.all(g[0, 1] == 0) and torch.all(g[1, 3] == 0)
-    for mode in MODES:  # fractional mask weights scale values and gradients
-        _check_critic(clean_h, clean_t, mask, _cfg(mode))
-
-
-def test_non_contiguous_inputs():
-    base = randn((6, 9, 3, 11), device=DEVICE)
-    heads = base[::2, :, :, 1:]  # [3, 9, 3, 10]: strided
-    pred = base[::2, :, 1, 1:]  # [3, 9, 10]
-    target = randn((5, 9, 3), device=DEVICE).permute(2, 1, 0)  # [3, 9, 5]
-    assert not heads.is_contiguous() and not pred.is_contiguous() and not target.is_contiguous()
-    got = ops.quantile_huber(pred, target)
-    assert rel_err(got, ref.quantile_huber(pred.double(), target.double())) < 1e-5
-    for mode in MODES:
-        _check_critic(heads, target, None, _cfg(mode))
-    assert rel_err(ops.cvar(pred, 0.3), ref.cvar(pred.double(), 0.3)) < 1e-5
-    rewards = randn((9, 3), device=DEVICE).t()
-    values = randn((5, 9, 3), device=DEVICE).permute(2, 1, 0)
-    mask = random_mask((3, 9), device=DEVICE)
-    adv, ret = ops.distributional_gae(rewards, values, mask, gamma=0.9, lam=0.8)
-    want_adv, want_ret = ref.distributional_gae(rewards.double(), values.double(), mask, gamma=0.9, lam=0.8)
-    assert rel_err(adv, want_adv) < 1e-5 and rel_err(ret, want_ret) < 1e-5
-
-
-def test_deterministic():
-    heads, target = _inputs((4, 5), 3, 17, 19, torch.float32, ties=False)
-    mask = random_mask((4, 5), device=DEVICE)
-    a = library.critic_loss(heads.reshape(20, 3, 17), target.reshape(20, 19), dvpo.taus(17, device=DEVICE),
-                            torch.ones(17, device=DEVICE), mask.reshape(-1).float(), 1.0, 0.1, 0.2, False,
-                            CriticLossConfig().kernel_params(), "auto")
-    b = library.critic_loss(heads.reshape(20, 3, 17), target.reshape(20, 19), dvpo.taus(17, device=DEVICE),
-                            torch.ones(17, device=DEVICE), mask.reshape(-1).float(), 1.0, 0.1, 0.2, False,
-                            CriticLossConfig().kernel_params(), "auto")
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
 def test_rows_too_long_for_registers_fall_back_with_a_warning(monkeypatch):
     import dvpo.kernels._common as common
     monkeypatch.setattr(common, "MAX_ROW", 16)
@@ -422,69 +209,11 @@ def test_rows_too_long_for_registers_fall_back_with_a_warning(monkeypatch):
         _check_critic(heads, target, None, _CFG)
 
 
-# --------------------------------------------------------------------------- GAE
-
-@pytest.mark.parametrize("b,t,m", [(1, 1, 1), (3, 7, 33), (4, 9, 2)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_distributional_gae_matches_reference(b, t, m, dtype):
-    rewards, values = randn((b, t), dtype, device=DEVICE), randn((b, t, m), dtype, device=DEVICE)
-    mask = random_mask((b, t), device=DEVICE)
-    values = values.masked_fill(~mask.unsqueeze(-1), float("nan"))  # padding is never read
-    adv, ret = ops.distributional_gae(rewards, values, mask, gamma=0.99, lam=0.9)
-    want_adv, want_ret = ref.distributional_gae(rewards.double(), values.double(), mask, gamma=0.99, lam=0.9)
-    assert adv.shape == (b, t) and ret.shape == (b, t, m) and ret.dtype == _acc(dtype)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5  # bf16 inputs, fp32 arithmetic on both sides
-    assert _ok(rel_err(adv, want_adv), dtype, "gae adv", tol) and _ok(rel_err(ret, want_ret), dtype, "gae ret", tol)
-
-
-# --------------------------------------------------------------------------- opcheck, torch.compile
-
-def _opcheck_cases():
-    heads, target = _inputs((6,), 3, 5, 4, torch.float64, ties=False)
-    h32 = heads.float().requires_grad_()
-    t = dvpo.taus(5, dtype=torch.float32, device=DEVICE)
-    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.float32, device=DEVICE)
-    w = ref.risk_weights(t)
-    return [
-        (library.critic_loss, (h32, target.float(), t, w, mask, 1.0, 0.2, 0.2, False,
-                               CriticLossConfig.recipe().kernel_params(), "auto")),
-        (library.critic_loss, (heads.clone().requires_grad_(), target, t.double(), w.double(), None, 0.7, 0.1, 0.5,
-                               True, [1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.5], "auto")),
-        (library.critic_loss, (h32.detach().clone().requires_grad_(), target.float(), t, w, mask, 0.01, 0.2, 0.3,
-                               True, CriticLossConfig().kernel_params(), "auto")),
-        (library.critic_loss, (heads.clone().requires_grad_(), target, t.double(), w.double(), None, 0.7, 0.1, 0.5,
-                               True, [1.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.6, 1.3, 0.8], "auto")),
-        (library.quantile_huber, (h32[:, 0], target.float(), t, w, mask, 1.0, False, "auto")),
-        (library.cvar, (h32[:, 1].detach().requires_grad_(), 0.3, True)),
-        (library.distributional_gae, (randn((2, 5), device=DEVICE), randn((2, 5, 3), device=DEVICE),
-                                      mask[:5].expand(2, 5).contiguous(), 1.0, 0.95)),
-    ]
-
-
-@pytest.mark.parametrize("case", range(7))
-def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
-    torch.library.opcheck(op, args)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_torch_compile_fullgraph_matches_eager(mode):
-    heads, target = _inputs((2, 7), 3, 8, 6, torch.float32, ties=False)
-    mask = random_mask((2, 7), device=DEVICE)
-    cfg = _cfg(mode)
-
-    def step(h, z, m):
-        out = ops.critic_loss(h, z, mask=m, config=cfg, reduction="seq-mean-token-mean")
-        return out.loss + ops.quantile_huber(h.mean(-2), z, mask=m) + ops.cvar(h, 0.2).sum()
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
-    xe, xc = heads.clone().requires_grad_(), heads.clone().requires_grad_()
-    eager, comp = step(xe, target, mask), compiled(xc, target, mask)
-    assert torch.allclose(eager, comp, rtol=1e-6, atol=1e-6)
-    eager.backward()
-    comp.backward()
-    assert torch.allclose(xe.grad, xc.grad, rtol=1e-6, atol=1e-7)
+def test_no_unexpected_warnings():
+    heads, target = _inputs((2, 3), 3, 5, 4, torch.float32, ties=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ops.critic_loss(heads, target)
 
 
 # --------------------------------------------------------------------------- compile for H100 without a GPU
@@ -584,10 +313,3 @@ def test_gpu_quantile_huber_realistic_sizes():
             want = ref.quantile_huber(x64, target.double(), mask=mask, kappa=0.5)
             assert rel_err(got, want) < TOL[dtype]
             assert rel_err(_grad(got, x), _grad(want, x64)) < TOL[dtype]
-
-
-def test_no_unexpected_warnings():
-    heads, target = _inputs((2, 3), 3, 5, 4, torch.float32, ties=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        ops.critic_loss(heads, target)
