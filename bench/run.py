@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtypes", help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, all three on GPU; "
                                     "fp32 with --quick)")
     g.add_argument("--modes", help="comma list of fwd,bwd,fwd+bwd (default: all; GAE is forward only)")
-    g.add_argument("--sweeps", help="comma list of tokens,nm,heads,seq (default: all; the headline always runs)")
+    g.add_argument("--sweeps", help="comma list of tokens,nm,heads,seq,crossover (default: all; the headline always "
+                                    "runs)")
     g.add_argument("--tokens", help="override the token sweep, e.g. 1024,4096")
     g.add_argument("--nm", help="override the N x M sweep, e.g. 200x200,32x512")
     g.add_argument("--heads", help="override the H sweep, e.g. 1,3,5")
