@@ -69,6 +69,7 @@ class BenchConfig:
     tokens: Optional[Sequence[int]] = None  # override the token sweep
     nm: Optional[Sequence[Tuple[int, int]]] = None  # override the N x M sweep
     heads: Optional[Sequence[int]] = None  # override the H sweep
+    crossover: Optional[Sequence[int]] = None  # override the N = M sizes of the crossover sweep
     filter: Optional[str] = None  # "op=critic_loss;backend=cpp,eager;tokens=4096"
     compile: bool = True
     compile_shapes: Optional[str] = None  # "all" | "headline" (default: headline in quick, else all)
@@ -274,6 +275,8 @@ def build_plan(cfg: BenchConfig, device: torch.device) -> C.SweepPlan:
         plan.nm = tuple((int(n), int(m)) for n, m in cfg.nm)
     if cfg.heads:
         plan.heads = tuple(int(h) for h in cfg.heads)
+    if cfg.crossover:
+        plan.crossover = tuple(int(n) for n in cfg.crossover)
     return plan
 
 

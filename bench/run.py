@@ -77,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokens", help="override the token sweep, e.g. 1024,4096")
     g.add_argument("--nm", help="override the N x M sweep, e.g. 200x200,32x512")
     g.add_argument("--heads", help="override the H sweep, e.g. 1,3,5")
+    g.add_argument("--crossover", help="override the N = M sizes of the crossover sweep, e.g. 100,200,300")
     g.add_argument("--filter", help="pick cases: 'key=v1,v2;key=v' with keys op, backend, algorithm, dtype, mode, "
                                     "sweep, tokens, N, M, H, B, T (e.g. 'op=critic_loss;backend=cpp,eager;N=200')")
     g.add_argument("--no-compile", dest="compile", action="store_false",
@@ -130,6 +131,7 @@ def config_from_args(args, argv=None):
         device=args.device, quick=args.quick, out=args.out or DEFAULT_OUT, tag=args.tag,
         ops=_csv(args.ops), backends=_csv(args.backends), dtypes=_csv(args.dtypes), modes=_csv(args.modes),
         sweeps=_csv(args.sweeps), tokens=_ints(args.tokens), nm=_nm(args.nm), heads=_ints(args.heads),
+        crossover=_ints(args.crossover),
         filter=args.filter, compile=args.compile, compile_shapes=args.compile_shapes,
         compile_ops=_csv(args.compile_ops),
         compile_max_gae_T=args.compile_max_gae_T, all_dtype_sweeps=args.all_dtype_sweeps,

@@ -53,6 +53,20 @@ inline void check_cpu_float(const at::Tensor& t, const char* op, const char* nam
               " must be floating point (fp32, fp64, bf16 or fp16), got ", t.scalar_type());
 }
 
+// The prediction ([T, N], or heads [T, H, N]: pred_dim 3) and target [T, M] of a quantile-Huber op:
+// CPU floating tensors, those ranks, the same token count, every other size >= 1.
+inline void check_pred_target(const at::Tensor& pred, const char* pred_name, int64_t pred_dim,
+                              const at::Tensor& target, const char* op) {
+  check_cpu_float(pred, op, pred_name);
+  check_cpu_float(target, op, "target");
+  const char* layout = pred_dim == 3 ? " [T, H, N]" : " [T, N]";
+  TORCH_CHECK(pred.dim() == pred_dim && target.dim() == 2 && pred.size(0) == target.size(0), "dvpo_C::", op, ": ",
+              pred_name, layout, " and target [T, M] expected, got ", pred.sizes(), " and ", target.sizes());
+  bool sizes_ok = target.size(1) >= 1;
+  for (int64_t d = 1; d < pred_dim; ++d) sizes_ok = sizes_ok && pred.size(d) >= 1;
+  TORCH_CHECK(sizes_ok, "dvpo_C::", op, ": ", pred_dim == 3 ? "H, N" : "N", " and M must be >= 1");
+}
+
 inline void check_mask(const std::optional<at::Tensor>& mask, int64_t tokens, const char* op) {
   if (!mask.has_value()) return;
   TORCH_CHECK(mask->device().is_cpu(), "dvpo_C::", op, ": mask must be a CPU tensor");

@@ -2,9 +2,10 @@
 // computes the eight per-token terms and, because the targets are detached, the gradient of the
 // weighted total w.r.t. the heads. Per token:
 //   theta = mean of the heads; QH and risk-weighted QH share one pass over the (i, j) pairs
-//   (pairwise, or from the sorted targets with algorithm="sorted"); the tail terms (CVaR, gain,
-//   shape) use exact tail selection (kern::select_tails: no sort) of theta and, in the recipe's
-//   tail mode, of the target (with "sorted", the target's tails come from its sort); in the
+//   (pairwise, or with algorithm="sorted" from the sorted targets and atoms, kern::qh_merge_sums);
+//   the tail terms (CVaR, gain, shape) use exact tail selection (kern::select_tails: no sort) of
+//   theta and, in the recipe's tail mode, of the target (with "sorted", both come from the sorts
+//   that algorithm made anyway: kern::sorted_tail_coefficients, kern::sorted_tail_moments); in the
 //   consistent mode the targets come from theta's VaR and one O(M) pass over the target (no
 //   selection: cheaper than the recipe); shift, curvature and consistency are O(H N).
 // A term whose weight is 0 is not computed (its work is skipped) and reported as 0. Masked tokens
@@ -345,18 +346,17 @@ DVPO_INLINE void critic_chunk_consistent(const CriticArgs<T>& a, const CriticScr
   for (int64_t tok = begin; tok < end; ++tok) critic_token<T, isa, true>(a, s, tok);
 }
 
-DVPO_ISA_VARIANTS(critic_chunk_f32,
-                  (const CriticArgs<float>& a, const CriticScratch<float>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk, float)
-DVPO_ISA_VARIANTS(critic_chunk_f64,
-                  (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk, double)
-DVPO_ISA_VARIANTS(critic_consistent_f32,
-                  (const CriticArgs<float>& a, const CriticScratch<float>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk_consistent, float)
-DVPO_ISA_VARIANTS(critic_consistent_f64,
-                  (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk_consistent, double)
+// The per-ISA entry points of a chunk function IMPL, for float (NAME_f32) and double (NAME_f64).
+#define DVPO_CRITIC_VARIANTS(NAME, IMPL)                                                                 \
+  DVPO_ISA_VARIANTS(NAME##_f32, (const CriticArgs<float>& a, const CriticScratch<float>& s, int64_t b, int64_t e), \
+                    (a, s, b, e), IMPL, float)                                                             \
+  DVPO_ISA_VARIANTS(NAME##_f64,                                                                           \
+                    (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),  \
+                    (a, s, b, e), IMPL, double)
+
+DVPO_CRITIC_VARIANTS(critic_chunk, critic_chunk)
+DVPO_CRITIC_VARIANTS(critic_consistent, critic_chunk_consistent)
+#undef DVPO_CRITIC_VARIANTS
 
 template <typename T>
 auto critic_chunk_for(Isa isa, bool consistent) {
@@ -374,13 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
     const std::optional<at::Tensor>& mask, double kappa, double alpha, double beta, bool normalize_kappa,
     at::ArrayRef<double> params, c10::string_view algorithm) {
   const char* op = "critic_loss";
-  check_cpu_float(heads, op, "heads");
-  check_cpu_float(target, op, "target");
-  TORCH_CHECK(heads.dim() == 3 && target.dim() == 2 && heads.size(0) == target.size(0),
-              "dvpo_C::critic_loss: heads [T, H, N] and target [T, M] expected, got ", heads.sizes(), " and ",
-              target.sizes());
-  TORCH_CHECK(heads.size(1) >= 1 && heads.size(2) >= 1 && target.size(1) >= 1,
-              "dvpo_C::critic_loss: H, N and M must be >= 1");
+  check_pred_target(heads, "heads", 3, target, op);
   const int64_t N = heads.size(2);
   TORCH_CHECK(taus.dim() == 1 && taus.size(0) == N, "dvpo_C::critic_loss: taus [N] expected");
   TORCH_CHECK(risk_weights.dim() == 1 && risk_weights.size(0) == N, "dvpo_C::critic_loss: risk_weights [N] expected");
@@ -419,38 +413,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
   AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_critic_loss_cpu", [&] {
     using T = scalar_t;
     const QuantileWeightRows<T> qw(t);
-    CriticArgs<T> args{};
-    args.H = H;
-    args.N = N;
-    args.M = M;
-    args.heads = hc.data_ptr<T>();
-    args.target = z.data_ptr<T>();
-    args.mask = ptr_or_null<T>(mk);
-    args.wpos = qw.pos.data();
-    args.wneg = qw.neg.data();
-    args.risk_w = rw.data_ptr<T>();
-    args.kappa = static_cast<T>(kappa);
-    args.qh_scale = math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M), args.kappa, normalize_kappa);
-    args.alpha_n = static_cast<T>(alpha * static_cast<double>(N));
-    args.beta_n = static_cast<T>(beta * static_cast<double>(N));
-    args.alpha_m = static_cast<T>(alpha * static_cast<double>(M));
-    args.beta_m = static_cast<T>(beta * static_cast<double>(M));
-    args.cnt_lo_n = math::cvar_tail_count<T>(args.alpha_n, static_cast<int>(N));
-    args.cnt_hi_n = math::cvar_tail_count<T>(args.beta_n, static_cast<int>(N));
-    args.cnt_lo_m = math::cvar_tail_count<T>(args.alpha_m, static_cast<int>(M));
-    args.cnt_hi_m = math::cvar_tail_count<T>(args.beta_m, static_cast<int>(M));
-    args.curv_lo = math::curvature_count(alpha, static_cast<int>(N));
-    args.curv_hi = math::curvature_count(beta, static_cast<int>(N));
+    const T kap = static_cast<T>(kappa);
+    const T alpha_n = static_cast<T>(alpha * static_cast<double>(N));
+    const T beta_n = static_cast<T>(beta * static_cast<double>(N));
+    const T alpha_m = static_cast<T>(alpha * static_cast<double>(M));
+    const T beta_m = static_cast<T>(beta * static_cast<double>(M));
+    const int n = static_cast<int>(N), m = static_cast<int>(M);
+    CriticArgs<T> args{.H = H, .N = N, .M = M, .heads = hc.data_ptr<T>(), .target = z.data_ptr<T>(),
+                       .mask = ptr_or_null<T>(mk), .wpos = qw.pos.data(), .wneg = qw.neg.data(),
+                       .risk_w = rw.data_ptr<T>(), .kappa = kap,
+                       .qh_scale = math::qh_scale<T>(n, m, kap, normalize_kappa),
+                       .alpha_n = alpha_n, .beta_n = beta_n, .alpha_m = alpha_m, .beta_m = beta_m,
+                       .cnt_lo_n = math::cvar_tail_count<T>(alpha_n, n), .cnt_hi_n = math::cvar_tail_count<T>(beta_n, n),
+                       .cnt_lo_m = math::cvar_tail_count<T>(alpha_m, m), .cnt_hi_m = math::cvar_tail_count<T>(beta_m, m),
+                       .curv_lo = math::curvature_count(alpha, n), .curv_hi = math::curvature_count(beta, n),
+                       .alpha = alpha, .beta = beta, .lo_scale = lo_scale, .hi_scale = hi_scale, .tau_s = tau_s,
+                       .sorted = sorted, .total = total.data_ptr<T>(), .terms = terms.data_ptr<T>(),
+                       .grad = grad.data_ptr<T>()};
     for (int k = 0; k < kTerms; ++k) args.w[k] = static_cast<T>(weights[k]);
-    args.alpha = alpha;
-    args.beta = beta;
-    args.lo_scale = lo_scale;
-    args.hi_scale = hi_scale;
-    args.tau_s = tau_s;
-    args.sorted = sorted;
-    args.total = total.data_ptr<T>();
-    args.terms = terms.data_ptr<T>();
-    args.grad = grad.data_ptr<T>();
     const auto fn = critic_chunk_for<T>(isa, consistent);
     const int64_t NM = std::max(N, M);
     const size_t bytes = 6 * Arena::bytes<T>(N) + Arena::bytes<key_t<T>>(NM) + Arena::bytes<T>(M) +

@@ -688,19 +688,21 @@ DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1
 // ---------------------------------------------------------------------------------------------
 
 // Whether algorithm="auto" runs the sorted quantile Huber for N atoms and M targets per token.
-// Cost model in ns per token (fp32, AVX2 variant, one thread):
+// Cost model in ns per token (fp32, AVX-512 variant, one thread):
 //   pairwise ~ kPairNs N M + kPairAtomNs N,   sorted ~ kSortNs M + kSearchNs N + kFixedNs,
-// fitted (least squares on relative error) to both kernels timed on 42 shapes, N in
-// {32, 100, 200, 300, 500, 1000} x M in {32, 100, 200, 300, 500, 1000, 2000}, quantile Huber
-// alone, normal targets, with time.thread_time on the development machine (AMD EPYC Zen 3, 2 cores,
-// shared with other jobs: +-20% noise). The rule picks the faster kernel on 88% of those shapes
-// (on 93% for the fused critic loss, whose own fit is close); the misses were within 10-20% of each
-// other. Square shapes cross over near N = M = 270, so the benchmark shape 200 x 200 stays
-// pairwise. bench/cpu_critic.py re-measures the crossover on any machine.
-constexpr double kPairNs = 0.16;
-constexpr double kPairAtomNs = 4.0;
-constexpr double kSortNs = 12.0;
-constexpr double kSearchNs = 35.0;
+// fitted (least squares on relative error) to both kernels (the merge-path sorted algorithm,
+// csrc/cpu/merge_path.h) timed on 42 shapes, N in {32, 100, 200, 300, 500, 1000} x M in
+// {32, 100, 200, 300, 500, 1000, 2000}, quantile Huber alone and the fused critic loss (fits within
+// 10% of each other; these constants round between them), normal targets, time.process_time, best
+// of two alternating runs, on the development machine (AMD EPYC Zen 4, 2 cores shared with other
+// jobs). The rule picks the faster kernel on 41 of the 42 shapes for each op (the miss, N = 100,
+// M = 1000, is within 12%). Square shapes cross over near N = M = 300 (measured: sorted is 0.7x
+// pairwise at 200, even at 300, 1.4-1.6x faster at 500, 3x at 1000), so the benchmark shape
+// 200 x 200 stays pairwise. The bench harness's `crossover` sweep re-measures it on any machine.
+constexpr double kPairNs = 0.10;
+constexpr double kPairAtomNs = 5.0;
+constexpr double kSortNs = 9.2;
+constexpr double kSearchNs = 29.0;
 constexpr double kFixedNs = 0.0;
 
 inline bool prefer_sorted(int64_t n, int64_t m) {

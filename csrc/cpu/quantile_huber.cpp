@@ -98,12 +98,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
                                                   const std::optional<at::Tensor>& mask, double kappa,
                                                   bool normalize_kappa, c10::string_view algorithm) {
   const char* op = "quantile_huber";
-  check_cpu_float(pred, op, "pred");
-  check_cpu_float(target, op, "target");
-  TORCH_CHECK(pred.dim() == 2 && target.dim() == 2 && pred.size(0) == target.size(0),
-              "dvpo_C::quantile_huber: pred [T, N] and target [T, M] expected, got ", pred.sizes(), " and ",
-              target.sizes());
-  TORCH_CHECK(pred.size(1) >= 1 && target.size(1) >= 1, "dvpo_C::quantile_huber: N and M must be >= 1");
+  check_pred_target(pred, "pred", 2, target, op);
   TORCH_CHECK(taus.dim() == 1 && taus.size(0) == pred.size(1), "dvpo_C::quantile_huber: taus [N] expected");
   TORCH_CHECK(!weights.has_value() || (weights->dim() == 1 && weights->size(0) == pred.size(1)),
               "dvpo_C::quantile_huber: weights [N] expected");
