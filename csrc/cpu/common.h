@@ -153,11 +153,13 @@ inline void parallel_tokens(int64_t tokens, int64_t work_per_token, size_t bytes
 template <typename T>
 inline size_t merge_scratch_bytes(int64_t n, int64_t m) {
   const int64_t pad = kern::merge_pad(n, m);
-  return Arena::bytes<T>(m) + Arena::bytes<int32_t>(kern::kBucketsPerValue * m + 2) + Arena::bytes<int32_t>(m) + 2 * Arena::bytes<kern::ukey_t<T>>(m) +
-         2 * Arena::bytes<double>(m + 1) + Arena::bytes<T>(n) + 2 * Arena::bytes<int32_t>(n) +
-         Arena::bytes<int32_t>(kern::kBucketsPerValue * n + 2) + Arena::bytes<kern::key_t<T>>(m + 1) +
-         Arena::bytes<kern::key_t<T>>(n + pad) + Arena::bytes<int32_t>(3 * (n + pad)) + Arena::bytes<T>(4 * n) +
-         Arena::bytes<double>(6 * n);
+  const size_t targets = Arena::bytes<T>(m) + Arena::bytes<int32_t>(kern::kBucketsPerValue * m + 2) +
+                         Arena::bytes<int32_t>(m) + 2 * Arena::bytes<kern::ukey_t<T>>(m) +
+                         2 * Arena::bytes<double>(m + 1) + Arena::bytes<kern::key_t<T>>(m + 1);
+  const size_t atoms = Arena::bytes<T>(n) + 2 * Arena::bytes<int32_t>(n) +
+                       Arena::bytes<int32_t>(kern::kBucketsPerValue * n + 2) + Arena::bytes<kern::key_t<T>>(n + pad) +
+                       Arena::bytes<int32_t>(3 * (n + pad)) + Arena::bytes<T>(4 * n) + Arena::bytes<double>(6 * n);
+  return targets + atoms;
 }
 
 template <typename T>

@@ -213,11 +213,13 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
     const double inv_m = 1.0 / static_cast<double>(M);
     double dc_lo = 0, ds_lo = 0, dc_hi = 0, ds_hi = 0;  // C - y and S - s of each tail
     if (need_lo) {
-      consistent_tail_gaps<T>(theta, s.c_lo, N, v_lo, ex.a_lo * inv_m, ex.b_lo * inv_m, a.lo_scale, a.alpha, dc_lo, ds_lo);
+      consistent_tail_gaps<T>(theta, s.c_lo, N, v_lo, ex.a_lo * inv_m, ex.b_lo * inv_m, a.lo_scale, a.alpha, dc_lo,
+                              ds_lo);
       ctr_lo = static_cast<T>(v_lo);
     }
     if (need_hi) {
-      consistent_tail_gaps<T>(theta, s.c_hi, N, v_hi, ex.a_hi * inv_m, ex.b_hi * inv_m, a.hi_scale, a.beta, dc_hi, ds_hi);
+      consistent_tail_gaps<T>(theta, s.c_hi, N, v_hi, ex.a_hi * inv_m, ex.b_hi * inv_m, a.hi_scale, a.beta, dc_hi,
+                              ds_hi);
       ctr_hi = static_cast<T>(v_hi);
     }
     // cvar (C_lo - y_lo)^2, gain (C_hi - y_hi)^2: gradient 2 (C - y) c.
@@ -258,7 +260,8 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
         if (need_hi) kern::sorted_tail_moments<T>(zs, M, a.beta_m, true, cvz_hi, vz_hi);
       } else {
         tails_of<T>(theta, N, s.keys, need_lo, need_hi, a.alpha_n, a.beta_n, a.cnt_lo_n, a.cnt_hi_n, s.c_lo, s.c_hi,
-                    cvt_lo, vt_lo, cvt_hi, vt_hi);  // the target's coefficients are not needed: both tails share one buffer
+                    cvt_lo, vt_lo, cvt_hi, vt_hi);
+        // the target's coefficients are not needed: both tails share one buffer
         tails_of<T>(z, M, s.keys, need_lo, need_hi, a.alpha_m, a.beta_m, a.cnt_lo_m, a.cnt_hi_m, s.cz, s.cz,
                     cvz_lo, vz_lo, cvz_hi, vz_hi);
       }
@@ -424,8 +427,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
                        .risk_w = rw.data_ptr<T>(), .kappa = kap,
                        .qh_scale = math::qh_scale<T>(n, m, kap, normalize_kappa),
                        .alpha_n = alpha_n, .beta_n = beta_n, .alpha_m = alpha_m, .beta_m = beta_m,
-                       .cnt_lo_n = math::cvar_tail_count<T>(alpha_n, n), .cnt_hi_n = math::cvar_tail_count<T>(beta_n, n),
-                       .cnt_lo_m = math::cvar_tail_count<T>(alpha_m, m), .cnt_hi_m = math::cvar_tail_count<T>(beta_m, m),
+                       .cnt_lo_n = math::cvar_tail_count<T>(alpha_n, n),
+                       .cnt_hi_n = math::cvar_tail_count<T>(beta_n, n),
+                       .cnt_lo_m = math::cvar_tail_count<T>(alpha_m, m),
+                       .cnt_hi_m = math::cvar_tail_count<T>(beta_m, m),
                        .curv_lo = math::curvature_count(alpha, n), .curv_hi = math::curvature_count(beta, n),
                        .alpha = alpha, .beta = beta, .lo_scale = lo_scale, .hi_scale = hi_scale, .tau_s = tau_s,
                        .sorted = sorted, .total = total.data_ptr<T>(), .terms = terms.data_ptr<T>(),

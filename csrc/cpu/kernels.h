@@ -486,9 +486,10 @@ DVPO_INLINE void sorted_tail_moments(const T* xs, int64_t n, T level_n, bool upp
 //
 // The sorted quantile Huber sorts each token's targets and its atoms. Both use a bucket sort on the
 // value range: bucket(x) = floor((x - xmin) * nb / (xmax - xmin)), clamped to [0, nb), with
-// kBucketsPerValue buckets per value. That map is monotone (each rounded step is), so a lower bucket holds only smaller
-// values: a counting sort by bucket (stable), then an insertion sort that only moves values inside
-// their bucket (strict comparison: stable), sorts exactly in O(n) for reasonably spread data. When
+// kBucketsPerValue buckets per value. That map is monotone (each rounded step is), so a lower
+// bucket holds only smaller values: a counting sort by bucket (stable), then an insertion sort that
+// only moves values inside their bucket (strict comparison: stable), sorts exactly in O(n) for
+// reasonably spread data. When
 // the values cluster (a bucket over kWindow values: outliers, a constant row, a tiny range) the row
 // falls back to a radix or comparison sort.
 
@@ -508,8 +509,8 @@ DVPO_INLINE int64_t bucket_of(T x, T lo, T scale, int64_t nb) {
 }
 
 // The bucket of each of the n finite values x (into bi) and the first slot of each bucket in the
-// sorted row (off[0..nb], nb = kBucketsPerValue n, off[b] = #values in buckets below b). False (and nothing usable) when
-// the row is too short or too clustered for the bucket sort.
+// sorted row (off[0..nb], nb = kBucketsPerValue n, off[b] = #values in buckets below b). False (and
+// nothing usable) when the row is too short or too clustered for the bucket sort.
 template <typename T>
 DVPO_INLINE bool bucket_offsets(const T* x, int64_t n, int32_t* bi, int32_t* off) {
   if (n <= 16) return false;
