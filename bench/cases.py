@@ -21,7 +21,7 @@ import torch
 
 from dvpo import ops
 from dvpo import reference as ref
-from dvpo.config import CriticLossConfig
+from dvpo.config import TERM_NAMES, CriticLossConfig
 
 OPS = ("quantile_huber", "cvar", "critic_loss", "distributional_gae")
 BASELINES = ("eager", "compile")
@@ -36,6 +36,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CVAR_LEVEL = 0.1  # the default alpha of CriticLossConfig
 GAE_GAMMA, GAE_LAM = 1.0, 0.95
 
+N_TERMS = len(TERM_NAMES)  # per-token terms the critic loss writes
+SWEEPS = ("tokens", "nm", "heads", "seq", "crossover")
 SHAPE_KEYS = ("tokens", "N", "M", "H", "B", "T")
 
 
@@ -169,17 +171,27 @@ class OpSpec:
         p = self.pairs_per_token(s)
         return None if p is None else p * s.tokens
 
-    def min_bytes(self, s: Shape, dtype: torch.dtype) -> int:
-        """Bytes an op must at least read and write (for the bandwidth floor)."""
+    def min_bytes(self, s: Shape, dtype: torch.dtype, mode: str = "fwd+bwd") -> int:
+        """Bytes an op must at least read and write in `mode` (the memory floor), from the shapes and
+        dtypes: the forward reads its inputs and writes the per-token values and the gradient it
+        stores for the backward (fp32 for fp32/bf16/fp16 inputs: the kernels' accumulation dtype);
+        the backward reads that stored gradient and the upstream gradient and writes the input's
+        gradient (input dtype)."""
         e = torch.tensor([], dtype=dtype).element_size()
+        a = 8 if dtype == torch.float64 else 4  # accumulation dtype
+        t = s.tokens
         if self.name == "distributional_gae":
-            # read values, rewards, mask; write returns (fp32) and advantages (fp32)
-            return s.tokens * (s.M * e + e + 1 + s.M * 4 + 4)
+            # read values, rewards, mask; write returns (fp32) and advantages (fp32); forward only
+            return t * (s.M * e + e + 1 + s.M * 4 + 4)
         if self.name == "quantile_huber":
-            return s.tokens * (s.N * e + s.M * e + s.N * e + 4)
-        if self.name == "cvar":
-            return s.tokens * (2 * s.N * e + 4)
-        return s.tokens * (2 * s.H * s.N * e + s.M * e + 9 * 4)
+            rows, reads, values = s.N, s.N * e + s.M * e, a  # pred, target -> loss
+        elif self.name == "cvar":
+            rows, reads, values = s.N, s.N * e, a
+        else:  # critic_loss: heads, target -> per-token loss and the terms
+            rows, reads, values = s.H * s.N, s.H * s.N * e + s.M * e, a + N_TERMS * a
+        fwd = t * (reads + values + rows * a)
+        bwd = t * (rows * a + a + rows * e)
+        return {"fwd": fwd, "bwd": bwd}.get(mode, fwd + bwd)
 
     def work(self, s: Shape) -> int:
         """A size to order cases by (and to skip cases larger than one that was too slow)."""
@@ -287,21 +299,31 @@ class SweepPlan:
     M: int = 200
     H: int = 3
     gae_T: int = 256  # GAE sequence length of the tokens and nm sweeps
+    # N = M sizes of the sorted/pairwise crossover sweep (quantile_huber and critic_loss), each at
+    # crossover_tokens(size) tokens (about the same work per case)
+    crossover: Sequence[int] = (50, 100, 200, 300, 500, 1000)
 
     @staticmethod
     def default(device: torch.device, quick: bool) -> "SweepPlan":
         if quick:
             return SweepPlan(headline_tokens=256, tokens=(256, 512), nm=((16, 16), (32, 32), (16, 64)), heads=(1, 2),
-                             seq=(8, 32), N=32, M=32, H=2, gae_T=8)
+                             seq=(8, 32), N=32, M=32, H=2, gae_T=8, crossover=(16, 48))
         headline = 65536 if device.type == "cuda" else 4096
+        # 1k to 256k tokens; on a CPU the top is capped by time: a call over --max-call-s skips the
+        # larger shapes of that implementation (and eager/compile by their memory estimate)
         return SweepPlan(
             headline_tokens=headline,
-            tokens=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
+            tokens=(1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144),
             nm=((32, 32), (64, 64), (128, 128), (200, 200), (256, 256), (512, 512), (32, 512), (512, 32)),
             heads=(1, 3, 5),
             seq=(16, 64, 256, 1024, 4096) if device.type == "cuda" else (16, 64, 256, 1024),
             gae_T=4096 if device.type == "cuda" else 256,
         )
+
+    def crossover_tokens(self, n: int) -> int:
+        """Tokens of the crossover case N = M = n: the headline's pair count, 32 tokens at least."""
+        pairs = self.headline_tokens * self.N * self.M
+        return max(32, min(self.headline_tokens, pairs // (n * n)))
 
     def headline_shape(self, op: str) -> Shape:
         return self.shape(op, self.headline_tokens, self.N, self.M, self.H)
@@ -341,6 +363,9 @@ class SweepPlan:
         if "heads" in sweeps and op == "critic_loss":
             for h in self.heads:
                 add(self.shape(op, self.headline_tokens, self.N, self.M, h), "heads")
+        if "crossover" in sweeps and op in ("quantile_huber", "critic_loss"):
+            for n in self.crossover:
+                add(self.shape(op, self.crossover_tokens(n), n, n, self.H), "crossover")
         if "seq" in sweeps and op == "distributional_gae":
             for t_len in self.seq:
                 if t_len <= self.headline_tokens:

@@ -17,6 +17,8 @@ from typing import Dict, List
 
 import torch
 
+from dvpo.bench.timing import median
+
 from dvpo.bench import cases as C
 from dvpo.dispatch import use_backend
 from dvpo.bench import env as E
@@ -77,12 +79,6 @@ class _Clock:
             torch.cuda.synchronize(self.device)
             return [a.elapsed_time(b) for a, b in zip(self.events[:-1], self.events[1:])]
         return [(b - a) * 1e3 for a, b in zip(self.times[:-1], self.times[1:])]
-
-
-def _median(xs):
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
 
 def _step(model, opt, ids, target, loss_fn, device) -> List[float]:
@@ -250,9 +246,9 @@ def _bench_one(cfg, device, policy, spec, loss_shape, shape, model, opt, ids, ta
                     f"{type(exc).__name__}: {str(exc)[:300]}")
     totals = [sum(s) for s in steps]
     losses = [s[2] + s[3] for s in steps]
-    segs = {name: float(_median([s[i] for s in steps])) for i, name in enumerate(SEGMENTS)}
+    segs = {name: float(median([s[i] for s in steps])) for i, name in enumerate(SEGMENTS)}
     return _row(backend, alg, dt, shape, "ok", None,
-                step_ms=float(_median(totals)), step_min_ms=float(min(totals)), step_max_ms=float(max(totals)),
-                loss_ms=float(_median(losses)), loss_share=float(_median([l / t for l, t in zip(losses, totals)])),
+                step_ms=float(median(totals)), step_min_ms=float(min(totals)), step_max_ms=float(max(totals)),
+                loss_ms=float(median(losses)), loss_share=float(median([l / t for l, t in zip(losses, totals)])),
                 segments_ms=segs, reps=len(steps),
                 compile_s=float(first_s) if backend == "compile" else None)

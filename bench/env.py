@@ -19,6 +19,8 @@ from typing import Dict, Optional
 
 import torch
 
+from dvpo.bench.timing import median
+
 FLOPS_PER_PAIR = 8
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,16 +59,21 @@ def _meminfo(key: str) -> Optional[int]:
     return None
 
 
+def _host_memory(meminfo_key: str, pages_name: str) -> Optional[int]:
+    """Host memory in bytes from /proc/meminfo, else pages x page size from sysconf."""
+    value = _meminfo(meminfo_key)
+    if value is None:
+        try:
+            value = os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages_name)
+        except (ValueError, OSError, AttributeError):
+            value = None
+    return value
+
+
 def memory_total(device: torch.device) -> Optional[int]:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    total = _meminfo("MemTotal")
-    if total is None:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            total = None
-    return total
+    return _host_memory("MemTotal", "SC_PHYS_PAGES")
 
 
 def memory_available(device: torch.device) -> Optional[int]:
@@ -76,13 +83,7 @@ def memory_available(device: torch.device) -> Optional[int]:
         # blocks PyTorch's caching allocator holds but does not use are available to the next case too
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(free + max(0, cached))
-    avail = _meminfo("MemAvailable")
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            avail = None
-    return avail
+    return _host_memory("MemAvailable", "SC_AVPHYS_PAGES")
 
 
 def git_info(root: str = REPO_ROOT) -> Dict[str, object]:
@@ -145,12 +146,6 @@ def environment(device: torch.device) -> Dict[str, object]:
     return env
 
 
-def _median(xs):
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
-
-
 def _time_calls(fn, device: torch.device, reps: int):
     """Median seconds of `fn()` over `reps` calls after one warm-up call."""
     fn()
@@ -169,7 +164,7 @@ def _time_calls(fn, device: torch.device, reps: int):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return _median(times)
+    return median(times)
 
 
 def measure_floor(device: torch.device, quick: bool = False) -> Dict[str, object]:

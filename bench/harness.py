@@ -36,7 +36,8 @@ ROW_KEYS = {
     "mean_ms": (float, type(None)), "reps": (int,), "warmup": (int,),
     "peak_mem_bytes": (int, type(None)), "tokens_per_s": (float, type(None)),
     "pairs_per_s": (float, type(None)), "floor_fraction": (float, type(None)),
-    "floor_kind": (str, type(None)), "speedup_vs_eager": (float, type(None)),
+    "floor_kind": (str, type(None)), "bytes_moved": (int, type(None)), "gb_per_s": (float, type(None)),
+    "mem_floor_ratio": (float, type(None)), "speedup_vs_eager": (float, type(None)),
     "speedup_vs_compile": (float, type(None)), "compile_s": (float, type(None)), "warnings": (list,),
 }
 E2E_ROW_KEYS = {
@@ -64,10 +65,11 @@ class BenchConfig:
     backends: Optional[Sequence[str]] = None  # implementations; default: all (eager, compile, ...)
     dtypes: Optional[Sequence[str]] = None  # default: fp32,bf16 (CPU), fp32,bf16,fp16 (GPU); fp32 in quick
     modes: Optional[Sequence[str]] = None  # default: fwd,bwd,fwd+bwd
-    sweeps: Optional[Sequence[str]] = None  # default: tokens,nm,heads,seq
+    sweeps: Optional[Sequence[str]] = None  # default: all of cases.SWEEPS
     tokens: Optional[Sequence[int]] = None  # override the token sweep
     nm: Optional[Sequence[Tuple[int, int]]] = None  # override the N x M sweep
     heads: Optional[Sequence[int]] = None  # override the H sweep
+    crossover: Optional[Sequence[int]] = None  # override the N = M sizes of the crossover sweep
     filter: Optional[str] = None  # "op=critic_loss;backend=cpp,eager;tokens=4096"
     compile: bool = True
     compile_shapes: Optional[str] = None  # "all" | "headline" (default: headline in quick, else all)
@@ -153,7 +155,8 @@ def _row(op, backend, algorithm, dtype, shape: C.Shape, sweeps, mode, status, re
         "shape": shape.to_dict(), "sweeps": list(sweeps), "status": status, "reason": reason,
         "median_ms": None, "min_ms": None, "max_ms": None, "mean_ms": None, "reps": 0, "warmup": 0,
         "peak_mem_bytes": None if mem is None else int(mem), "tokens_per_s": None, "pairs_per_s": None,
-        "floor_fraction": None, "floor_kind": None, "speedup_vs_eager": None, "speedup_vs_compile": None,
+        "floor_fraction": None, "floor_kind": None, "bytes_moved": None, "gb_per_s": None, "mem_floor_ratio": None,
+        "speedup_vs_eager": None, "speedup_vs_compile": None,
         "compile_s": _f(compile_s), "warnings": [],
     }
     if timing is not None:
@@ -170,13 +173,20 @@ def _add_throughput(row: dict, spec: C.OpSpec, shape: C.Shape, dtype: torch.dtyp
     pairs = spec.pairs(shape)
     if pairs is not None:
         row["pairs_per_s"] = pairs / sec
+    # the memory floor, beside the pair floor: bytes the op must move in this mode over the copy
+    # bandwidth measured in this run (mem_floor_ratio = time / that floor, >= 1)
+    moved = spec.min_bytes(shape, dtype, row["mode"])
+    row["bytes_moved"] = int(moved)
+    row["gb_per_s"] = moved / sec / 1e9
+    if floor.get("copy_bytes_per_s"):
+        row["mem_floor_ratio"] = sec / (moved / floor["copy_bytes_per_s"])
     if row["mode"] == "bwd":
         return  # the floor is for the work of a whole pass; a backward-only time is not comparable
     if pairs is not None and floor.get("pair_floor_per_s"):
         row["floor_fraction"] = (pairs / floor["pair_floor_per_s"]) / sec
         row["floor_kind"] = "compute"
     elif pairs is None and floor.get("copy_bytes_per_s"):
-        row["floor_fraction"] = (spec.min_bytes(shape, dtype) / floor["copy_bytes_per_s"]) / sec
+        row["floor_fraction"] = (moved / floor["copy_bytes_per_s"]) / sec
         row["floor_kind"] = "bandwidth"
 
 
@@ -265,6 +275,8 @@ def build_plan(cfg: BenchConfig, device: torch.device) -> C.SweepPlan:
         plan.nm = tuple((int(n), int(m)) for n, m in cfg.nm)
     if cfg.heads:
         plan.heads = tuple(int(h) for h in cfg.heads)
+    if cfg.crossover:
+        plan.crossover = tuple(int(n) for n in cfg.crossover)
     return plan
 
 
@@ -320,7 +332,7 @@ def plan_work(cfg: BenchConfig, device: torch.device, plan: C.SweepPlan, status,
         if o not in C.SPECS:
             raise ValueError(f"op must be one of {', '.join(C.OPS)}, got {o!r}")
     dtypes = [d for d in _dtypes(cfg, device) if _match(flt, "dtype", d)]
-    sweeps = list(cfg.sweeps) if cfg.sweeps else ["tokens", "nm", "heads", "seq"]
+    sweeps = list(cfg.sweeps) if cfg.sweeps else list(C.SWEEPS)
     work = []  # (op, shape, sweeps, dtype, impls)
     for op in ops:
         spec = C.SPECS[op]
@@ -572,7 +584,7 @@ def run(cfg: BenchConfig) -> dict:
         "headline": {"op": "critic_loss", "mode": "fwd+bwd", "shape": plan.headline_shape("critic_loss").to_dict(),
                      "dtypes": headline_dtypes},
         "sweeps": {"tokens": list(plan.tokens), "nm": [list(x) for x in plan.nm], "heads": list(plan.heads),
-                   "seq": list(plan.seq), "N": plan.N, "M": plan.M, "H": plan.H, "gae_T": plan.gae_T,
+                   "seq": list(plan.seq), "crossover": list(plan.crossover), "N": plan.N, "M": plan.M, "H": plan.H, "gae_T": plan.gae_T,
                    "headline_tokens": plan.headline_tokens},
         "rows": [],
         "e2e": None,

@@ -40,22 +40,26 @@ def fmt_ms(x: Optional[float]) -> str:
     return f"{x:.3f}"
 
 
-def fmt_bytes(n: Optional[int]) -> str:
-    if n is None:
+def _scaled(x, units, fmt: str, plain: str) -> str:
+    """x in the largest of `units` ((name, divisor), largest first) it reaches, else `plain`."""
+    if x is None:
         return "-"
-    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
+    for unit, div in units:
+        if x >= div:
+            return fmt.format(x / div, unit)
+    return plain.format(x)
+
+
+def fmt_bytes(n: Optional[int]) -> str:
+    return _scaled(n, (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)), "{:.1f} {}", "{} B")
 
 
 def fmt_rate(x: Optional[float]) -> str:
-    if x is None:
-        return "-"
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
+    return _scaled(x, (("G", 1e9), ("M", 1e6), ("k", 1e3)), "{:.2f}{}", "{:.0f}")
+
+
+def fmt_gbps(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def fmt_x(x: Optional[float]) -> str:
@@ -102,7 +106,8 @@ def op_table(result: dict, op: str, shape: Dict[str, Optional[int]], dtypes: Opt
         by_impl.setdefault((r["backend"], r.get("algorithm"), r["dtype"]), {})[r["mode"]] = r
     modes = [m for m in MODE_ORDER if any(m in d for d in by_impl.values())]
     header = (["backend", "dtype"] + [f"{m} ms" for m in modes]
-              + ["peak extra mem", "tokens/s", "pairs/s", "of floor", "vs eager", "vs compile"])
+              + ["peak extra mem", "tokens/s", "pairs/s", "of floor", "GB/s", "time / mem floor", "vs eager",
+                 "vs compile"])
     lines = ["| " + " | ".join(header) + " |",
              "| " + " | ".join(["---", "---"] + ["---:"] * (len(header) - 2)) + " |"]
     dtype_rank = {d: i for i, d in enumerate(dtypes or [])}
@@ -122,6 +127,7 @@ def op_table(result: dict, op: str, shape: Dict[str, Optional[int]], dtypes: Opt
             cells += [fmt_ms(d[m]["median_ms"]) if m in d and d[m]["status"] == "ok" else "-" for m in modes]
             cells += [fmt_bytes(main["peak_mem_bytes"]), fmt_rate(main["tokens_per_s"]),
                       fmt_rate(main["pairs_per_s"]), fmt_pct(main["floor_fraction"]),
+                      fmt_gbps(main.get("gb_per_s")), fmt_x(main.get("mem_floor_ratio")),
                       fmt_x(main["speedup_vs_eager"]), fmt_x(main["speedup_vs_compile"])]
         lines.append("| " + " | ".join(cells) + " |")
     for i, note in enumerate(notes, 1):
@@ -176,6 +182,56 @@ def headline_table(result: dict, with_e2e: bool = True) -> str:
     return "\n".join(parts)
 
 
+def _ok_rows(result: dict, op: str, sweep: str, mode: str, dtype: str = "fp32") -> List[dict]:
+    return [r for r in result.get("rows", []) if r["op"] == op and sweep in r["sweeps"] and r["mode"] == mode
+            and r["dtype"] == dtype and r["status"] == "ok" and r.get("median_ms")]
+
+
+def crossover_table(result: dict) -> str:
+    """The C++ CPU sorted/pairwise crossover: per op and N = M, both algorithms' microseconds per
+    token (fwd+bwd, fp32) and sorted's speedup; empty when the run had no crossover sweep."""
+    parts = []
+    for op in ("critic_loss", "quantile_huber"):
+        rows = [r for r in _ok_rows(result, op, "crossover", "fwd+bwd") if r["backend"] == "cpp"]
+        by_n: Dict[int, Dict[str, float]] = {}
+        for r in rows:
+            by_n.setdefault(r["shape"]["N"], {})[r["algorithm"]] = 1e3 * r["median_ms"] / r["shape"]["tokens"]
+        if not by_n:
+            continue
+        lines = [f"**{op}: cpp pairwise vs sorted, fwd+bwd fp32, N = M (us per token)**", "",
+                 "| N = M | pairwise | sorted | sorted speedup |", "| ---: | ---: | ---: | ---: |"]
+        for n in sorted(by_n):
+            d = by_n[n]
+            p, q = d.get("pairwise"), d.get("sorted")
+            lines.append(f"| {n} | {'-' if p is None else f'{p:.2f}'} | {'-' if q is None else f'{q:.2f}'} | "
+                         f"{fmt_x(p / q) if p and q else '-'} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def token_sweep_table(result: dict, op: str = "critic_loss") -> str:
+    """The token sweep of `op` (fwd+bwd, fp32): median ms, GB/s and time over the memory floor per
+    implementation and token count."""
+    rows = _ok_rows(result, op, "tokens", "fwd+bwd")
+    if not rows:
+        return ""
+    tokens = sorted({r["shape"]["tokens"] for r in rows})
+    impls = sorted({(r["backend"], r.get("algorithm")) for r in rows},
+                   key=lambda k: _impl_key({"backend": k[0], "algorithm": k[1]}))
+    cell = {(r["backend"], r.get("algorithm"), r["shape"]["tokens"]): r for r in rows}
+    lines = [f"**{op} token sweep, fwd+bwd fp32: median ms (GB/s, time / memory floor)**", "",
+             "| tokens | " + " | ".join(impl_label({"backend": b, "algorithm": a}) for b, a in impls) + " |",
+             "| ---: | " + " | ".join("---:" for _ in impls) + " |"]
+    for t in tokens:
+        cells = []
+        for b, a in impls:
+            r = cell.get((b, a, t))
+            cells.append("-" if r is None else f"{fmt_ms(r['median_ms'])} ({fmt_gbps(r.get('gb_per_s'))}, "
+                                               f"{fmt_x(r.get('mem_floor_ratio'))})")
+        lines.append(f"| {t:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def all_headline_tables(result: dict) -> str:
     """The headline table plus one table per other op at its headline shape (fp32)."""
     sw = result.get("sweeps") or {}
@@ -195,4 +251,7 @@ def all_headline_tables(result: dict) -> str:
             mode = "fwd" if op == "distributional_gae" else "fwd+bwd"
             parts += ["", f"**{op}**, {mode}, " + ", ".join(f"{k}={v}" for k, v in shape.items() if v is not None), "",
                       op_table(result, op, shape, None, mode)]
+    for extra in (crossover_table(result), token_sweep_table(result)):
+        if extra:
+            parts += ["", extra]
     return "\n".join(parts)

@@ -72,10 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtypes", help="comma list of fp32,bf16,fp16 (default: fp32,bf16 on CPU, all three on GPU; "
                                     "fp32 with --quick)")
     g.add_argument("--modes", help="comma list of fwd,bwd,fwd+bwd (default: all; GAE is forward only)")
-    g.add_argument("--sweeps", help="comma list of tokens,nm,heads,seq (default: all; the headline always runs)")
+    g.add_argument("--sweeps", help="comma list of tokens,nm,heads,seq,crossover (default: all; the headline always "
+                                    "runs)")
     g.add_argument("--tokens", help="override the token sweep, e.g. 1024,4096")
     g.add_argument("--nm", help="override the N x M sweep, e.g. 200x200,32x512")
     g.add_argument("--heads", help="override the H sweep, e.g. 1,3,5")
+    g.add_argument("--crossover", help="override the N = M sizes of the crossover sweep, e.g. 100,200,300")
     g.add_argument("--filter", help="pick cases: 'key=v1,v2;key=v' with keys op, backend, algorithm, dtype, mode, "
                                     "sweep, tokens, N, M, H, B, T (e.g. 'op=critic_loss;backend=cpp,eager;N=200')")
     g.add_argument("--no-compile", dest="compile", action="store_false",
@@ -129,6 +131,7 @@ def config_from_args(args, argv=None):
         device=args.device, quick=args.quick, out=args.out or DEFAULT_OUT, tag=args.tag,
         ops=_csv(args.ops), backends=_csv(args.backends), dtypes=_csv(args.dtypes), modes=_csv(args.modes),
         sweeps=_csv(args.sweeps), tokens=_ints(args.tokens), nm=_nm(args.nm), heads=_ints(args.heads),
+        crossover=_ints(args.crossover),
         filter=args.filter, compile=args.compile, compile_shapes=args.compile_shapes,
         compile_ops=_csv(args.compile_ops),
         compile_max_gae_T=args.compile_max_gae_T, all_dtype_sweeps=args.all_dtype_sweeps,

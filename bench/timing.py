@@ -45,7 +45,7 @@ Setup = Callable[[], object]
 Fn = Callable[[object], object]
 
 
-def _median(xs: List[float]) -> float:
+def median(xs: List[float]) -> float:
     xs = sorted(xs)
     mid = len(xs) // 2
     return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
@@ -53,29 +53,21 @@ def _median(xs: List[float]) -> float:
 
 @dataclass
 class Timing:
+    """Timed repetitions (ms) of one measurement and their summary statistics."""
+
     times_ms: List[float]
     warmup: int
     first_call_ms: float
+    reps: int = field(init=False)
+    median_ms: float = field(init=False)
+    min_ms: float = field(init=False)
+    max_ms: float = field(init=False)
+    mean_ms: float = field(init=False)
 
-    @property
-    def reps(self) -> int:
-        return len(self.times_ms)
-
-    @property
-    def median_ms(self) -> float:
-        return _median(self.times_ms)
-
-    @property
-    def min_ms(self) -> float:
-        return min(self.times_ms)
-
-    @property
-    def max_ms(self) -> float:
-        return max(self.times_ms)
-
-    @property
-    def mean_ms(self) -> float:
-        return sum(self.times_ms) / len(self.times_ms)
+    def __post_init__(self):
+        t = self.times_ms
+        self.reps, self.median_ms, self.min_ms, self.max_ms = len(t), median(t), min(t), max(t)
+        self.mean_ms = sum(t) / len(t)
 
 
 @dataclass
@@ -233,7 +225,7 @@ class CudaTimer:
         n_est = 1 if first > p.max_call_s else 3
         est_calls = [self._call(phases, setup) for _ in range(n_est)]
         torch.cuda.synchronize(self.device)
-        est = _median([ev[0].elapsed_time(ev[-1]) / 1e3 for ev in est_calls])
+        est = median([ev[0].elapsed_time(ev[-1]) / 1e3 for ev in est_calls])
         warm += n_est
         if est <= p.max_call_s:
             n_warm = max(1, min(10000, int(p.warmup_s / max(est, 1e-9))))

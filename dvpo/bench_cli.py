@@ -70,9 +70,10 @@ def add_arguments(parser) -> None:
     # the harness's options, with value types that make a bad value a one-line usage error
     cli.retype(parser, {
         "device": cli.device, "ops": _names("OPS"), "compile_ops": _names("OPS"), "backends": _names("ALL_IMPLS"),
-        "dtypes": _names("DTYPES"), "modes": _names("MODES"), "sweeps": cli.csv_of("tokens", "nm", "heads", "seq"),
+        "dtypes": _names("DTYPES"), "modes": _names("MODES"), "sweeps": _names("SWEEPS"),
         "tokens": cli.int_list(1, "token counts", "1024,4096"), "nm": _nm,
         "heads": cli.int_list(1, "head counts", "1,3,5"),
+        "crossover": cli.int_list(1, "sizes", "100,200,300"),
         "filter": _filter, "compile_max_gae_T": cli.positive_int,
         "mem_fraction": cli.float_in(0.0, 1.0, lo_open=True), "warmup_s": cli.nonneg_float,
         "rep_s": cli.positive_float, "min_reps": cli.positive_int, "max_reps": cli.positive_int,

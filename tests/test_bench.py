@@ -36,6 +36,7 @@ def _tiny_plan(monkeypatch):
     def tiny(device, quick):
         plan = original(device, quick)
         plan.headline_tokens, plan.N, plan.M, plan.H, plan.gae_T, plan.seq = 32, 8, 8, 2, 4, (4, 8)
+        plan.crossover = (4, 12)
         return plan
 
     monkeypatch.setattr(C.SweepPlan, "default", staticmethod(tiny))
@@ -97,6 +98,18 @@ def test_json_schema_one_row_per_measurement(no_compile_result):
     for r in rows:
         if r["status"] == "ok" and r["mode"] != "bwd" and r["op"] != "distributional_gae":
             assert r["floor_kind"] == "compute" and isinstance(r["floor_fraction"], float)
+    # the memory floor beside the pair floor, on every measured row (backward-only rows too)
+    for r in rows:
+        if r["status"] == "ok":
+            assert isinstance(r["bytes_moved"], int) and r["bytes_moved"] > 0
+            assert isinstance(r["gb_per_s"], float) and isinstance(r["mem_floor_ratio"], float)
+    # the sorted/pairwise crossover sweep: both C++ algorithms at every N = M of the plan
+    cross = {(r["op"], r["algorithm"], r["shape"]["N"]) for r in rows
+             if "crossover" in r["sweeps"] and r["backend"] == "cpp" and r["status"] == "ok"}
+    for op in ("quantile_huber", "critic_loss"):
+        for n in (4, 12):
+            assert {(op, "pairwise", n), (op, "sorted", n)} <= cross, (op, n)
+    assert loaded["sweeps"]["crossover"] == [4, 12]
     # compile was switched off: recorded as not run, with the reason
     assert any(s["backend"] == "compile" and "no-compile" in s["reason"] for s in loaded["skipped"])
 
@@ -113,6 +126,36 @@ def test_outputs_plots_and_markdown(no_compile_result):
     assert "critic loss" in md.lower()
     full = report.all_headline_tables(result)
     assert "quantile_huber" in full and "distributional_gae" in full
+    assert "GB/s" in md and "time / mem floor" in md
+    assert "cpp pairwise vs sorted" in full and "token sweep" in full
+
+
+def test_min_bytes_by_mode():
+    """The memory floor's byte counts, from shapes and dtypes: the forward reads the inputs and writes
+    the per-token values and the stored fp32 gradient; the backward reads that gradient (and the
+    upstream one) and writes the input's gradient."""
+    spec = C.SPECS["critic_loss"]
+    s = C.Shape(10, N=4, M=6, H=3)
+    fwd = 10 * (3 * 4 * 2 + 6 * 2 + 4 + C.N_TERMS * 4 + 3 * 4 * 4)  # bf16 in, fp32 values and gradient
+    bwd = 10 * (3 * 4 * 4 + 4 + 3 * 4 * 2)
+    assert spec.min_bytes(s, torch.bfloat16, "fwd") == fwd
+    assert spec.min_bytes(s, torch.bfloat16, "bwd") == bwd
+    assert spec.min_bytes(s, torch.bfloat16, "fwd+bwd") == fwd + bwd
+    qh = C.SPECS["quantile_huber"]
+    assert qh.min_bytes(C.Shape(2, N=3, M=5), torch.float32, "fwd") == 2 * ((3 + 5) * 4 + 4 + 3 * 4)
+
+
+def test_crossover_sweep_plan():
+    """The crossover sweep: N = M over plan.crossover for the quantile-Huber ops, at about the
+    headline's pair count (32 tokens at least)."""
+    plan = C.SweepPlan.default(torch.device("cpu"), quick=False)
+    shapes = [s for s, sw in plan.shapes("critic_loss", ["crossover"]) if "crossover" in sw]
+    assert sorted(s.N for s in shapes) == sorted(plan.crossover)
+    for s in shapes:
+        assert s.N == s.M and s.H == plan.H
+        assert s.tokens == max(32, min(plan.headline_tokens, plan.headline_tokens * 200 * 200 // (s.N * s.N)))
+    assert not [s for s, sw in plan.shapes("cvar", ["crossover"]) if "crossover" in sw]
+    assert plan.tokens[0] == 1024 and plan.tokens[-1] == 262144
 
 
 def test_compile_baseline_memory_skip_and_e2e(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "merge_path.h"
 #include "simd.h"
 
 namespace dvpo {
@@ -52,6 +53,20 @@ inline void check_cpu_float(const at::Tensor& t, const char* op, const char* nam
               " must be floating point (fp32, fp64, bf16 or fp16), got ", t.scalar_type());
 }
 
+// The prediction ([T, N], or heads [T, H, N]: pred_dim 3) and target [T, M] of a quantile-Huber op:
+// CPU floating tensors, those ranks, the same token count, every other size >= 1.
+inline void check_pred_target(const at::Tensor& pred, const char* pred_name, int64_t pred_dim,
+                              const at::Tensor& target, const char* op) {
+  check_cpu_float(pred, op, pred_name);
+  check_cpu_float(target, op, "target");
+  const char* layout = pred_dim == 3 ? " [T, H, N]" : " [T, N]";
+  TORCH_CHECK(pred.dim() == pred_dim && target.dim() == 2 && pred.size(0) == target.size(0), "dvpo_C::", op, ": ",
+              pred_name, layout, " and target [T, M] expected, got ", pred.sizes(), " and ", target.sizes());
+  bool sizes_ok = target.size(1) >= 1;
+  for (int64_t d = 1; d < pred_dim; ++d) sizes_ok = sizes_ok && pred.size(d) >= 1;
+  TORCH_CHECK(sizes_ok, "dvpo_C::", op, ": ", pred_dim == 3 ? "H, N" : "N", " and M must be >= 1");
+}
+
 inline void check_mask(const std::optional<at::Tensor>& mask, int64_t tokens, const char* op) {
   if (!mask.has_value()) return;
   TORCH_CHECK(mask->device().is_cpu(), "dvpo_C::", op, ": mask must be a CPU tensor");
@@ -71,11 +86,36 @@ inline Algorithm parse_algorithm(c10::string_view name, const char* op) {
   return Algorithm::automatic;
 }
 
+// Whether an op runs the sorted quantile Huber for rows of n atoms and m targets.
+inline bool use_sorted(Algorithm algo, int64_t n, int64_t m) {
+  return algo == Algorithm::sorted || (algo == Algorithm::automatic && kern::prefer_sorted(n, m));
+}
+
+// The quantile weights |tau - 1{u<0}| of each atom for u >= 0 (pos) and u < 0 (neg), hoisted out of
+// the pair loops; `taus` is contiguous in T.
+template <typename T>
+struct QuantileWeightRows {
+  std::vector<T> pos, neg;
+  explicit QuantileWeightRows(const at::Tensor& taus) : pos(taus.numel()), neg(taus.numel()) {
+    const T* t = taus.data_ptr<T>();
+    for (int64_t i = 0; i < taus.numel(); ++i) {
+      const math::QuantileWeights<T> w = math::quantile_weights<T>(t[i]);
+      pos[i] = w.pos;
+      neg[i] = w.neg;
+    }
+  }
+};
+
 // Tokens per parallel task: enough work per task (~64k pair-equivalents) to amortize scheduling
 // and the per-task scratch allocation.
 inline int64_t token_grain(int64_t work_per_token) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_token));
 }
+
+// Runs body(arena, begin, end) over [0, tokens) in parallel tasks of token_grain(work_per_token)
+// tokens, each with its own scratch arena of `bytes`.
+template <typename F>
+inline void parallel_tokens(int64_t tokens, int64_t work_per_token, size_t bytes, const F& body);
 
 // Per-task scratch: one allocation carved into 64-byte aligned arrays. Size it with the sum of
 // Arena::bytes<U>(n) over the arrays taken.
@@ -100,22 +140,48 @@ class Arena {
   size_t used_ = 0;
 };
 
-// Scratch of kern::sort_targets for rows of m targets: its size, and carving it from an arena.
+template <typename F>
+inline void parallel_tokens(int64_t tokens, int64_t work_per_token, size_t bytes, const F& body) {
+  at::parallel_for(0, tokens, token_grain(work_per_token), [&](int64_t begin, int64_t end) {
+    Arena arena(bytes);
+    body(arena, begin, end);
+  });
+}
+
+// Scratch of the merge-path sorted quantile Huber (kern::qh_merge_sums) for rows of n atoms and m
+// targets: its size, and carving it from an arena.
 template <typename T>
-inline size_t sort_scratch_bytes(int64_t m) {
-  return Arena::bytes<T>(m + kern::kWindow) + 3 * Arena::bytes<int32_t>(m + 2) +
-         2 * Arena::bytes<kern::ukey_t<T>>(m);
+inline size_t merge_scratch_bytes(int64_t n, int64_t m) {
+  const int64_t pad = kern::merge_pad(n, m);
+  const size_t targets = Arena::bytes<T>(m) + Arena::bytes<int32_t>(kern::kBucketsPerValue * m + 2) +
+                         Arena::bytes<int32_t>(m) + 2 * Arena::bytes<kern::ukey_t<T>>(m) +
+                         2 * Arena::bytes<double>(m + 1) + Arena::bytes<kern::key_t<T>>(m + 1);
+  const size_t atoms = Arena::bytes<T>(n) + 2 * Arena::bytes<int32_t>(n) +
+                       Arena::bytes<int32_t>(kern::kBucketsPerValue * n + 2) + Arena::bytes<kern::key_t<T>>(n + pad) +
+                       Arena::bytes<int32_t>(3 * (n + pad)) + Arena::bytes<T>(4 * n) + Arena::bytes<double>(6 * n);
+  return targets + atoms;
 }
 
 template <typename T>
-inline kern::SortScratch<T> take_sort_scratch(Arena& arena, int64_t m) {
-  kern::SortScratch<T> s;
-  s.zs = arena.take<T>(m + kern::kWindow);
-  s.off = arena.take<int32_t>(m + 2);
-  s.pos = arena.take<int32_t>(m + 2);
-  s.bi = arena.take<int32_t>(m + 2);
-  s.ka = arena.take<kern::ukey_t<T>>(m);
-  s.kb = arena.take<kern::ukey_t<T>>(m);
+inline kern::MergeScratch<T> take_merge_scratch(Arena& arena, int64_t n, int64_t m) {
+  const int64_t pad = kern::merge_pad(n, m);
+  kern::MergeScratch<T> s;
+  s.sort.zs = arena.take<T>(m);
+  s.sort.off = arena.take<int32_t>(kern::kBucketsPerValue * m + 2);
+  s.sort.bi = arena.take<int32_t>(m);
+  s.sort.ka = arena.take<kern::ukey_t<T>>(m);
+  s.sort.kb = arena.take<kern::ukey_t<T>>(m);
+  s.p1 = arena.take<double>(m + 1);
+  s.p2 = arena.take<double>(m + 1);
+  s.ts = arena.take<T>(n);
+  s.perm = arena.take<int32_t>(n);
+  s.abi = arena.take<int32_t>(n);
+  s.aoff = arena.take<int32_t>(kern::kBucketsPerValue * n + 2);
+  s.zk = arena.take<kern::key_t<T>>(m + 1);
+  s.xk = arena.take<kern::key_t<T>>(n + pad);
+  s.bnd = arena.take<int32_t>(3 * (n + pad));
+  s.w = arena.take<T>(4 * n);
+  s.pre = arena.take<double>(6 * n);
   return s;
 }
 

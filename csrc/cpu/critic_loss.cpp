@@ -2,9 +2,10 @@
 // computes the eight per-token terms and, because the targets are detached, the gradient of the
 // weighted total w.r.t. the heads. Per token:
 //   theta = mean of the heads; QH and risk-weighted QH share one pass over the (i, j) pairs
-//   (pairwise, or from the sorted targets with algorithm="sorted"); the tail terms (CVaR, gain,
-//   shape) use exact tail selection (kern::select_tails: no sort) of theta and, in the recipe's
-//   tail mode, of the target (with "sorted", the target's tails come from its sort); in the
+//   (pairwise, or with algorithm="sorted" from the sorted targets and atoms, kern::qh_merge_sums);
+//   the tail terms (CVaR, gain, shape) use exact tail selection (kern::select_tails: no sort) of
+//   theta and, in the recipe's tail mode, of the target (with "sorted", both come from the sorts
+//   that algorithm made anyway: kern::sorted_tail_coefficients, kern::sorted_tail_moments); in the
 //   consistent mode the targets come from theta's VaR and one O(M) pass over the target (no
 //   selection: cheaper than the recipe); shift, curvature and consistency are O(H N).
 // A term whose weight is 0 is not computed (its work is skipped) and reported as 0. Masked tokens
@@ -55,10 +56,7 @@ struct CriticScratch {
   T* c_lo;   // [N] theta's lower-tail coefficients
   T* c_hi;   // [N]
   T* cz;     // [M] the target's coefficients (pairwise: selection, values only)
-  kern::SortScratch<T> sort;  // sorted target and sort scratch (sorted)
-  double* p1;     // [M + 1] prefix sums (sorted)
-  double* p2;     // [M + 1]
-  kern::SortedSumsScratch sums;  // region boundaries and prefix sums of the atoms (sorted)
+  kern::MergeScratch<T> merge;  // sorted only
 };
 
 // Lower and upper tail statistics of x (n atoms) at the given levels; coefficients into c_lo/c_hi.
@@ -77,6 +75,26 @@ DVPO_INLINE void tails_of(const T* x, int64_t n, key_t<T>* keys, bool need_lo, b
     kern::tail_coefficients<T>(keys, n, hi, level_hi, true, c_hi);
     kern::tail_moments<T>(x, c_hi, n, cv_hi, var_hi);
   }
+}
+
+// One consistent tail (docs/math.md, "10. The fused critic loss"): theta's CVaR minus its target,
+// dc = C - y, and theta's second moment about the VaR v minus its target, ds = S - s, from theta's
+// coefficients c and the target's mean excess (and squared excess) beyond v.
+template <typename T>
+DVPO_INLINE void consistent_tail_gaps(const T* theta, const T* c, int64_t N, double v, double mean_excess,
+                                      double mean_excess2, double scale, double level, double& dc, double& ds) {
+  double cv, mo;
+  kern::tail_moments_about<T>(theta, c, N, v, cv, mo);
+  dc = cv - math::tail_cvar_target<double>(v, mean_excess, scale, level);
+  ds = mo - math::tail_moment_target<double>(mean_excess2, scale, level);
+}
+
+// theta's tail coefficients into s.c_lo / s.c_hi from its sorted order (the sorted algorithm's
+// s.merge.ts / perm: no selection needed).
+template <typename T>
+DVPO_INLINE void theta_tails_sorted(const CriticArgs<T>& a, const CriticScratch<T>& s, bool need_lo, bool need_hi) {
+  if (need_lo) kern::sorted_tail_coefficients<T>(s.merge.ts, s.merge.perm, a.N, a.cnt_lo_n, a.alpha_n, false, s.c_lo);
+  if (need_hi) kern::sorted_tail_coefficients<T>(s.merge.ts, s.merge.perm, a.N, a.cnt_hi_n, a.beta_n, true, s.c_hi);
 }
 
 // Adds the tail terms' gradient: c_lo (f_lo + f_vlo (theta - ctr_lo)) and the same for the upper tail.
@@ -144,10 +162,7 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
   // Terms 1 and 2: quantile Huber and risk-weighted quantile Huber, one pass over the pairs.
   if (a.w[kQH] != T(0) || a.w[kRisk] != T(0)) {
     if (a.sorted) {
-      const kern::SortedTargets<T> st = kern::sort_targets<T>(z, M, s.sort);
-      zs = st.zs;
-      const double centre = kern::prefix_sums(zs, M, s.p1, s.p2);
-      kern::qh_sorted_sums<T>(theta, N, st, s.p1, s.p2, centre, a.wpos, a.wneg, a.kappa, s.sums, s.L, s.D);
+      zs = kern::qh_merge_sums<T>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.merge, s.L, s.D);
     } else {
       kern::qh_pairwise_sums<T, kern::atom_block<T>(isa)>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.L, s.D);
     }
@@ -172,7 +187,11 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
     // Terms 4, 5, 7 (consistent): theta's tails by selection, VaR v = the threshold atom (rank
     // cnt - 1); the targets need one pass over z (no selection or sort of the target).
     double v_lo = 0, v_hi = 0;
-    if (need_lo || need_hi) {
+    if (zs && (need_lo || need_hi)) {  // the sorted algorithm already sorted theta
+      theta_tails_sorted<T>(a, s, need_lo, need_hi);
+      if (need_lo) v_lo = static_cast<double>(kern::sorted_tail_var<T>(s.merge.ts, N, a.cnt_lo_n, false));
+      if (need_hi) v_hi = static_cast<double>(kern::sorted_tail_var<T>(s.merge.ts, N, a.cnt_hi_n, true));
+    } else if (need_lo || need_hi) {
       kern::order_keys<T>(theta, N, s.keys);
       kern::TailSelect<T> lo, hi;
       kern::select_tails<T>(s.keys, N, need_lo ? a.cnt_lo_n : 0, need_hi ? a.cnt_hi_n : 0, &lo, &hi);
@@ -194,17 +213,13 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
     const double inv_m = 1.0 / static_cast<double>(M);
     double dc_lo = 0, ds_lo = 0, dc_hi = 0, ds_hi = 0;  // C - y and S - s of each tail
     if (need_lo) {
-      double cv, mo;
-      kern::tail_moments_about<T>(theta, s.c_lo, N, v_lo, cv, mo);
-      dc_lo = cv - math::tail_cvar_target<double>(v_lo, ex.a_lo * inv_m, a.lo_scale, a.alpha);
-      ds_lo = mo - math::tail_moment_target<double>(ex.b_lo * inv_m, a.lo_scale, a.alpha);
+      consistent_tail_gaps<T>(theta, s.c_lo, N, v_lo, ex.a_lo * inv_m, ex.b_lo * inv_m, a.lo_scale, a.alpha, dc_lo,
+                              ds_lo);
       ctr_lo = static_cast<T>(v_lo);
     }
     if (need_hi) {
-      double cv, mo;
-      kern::tail_moments_about<T>(theta, s.c_hi, N, v_hi, cv, mo);
-      dc_hi = cv - math::tail_cvar_target<double>(v_hi, ex.a_hi * inv_m, a.hi_scale, a.beta);
-      ds_hi = mo - math::tail_moment_target<double>(ex.b_hi * inv_m, a.hi_scale, a.beta);
+      consistent_tail_gaps<T>(theta, s.c_hi, N, v_hi, ex.a_hi * inv_m, ex.b_hi * inv_m, a.hi_scale, a.beta, dc_hi,
+                              ds_hi);
       ctr_hi = static_cast<T>(v_hi);
     }
     // cvar (C_lo - y_lo)^2, gain (C_hi - y_hi)^2: gradient 2 (C - y) c.
@@ -237,12 +252,16 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
     T cvt_lo = 0, vt_lo = 0, cvt_hi = 0, vt_hi = 0;  // theta
     T cvz_lo = 0, vz_lo = 0, cvz_hi = 0, vz_hi = 0;  // target
     if (need_lo || need_hi) {
-      tails_of<T>(theta, N, s.keys, need_lo, need_hi, a.alpha_n, a.beta_n, a.cnt_lo_n, a.cnt_hi_n, s.c_lo, s.c_hi,
-                  cvt_lo, vt_lo, cvt_hi, vt_hi);
-      if (zs) {  // the sorted algorithm already sorted the target
+      if (zs) {  // the sorted algorithm already sorted theta and the target
+        theta_tails_sorted<T>(a, s, need_lo, need_hi);
+        if (need_lo) kern::tail_moments<T>(theta, s.c_lo, N, cvt_lo, vt_lo);
+        if (need_hi) kern::tail_moments<T>(theta, s.c_hi, N, cvt_hi, vt_hi);
         if (need_lo) kern::sorted_tail_moments<T>(zs, M, a.alpha_m, false, cvz_lo, vz_lo);
         if (need_hi) kern::sorted_tail_moments<T>(zs, M, a.beta_m, true, cvz_hi, vz_hi);
-      } else {  // the target's coefficients are not needed: both tails share one buffer
+      } else {
+        tails_of<T>(theta, N, s.keys, need_lo, need_hi, a.alpha_n, a.beta_n, a.cnt_lo_n, a.cnt_hi_n, s.c_lo, s.c_hi,
+                    cvt_lo, vt_lo, cvt_hi, vt_hi);
+        // the target's coefficients are not needed: both tails share one buffer
         tails_of<T>(z, M, s.keys, need_lo, need_hi, a.alpha_m, a.beta_m, a.cnt_lo_m, a.cnt_hi_m, s.cz, s.cz,
                     cvz_lo, vz_lo, cvz_hi, vz_hi);
       }
@@ -330,18 +349,17 @@ DVPO_INLINE void critic_chunk_consistent(const CriticArgs<T>& a, const CriticScr
   for (int64_t tok = begin; tok < end; ++tok) critic_token<T, isa, true>(a, s, tok);
 }
 
-DVPO_ISA_VARIANTS(critic_chunk_f32,
-                  (const CriticArgs<float>& a, const CriticScratch<float>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk, float)
-DVPO_ISA_VARIANTS(critic_chunk_f64,
-                  (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk, double)
-DVPO_ISA_VARIANTS(critic_consistent_f32,
-                  (const CriticArgs<float>& a, const CriticScratch<float>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk_consistent, float)
-DVPO_ISA_VARIANTS(critic_consistent_f64,
-                  (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),
-                  (a, s, b, e), critic_chunk_consistent, double)
+// The per-ISA entry points of a chunk function IMPL, for float (NAME_f32) and double (NAME_f64).
+#define DVPO_CRITIC_VARIANTS(NAME, IMPL)                                                                 \
+  DVPO_ISA_VARIANTS(NAME##_f32, (const CriticArgs<float>& a, const CriticScratch<float>& s, int64_t b, int64_t e), \
+                    (a, s, b, e), IMPL, float)                                                             \
+  DVPO_ISA_VARIANTS(NAME##_f64,                                                                           \
+                    (const CriticArgs<double>& a, const CriticScratch<double>& s, int64_t b, int64_t e),  \
+                    (a, s, b, e), IMPL, double)
+
+DVPO_CRITIC_VARIANTS(critic_chunk, critic_chunk)
+DVPO_CRITIC_VARIANTS(critic_consistent, critic_chunk_consistent)
+#undef DVPO_CRITIC_VARIANTS
 
 template <typename T>
 auto critic_chunk_for(Isa isa, bool consistent) {
@@ -359,13 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
     const std::optional<at::Tensor>& mask, double kappa, double alpha, double beta, bool normalize_kappa,
     at::ArrayRef<double> params, c10::string_view algorithm) {
   const char* op = "critic_loss";
-  check_cpu_float(heads, op, "heads");
-  check_cpu_float(target, op, "target");
-  TORCH_CHECK(heads.dim() == 3 && target.dim() == 2 && heads.size(0) == target.size(0),
-              "dvpo_C::critic_loss: heads [T, H, N] and target [T, M] expected, got ", heads.sizes(), " and ",
-              target.sizes());
-  TORCH_CHECK(heads.size(1) >= 1 && heads.size(2) >= 1 && target.size(1) >= 1,
-              "dvpo_C::critic_loss: H, N and M must be >= 1");
+  check_pred_target(heads, "heads", 3, target, op);
   const int64_t N = heads.size(2);
   TORCH_CHECK(taus.dim() == 1 && taus.size(0) == N, "dvpo_C::critic_loss: taus [N] expected");
   TORCH_CHECK(risk_weights.dim() == 1 && risk_weights.size(0) == N, "dvpo_C::critic_loss: risk_weights [N] expected");
@@ -398,57 +410,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
   at::Tensor grad = at::empty({T_, H, N}, hc.options());
   if (T_ == 0) return {total, terms, grad};
   const bool need_qh = weights[kQH] != 0 || weights[kRisk] != 0;
-  const bool sorted =
-      need_qh && (algo == Algorithm::sorted || (algo == Algorithm::automatic && kern::prefer_sorted(N, M)));
+  const bool sorted = need_qh && use_sorted(algo, N, M);
   const Isa isa = active_isa();
 
   AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_critic_loss_cpu", [&] {
     using T = scalar_t;
-    std::vector<T> wpos(N), wneg(N);  // |tau - 1{u<0}| for u >= 0 and u < 0
-    for (int64_t i = 0; i < N; ++i) {
-      const math::QuantileWeights<T> w = math::quantile_weights<T>(t.data_ptr<T>()[i]);
-      wpos[i] = w.pos;
-      wneg[i] = w.neg;
-    }
-    CriticArgs<T> args{};
-    args.H = H;
-    args.N = N;
-    args.M = M;
-    args.heads = hc.data_ptr<T>();
-    args.target = z.data_ptr<T>();
-    args.mask = ptr_or_null<T>(mk);
-    args.wpos = wpos.data();
-    args.wneg = wneg.data();
-    args.risk_w = rw.data_ptr<T>();
-    args.kappa = static_cast<T>(kappa);
-    args.qh_scale = math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M), args.kappa, normalize_kappa);
-    args.alpha_n = static_cast<T>(alpha * static_cast<double>(N));
-    args.beta_n = static_cast<T>(beta * static_cast<double>(N));
-    args.alpha_m = static_cast<T>(alpha * static_cast<double>(M));
-    args.beta_m = static_cast<T>(beta * static_cast<double>(M));
-    args.cnt_lo_n = math::cvar_tail_count<T>(args.alpha_n, static_cast<int>(N));
-    args.cnt_hi_n = math::cvar_tail_count<T>(args.beta_n, static_cast<int>(N));
-    args.cnt_lo_m = math::cvar_tail_count<T>(args.alpha_m, static_cast<int>(M));
-    args.cnt_hi_m = math::cvar_tail_count<T>(args.beta_m, static_cast<int>(M));
-    args.curv_lo = math::curvature_count(alpha, static_cast<int>(N));
-    args.curv_hi = math::curvature_count(beta, static_cast<int>(N));
+    const QuantileWeightRows<T> qw(t);
+    const T kap = static_cast<T>(kappa);
+    const T alpha_n = static_cast<T>(alpha * static_cast<double>(N));
+    const T beta_n = static_cast<T>(beta * static_cast<double>(N));
+    const T alpha_m = static_cast<T>(alpha * static_cast<double>(M));
+    const T beta_m = static_cast<T>(beta * static_cast<double>(M));
+    const int n = static_cast<int>(N), m = static_cast<int>(M);
+    CriticArgs<T> args{.H = H, .N = N, .M = M, .heads = hc.data_ptr<T>(), .target = z.data_ptr<T>(),
+                       .mask = ptr_or_null<T>(mk), .wpos = qw.pos.data(), .wneg = qw.neg.data(),
+                       .risk_w = rw.data_ptr<T>(), .kappa = kap,
+                       .qh_scale = math::qh_scale<T>(n, m, kap, normalize_kappa),
+                       .alpha_n = alpha_n, .beta_n = beta_n, .alpha_m = alpha_m, .beta_m = beta_m,
+                       .cnt_lo_n = math::cvar_tail_count<T>(alpha_n, n),
+                       .cnt_hi_n = math::cvar_tail_count<T>(beta_n, n),
+                       .cnt_lo_m = math::cvar_tail_count<T>(alpha_m, m),
+                       .cnt_hi_m = math::cvar_tail_count<T>(beta_m, m),
+                       .curv_lo = math::curvature_count(alpha, n), .curv_hi = math::curvature_count(beta, n),
+                       .alpha = alpha, .beta = beta, .lo_scale = lo_scale, .hi_scale = hi_scale, .tau_s = tau_s,
+                       .sorted = sorted, .total = total.data_ptr<T>(), .terms = terms.data_ptr<T>(),
+                       .grad = grad.data_ptr<T>()};
     for (int k = 0; k < kTerms; ++k) args.w[k] = static_cast<T>(weights[k]);
-    args.alpha = alpha;
-    args.beta = beta;
-    args.lo_scale = lo_scale;
-    args.hi_scale = hi_scale;
-    args.tau_s = tau_s;
-    args.sorted = sorted;
-    args.total = total.data_ptr<T>();
-    args.terms = terms.data_ptr<T>();
-    args.grad = grad.data_ptr<T>();
     const auto fn = critic_chunk_for<T>(isa, consistent);
     const int64_t NM = std::max(N, M);
     const size_t bytes = 6 * Arena::bytes<T>(N) + Arena::bytes<key_t<T>>(NM) + Arena::bytes<T>(M) +
-                         (sorted ? sort_scratch_bytes<T>(M) + 2 * Arena::bytes<double>(M + 1) + Arena::bytes<int32_t>(3 * N) + Arena::bytes<double>(6 * N) : 0);
+                         (sorted ? merge_scratch_bytes<T>(N, M) : 0);
     const int64_t work = (need_qh && !sorted ? N * M : 16 * (N + M)) + H * N;
-    at::parallel_for(0, T_, token_grain(work), [&](int64_t begin, int64_t end) {
-      Arena arena(bytes);
+    parallel_tokens(T_, work, bytes, [&](Arena& arena, int64_t begin, int64_t end) {
       CriticScratch<T> s{};
       s.theta = arena.take<T>(N);
       s.g = arena.take<T>(N);
@@ -458,13 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
       s.c_hi = arena.take<T>(N);
       s.keys = arena.take<key_t<T>>(NM);
       s.cz = arena.take<T>(M);
-      if (sorted) {
-        s.sort = take_sort_scratch<T>(arena, M);
-        s.p1 = arena.take<double>(M + 1);
-        s.p2 = arena.take<double>(M + 1);
-        s.sums.bnd = arena.take<int32_t>(3 * N);
-        s.sums.pre = arena.take<double>(6 * N);
-      }
+      if (sorted) s.merge = take_merge_scratch<T>(arena, N, M);
       fn(args, s, begin, end);
     });
   });

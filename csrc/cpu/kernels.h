@@ -481,42 +481,23 @@ DVPO_INLINE void sorted_tail_moments(const T* xs, int64_t n, T level_n, bool upp
 }
 
 // ---------------------------------------------------------------------------------------------
-// Sorting the targets (algorithm="sorted")
+// Sorting a row (algorithm="sorted", csrc/cpu/merge_path.h)
 // ---------------------------------------------------------------------------------------------
 //
-// The sorted quantile Huber needs the token's targets in ascending order and, for 3 N query values
-// x (theta_i - k, theta_i, theta_i + k), the counts #{z < x} / #{z <= x}. Both come from a bucket
-// sort on the value range: bucket(z) = floor((z - zmin) * nb / (zmax - zmin)), clamped to
-// [0, nb). That map is monotone (each rounded step is), so a lower bucket holds only smaller values:
-// counting sort by bucket + insertion sort inside the buckets sorts exactly, and a count is the
-// bucket's offset plus a scan of that one (sorted) bucket. With one bucket per target this is
-// O(M) per sort and O(1) per query for any reasonably spread data: a query is a branchless
-// binary search of fixed length (log2 kWindow steps) in the kWindow targets from its bucket's
-// offset on (the sorted row is padded with +inf), run for several atoms in lockstep. When the
-// values cluster (a bucket over kWindow targets: outliers, a constant row, a tiny range) the token
-// falls back to an LSD radix sort of the order keys and full-length binary searches.
+// The sorted quantile Huber sorts each token's targets and its atoms. Both use a bucket sort on the
+// value range: bucket(x) = floor((x - xmin) * nb / (xmax - xmin)), clamped to [0, nb), with
+// kBucketsPerValue buckets per value. That map is monotone (each rounded step is), so a lower
+// bucket holds only smaller values: a counting sort by bucket (stable), then an insertion sort that
+// only moves values inside their bucket (strict comparison: stable), sorts exactly in O(n) for
+// reasonably spread data. When
+// the values cluster (a bucket over kWindow values: outliers, a constant row, a tiny range) the row
+// falls back to a radix or comparison sort.
 
-constexpr int64_t kWindow = 32;  // a power of 2; also the largest bucket the index accepts
-
-template <typename T>
-struct SortedTargets {
-  const T* zs = nullptr;  // ascending, zeros as +0
-  int64_t m = 0;
-  bool bucketed = false;  // bucket index valid (else binary search)
-  T lo = 0, scale = 0;    // bucket(x) = floor((x - lo) * scale), clamped
-  int64_t nb = 0;
-  const int32_t* off = nullptr;  // [nb + 1] bucket offsets into zs
-};
-
-template <typename T>
-struct SortScratch {
-  T* zs;         // [m + kWindow]
-  int32_t* off;  // [m + 2]
-  int32_t* pos;  // [m + 1]
-  int32_t* bi;   // [m] bucket of each target
-  ukey_t<T>* ka;  // [m] radix keys
-  ukey_t<T>* kb;  // [m]
-};
+constexpr int64_t kWindow = 32;  // the largest bucket the bucket sort accepts
+// Buckets per value: 2 leaves fewer values sharing a bucket (each such pair may cost the insertion
+// sort a mispredicted branch) for a counting pass over twice the buckets (measured 10-15% faster
+// than 1 on normal rows of 200; 4 gains little more).
+constexpr int64_t kBucketsPerValue = 2;
 
 template <typename T>
 DVPO_INLINE int64_t bucket_of(T x, T lo, T scale, int64_t nb) {
@@ -527,18 +508,49 @@ DVPO_INLINE int64_t bucket_of(T x, T lo, T scale, int64_t nb) {
   return static_cast<int64_t>(f);
 }
 
-// Insertion sort of out[0..n) in place (nearly sorted input: each element moves inside its bucket).
+// The bucket of each of the n finite values x (into bi) and the first slot of each bucket in the
+// sorted row (off[0..nb], nb = kBucketsPerValue n, off[b] = #values in buckets below b). False (and
+// nothing usable) when the row is too short or too clustered for the bucket sort.
 template <typename T>
-DVPO_INLINE void insertion_sort(T* out, int64_t n) {
+DVPO_INLINE bool bucket_offsets(const T* x, int64_t n, int32_t* bi, int32_t* off) {
+  if (n <= 16) return false;
+  T xmin = x[0], xmax = x[0];
+#pragma omp simd reduction(min : xmin) reduction(max : xmax)
+  for (int64_t j = 0; j < n; ++j) {
+    xmin = x[j] < xmin ? x[j] : xmin;
+    xmax = x[j] > xmax ? x[j] : xmax;
+  }
+  const int64_t nb = kBucketsPerValue * n;
+  const T scale = static_cast<T>(nb) / (xmax - xmin);
+  if (!(xmax > xmin && std::isfinite(scale) && scale > T(0))) return false;
+  for (int64_t b = 0; b <= nb; ++b) off[b] = 0;  // off[b + 1] counts bucket b first
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) bi[j] = static_cast<int32_t>(bucket_of<T>(x[j], xmin, scale, nb));
+  for (int64_t j = 0; j < n; ++j) off[bi[j] + 1]++;
+  int32_t biggest = 0;
+#pragma omp simd reduction(max : biggest)
+  for (int64_t b = 1; b <= nb; ++b) biggest = off[b] > biggest ? off[b] : biggest;
+  if (biggest > kWindow) return false;
+  for (int64_t b = 0; b < nb; ++b) off[b + 1] += off[b];
+  return true;
+}
+
+// Stable insertion sort of v[0..n) (nearly sorted input: each value moves inside its bucket),
+// moving the payload p along when it is given.
+template <typename T>
+DVPO_INLINE void insertion_sort(T* v, int32_t* p, int64_t n) {
   for (int64_t i = 1; i < n; ++i) {
-    const T v = out[i];
+    const T x = v[i];
+    if (!(v[i - 1] > x)) continue;
+    const int32_t px = p ? p[i] : 0;
     int64_t j = i - 1;
-    if (!(out[j] > v)) continue;
-    while (j >= 0 && out[j] > v) {
-      out[j + 1] = out[j];
+    while (j >= 0 && v[j] > x) {
+      v[j + 1] = v[j];
+      if (p) p[j + 1] = p[j];
       --j;
     }
-    out[j + 1] = v;
+    v[j + 1] = x;
+    if (p) p[j + 1] = px;
   }
 }
 
@@ -581,86 +593,68 @@ inline void radix_sort(const double* x, int64_t n, double* out, uint64_t*, uint6
   std::sort(out, out + n);
 }
 
-// Sorts the m finite targets z into s.zs and builds the bucket index when the data allow it.
 template <typename T>
-DVPO_INLINE SortedTargets<T> sort_targets(const T* z, int64_t m, const SortScratch<T>& s) {
-  SortedTargets<T> r;
-  r.zs = s.zs;
-  r.m = m;
+struct SortScratch {
+  T* zs;          // [m] the sorted row
+  int32_t* off;   // [kBucketsPerValue m + 2] bucket offsets
+  int32_t* bi;    // [m] bucket of each value
+  ukey_t<T>* ka;  // [m] radix keys
+  ukey_t<T>* kb;  // [m]
+};
+
+// Sorts the m finite targets z ascending into s.zs (zeros as +0).
+template <typename T>
+DVPO_INLINE const T* sort_targets(const T* z, int64_t m, const SortScratch<T>& s) {
+  T* zs = s.zs;
   if (m <= 16) {
-    for (int64_t j = 0; j < m; ++j) s.zs[j] = z[j] + T(0);
-    insertion_sort(s.zs, m);
-    return r;
+    for (int64_t j = 0; j < m; ++j) zs[j] = z[j] + T(0);
+    insertion_sort<T>(zs, nullptr, m);
+  } else if (bucket_offsets<T>(z, m, s.bi, s.off)) {
+    for (int64_t j = 0; j < m; ++j) zs[s.off[s.bi[j]]++] = z[j] + T(0);
+    insertion_sort<T>(zs, nullptr, m);
+  } else {
+    radix_sort(z, m, zs, s.ka, s.kb);
   }
-  T zmin = z[0], zmax = z[0];
-#pragma omp simd reduction(min : zmin) reduction(max : zmax)
-  for (int64_t j = 0; j < m; ++j) {
-    zmin = z[j] < zmin ? z[j] : zmin;
-    zmax = z[j] > zmax ? z[j] : zmax;
-  }
-  const int64_t nb = m;
-  const T scale = static_cast<T>(nb) / (zmax - zmin);
-  bool ok = zmax > zmin && std::isfinite(scale) && scale > T(0);
-  if (ok) {
-    int32_t* cnt = s.off;  // cnt[b + 1] = size of bucket b
-    for (int64_t b = 0; b <= nb; ++b) cnt[b] = 0;
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) s.bi[j] = static_cast<int32_t>(bucket_of<T>(z[j], zmin, scale, nb));
-    for (int64_t j = 0; j < m; ++j) cnt[s.bi[j] + 1]++;
-    int32_t biggest = 0;
-#pragma omp simd reduction(max : biggest)
-    for (int64_t b = 1; b <= nb; ++b) biggest = cnt[b] > biggest ? cnt[b] : biggest;
-    ok = biggest <= kWindow;
-  }
-  if (!ok) {
-    radix_sort(z, m, s.zs, s.ka, s.kb);
-    return r;
-  }
-  int32_t* off = s.off;
-  for (int64_t b = 0; b < nb; ++b) off[b + 1] += off[b];
-  for (int64_t b = 0; b < nb; ++b) s.pos[b] = off[b];
-  for (int64_t j = 0; j < m; ++j) s.zs[s.pos[s.bi[j]]++] = z[j] + T(0);
-  insertion_sort(s.zs, m);  // only reorders inside buckets
-  for (int64_t j = m; j < m + kWindow; ++j) s.zs[j] = std::numeric_limits<T>::infinity();  // window padding
-  r.bucketed = true;
-  r.lo = zmin;
-  r.scale = scale;
-  r.nb = nb;
-  r.off = off;
-  return r;
+  return zs;
 }
 
-// Prefix sums over the sorted targets of y = z - c and y^2 (double; P[0] = 0), with c = the
-// middle target, so the region sums are of centred values.
+// Prefix sums over the sorted targets of y = z - c and y^2 (double), with c the middle target
+// zs[m / 2], accumulated outward from it: p[j] = sum of y over [m / 2, j) for j >= m / 2 and minus
+// the sum over [j, m / 2) below, so p[b] - p[a] is the sum over [a, b) either way. A region's sums
+// then only carry the values between it and the middle: a far outlier (and its square) does not
+// enter the prefix sums of the regions on the other side, where it would cancel away their digits.
 template <typename T>
 DVPO_INLINE double prefix_sums(const T* zs, int64_t m, double* p1, double* p2) {
-  const double c = static_cast<double>(zs[m / 2]);
-  double s1 = 0, s2 = 0;
-  p1[0] = 0;
-  p2[0] = 0;
-  for (int64_t j = 0; j < m; ++j) {
+  const int64_t mid = m / 2;
+  const double c = static_cast<double>(zs[mid]);
+  double s1 = 0, s2 = 0, r1 = 0, r2 = 0;
+  p1[mid] = 0;
+  p2[mid] = 0;
+  for (int64_t j = mid; j < m; ++j) {
     const double y = static_cast<double>(zs[j]) - c;
     s1 += y;
     s2 += y * y;
     p1[j + 1] = s1;
     p2[j + 1] = s2;
   }
+  for (int64_t j = mid - 1; j >= 0; --j) {
+    const double y = static_cast<double>(zs[j]) - c;
+    r1 -= y;
+    r2 -= y * y;
+    p1[j] = r1;
+    p2[j] = r2;
+  }
   return c;
 }
 
-
-// Scratch of qh_sorted_sums for n atoms: 3 n region boundaries and 6 n gathered prefix sums.
-struct SortedSumsScratch {
-  int32_t* bnd;  // [3 n]
-  double* pre;   // [6 n]
-};
-
 // The region sums of every atom from its boundaries and the prefix sums gathered at them
-// (math::qh_from_regions in double), vectorized over the atoms.
+// (math::qh_from_regions in double), vectorized over the atoms; first1 and last1 are p1[0] and
+// p1[m] (prefix_sums).
 template <typename T>
 DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1, const int32_t* b2,
-                                    const int32_t* b3, const double* pre, int64_t m, double total1,
-                                    double centre, const T* wpos, const T* wneg, T k, T* L, T* D) {
+                                    const int32_t* b3, const double* pre, int64_t m, double first1,
+                                    double last1, double centre, const T* wpos, const T* wneg, T k, T* L,
+                                    T* D) {
   const double kd = static_cast<double>(k);
   const double* s1a = pre;  // p1[b1], p1[b2], p1[b3], p2[b1], p2[b2], p2[b3]
   const double* s1b = pre + n;
@@ -668,11 +662,12 @@ DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1
   const double* s2a = pre + 3 * n;
   const double* s2b = pre + 4 * n;
   const double* s2c = pre + 5 * n;
-#pragma omp simd
+  // No `omp simd` here: GCC 12 then fails to vectorize the loop ("no vectype" for the loads of
+  // this struct-building body); the auto-vectorizer does it (versioned for aliasing).
   for (int64_t i = 0; i < n; ++i) {
     math::QHRegions<double> r;
     r.n1 = static_cast<double>(b1[i]);
-    r.s1 = s1a[i];
+    r.s1 = s1a[i] - first1;
     r.n2 = static_cast<double>(b2[i] - b1[i]);
     r.s2 = s1b[i] - s1a[i];
     r.q2 = s2b[i] - s2a[i];
@@ -680,7 +675,7 @@ DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1
     r.s3 = s1c[i] - s1b[i];
     r.q3 = s2c[i] - s2b[i];
     r.n4 = static_cast<double>(m - b3[i]);
-    r.s4 = total1 - s1c[i];
+    r.s4 = last1 - s1c[i];
     const math::QuantileWeights<double> w{static_cast<double>(wpos[i]), static_cast<double>(wneg[i])};
     double loss, dsum;
     math::qh_from_regions<double>(r, static_cast<double>(theta[i]) - centre, w, kd, loss, dsum);
@@ -689,94 +684,26 @@ DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1
   }
 }
 
-// For i in [0, n): the same L[i], D[i] as qh_pairwise_sums, from the sorted targets and their
-// prefix sums. First the region boundaries b1 = #{z < theta - k}, b2 = #{z < theta},
-// b3 = #{z <= theta + k} of every atom and the prefix sums at them (into `scratch`), then the sums
-// (qh_regions_to_sums, vectorized). Bucketed targets: each count is the bucket's offset plus a fixed-length
-// search of the kWindow targets from there (the answer lies in that window). Otherwise full-length
-// branchless binary searches. Either way the searches of kBlock atoms (3 each) run in lockstep
-// (their length does not depend on the data), so 3 kBlock independent load chains hide each
-// other's latency; the steps multiply by the comparison instead of selecting (compilers emit a
-// branch for the select, which would mispredict half the time).
-template <typename T>
-DVPO_INLINE void qh_sorted_sums(const T* theta, int64_t n, const SortedTargets<T>& st, const double* p1,
-                                const double* p2, double centre, const T* wpos, const T* wneg, T k,
-                                const SortedSumsScratch& scratch, T* L, T* D) {
-  constexpr int kBlock = 4;
-  const T* zs = st.zs;
-  const int64_t m = st.m;
-  int32_t* b1 = scratch.bnd;
-  int32_t* b2 = scratch.bnd + n;
-  int32_t* b3 = scratch.bnd + 2 * n;
-  double* pre = scratch.pre;
-  for (int64_t i = 0; i < n; i += kBlock) {
-    const int rows = static_cast<int>(std::min<int64_t>(kBlock, n - i));
-    T x1[kBlock], x2[kBlock], x3[kBlock];
-    const T* a1[kBlock];
-    const T* a2[kBlock];
-    const T* a3[kBlock];
-    for (int r = 0; r < kBlock; ++r) {
-      x2[r] = theta[i + (r < rows ? r : 0)];
-      x1[r] = x2[r] - k;
-      x3[r] = x2[r] + k;
-    }
-    int64_t len;
-    if (st.bucketed) {
-      for (int r = 0; r < kBlock; ++r) {
-        a1[r] = zs + st.off[bucket_of<T>(x1[r], st.lo, st.scale, st.nb)];
-        a2[r] = zs + st.off[bucket_of<T>(x2[r], st.lo, st.scale, st.nb)];
-        a3[r] = zs + st.off[bucket_of<T>(x3[r], st.lo, st.scale, st.nb)];
-      }
-      len = kWindow;
-    } else {
-      for (int r = 0; r < kBlock; ++r) a1[r] = a2[r] = a3[r] = zs;
-      len = m;
-    }
-    while (len > 1) {
-      const int64_t half = len / 2;
-      for (int r = 0; r < kBlock; ++r) {
-        a1[r] += half * static_cast<int64_t>(a1[r][half - 1] < x1[r]);
-        a2[r] += half * static_cast<int64_t>(a2[r][half - 1] < x2[r]);
-        a3[r] += half * static_cast<int64_t>(a3[r][half - 1] <= x3[r]);
-      }
-      len -= half;
-    }
-    for (int r = 0; r < rows; ++r) {
-      const int64_t c1 = (a1[r] - zs) + static_cast<int64_t>(*a1[r] < x1[r]);
-      const int64_t c2 = (a2[r] - zs) + static_cast<int64_t>(*a2[r] < x2[r]);
-      const int64_t c3 = (a3[r] - zs) + static_cast<int64_t>(*a3[r] <= x3[r]);
-      b1[i + r] = static_cast<int32_t>(c1);
-      b2[i + r] = static_cast<int32_t>(c2);
-      b3[i + r] = static_cast<int32_t>(c3);
-      pre[i + r] = p1[c1];  // gathered here (scalar loads), so the math below runs on vectors
-      pre[n + i + r] = p1[c2];
-      pre[2 * n + i + r] = p1[c3];
-      pre[3 * n + i + r] = p2[c1];
-      pre[4 * n + i + r] = p2[c2];
-      pre[5 * n + i + r] = p2[c3];
-    }
-  }
-  qh_regions_to_sums<T>(theta, n, b1, b2, b3, pre, m, p1[m], centre, wpos, wneg, k, L, D);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Algorithm choice
 // ---------------------------------------------------------------------------------------------
 
 // Whether algorithm="auto" runs the sorted quantile Huber for N atoms and M targets per token.
-// Cost model in ns per token (fp32, AVX2 variant, one thread):
+// Cost model in ns per token (fp32, AVX-512 variant, one thread):
 //   pairwise ~ kPairNs N M + kPairAtomNs N,   sorted ~ kSortNs M + kSearchNs N + kFixedNs,
-// fitted (least squares on relative error) to both kernels timed on 42 shapes, N in
-// {32, 100, 200, 300, 500, 1000} x M in {32, 100, 200, 300, 500, 1000, 2000}, quantile Huber
-// alone, normal targets, with time.thread_time on the development machine (AMD EPYC Zen 3, 2 cores,
-// shared with other jobs: +-20% noise). The rule picks the faster kernel on 88% of those shapes
-// (on 93% for the fused critic loss, whose own fit is close); the misses were within 10-20% of each
-// other. Square shapes cross over near N = M = 270, so the benchmark shape 200 x 200 stays
-// pairwise. bench/cpu_critic.py re-measures the crossover on any machine.
-constexpr double kPairNs = 0.16;
-constexpr double kPairAtomNs = 4.0;
-constexpr double kSortNs = 12.0;
-constexpr double kSearchNs = 35.0;
+// fitted (least squares on relative error) to both kernels (the merge-path sorted algorithm,
+// csrc/cpu/merge_path.h) timed on 42 shapes, N in {32, 100, 200, 300, 500, 1000} x M in
+// {32, 100, 200, 300, 500, 1000, 2000}, quantile Huber alone and the fused critic loss (fits within
+// 10% of each other; these constants round between them), normal targets, time.process_time, best
+// of two alternating runs, on the development machine (AMD EPYC Zen 4, 2 cores shared with other
+// jobs). The rule picks the faster kernel on 41 of the 42 shapes for each op (the miss, N = 100,
+// M = 1000, is within 12%). Square shapes cross over near N = M = 300 (measured: sorted is 0.7x
+// pairwise at 200, even at 300, 1.4-1.6x faster at 500, 3x at 1000), so the benchmark shape
+// 200 x 200 stays pairwise. The bench harness's `crossover` sweep re-measures it on any machine.
+constexpr double kPairNs = 0.10;
+constexpr double kPairAtomNs = 5.0;
+constexpr double kSortNs = 9.2;
+constexpr double kSearchNs = 29.0;
 constexpr double kFixedNs = 0.0;
 
 inline bool prefer_sorted(int64_t n, int64_t m) {

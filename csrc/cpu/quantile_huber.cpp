@@ -4,9 +4,10 @@
 // [tokens, N, M] buffer: a pair lives in registers.
 //
 // algorithm="pairwise": O(N M) per token (kern::qh_pairwise_sums, vectorized over the targets).
-// algorithm="sorted": the token's targets sorted once, then O(log M) per atom from prefix sums
-// (kern::sort_targets, kern::qh_sorted_sums); a token with a non-finite value runs pairwise, so that inf/NaN propagate
-// exactly as in the pairwise formula. "auto" picks by shape (kern::prefer_sorted).
+// algorithm="sorted": the token's targets and atoms sorted once, region boundaries by merge walks,
+// sums from prefix sums (kern::qh_merge_sums, csrc/cpu/merge_path.h); a token with a non-finite
+// value runs pairwise, so that inf/NaN propagate exactly as in the pairwise formula. "auto" picks
+// by shape (kern::prefer_sorted).
 
 #include "common.h"
 #include "kernels.h"
@@ -36,10 +37,7 @@ template <typename T>
 struct QHScratch {
   T* L;
   T* D;
-  kern::SortScratch<T> sort;
-  double* p1;
-  double* p2;
-  kern::SortedSumsScratch sums;  // region boundaries and prefix sums of the atoms
+  kern::MergeScratch<T> merge;  // sorted only
 };
 
 template <typename T, Isa isa>
@@ -56,9 +54,7 @@ DVPO_INLINE void qh_token(const QHArgs<T>& a, const QHScratch<T>& s, int64_t tok
   const T* theta = a.pred + tok * N;
   const T* z = a.target + tok * M;
   if (a.sorted && kern::all_finite(theta, N) && kern::all_finite(z, M)) {
-    const kern::SortedTargets<T> st = kern::sort_targets<T>(z, M, s.sort);
-    const double centre = kern::prefix_sums(st.zs, M, s.p1, s.p2);
-    kern::qh_sorted_sums<T>(theta, N, st, s.p1, s.p2, centre, a.wpos, a.wneg, a.kappa, s.sums, s.L, s.D);
+    kern::qh_merge_sums<T>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.merge, s.L, s.D);
   } else {
     kern::qh_pairwise_sums<T, kern::atom_block<T>(isa)>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.L, s.D);
   }
@@ -102,12 +98,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
                                                   const std::optional<at::Tensor>& mask, double kappa,
                                                   bool normalize_kappa, c10::string_view algorithm) {
   const char* op = "quantile_huber";
-  check_cpu_float(pred, op, "pred");
-  check_cpu_float(target, op, "target");
-  TORCH_CHECK(pred.dim() == 2 && target.dim() == 2 && pred.size(0) == target.size(0),
-              "dvpo_C::quantile_huber: pred [T, N] and target [T, M] expected, got ", pred.sizes(), " and ",
-              target.sizes());
-  TORCH_CHECK(pred.size(1) >= 1 && target.size(1) >= 1, "dvpo_C::quantile_huber: N and M must be >= 1");
+  check_pred_target(pred, "pred", 2, target, op);
   TORCH_CHECK(taus.dim() == 1 && taus.size(0) == pred.size(1), "dvpo_C::quantile_huber: taus [N] expected");
   TORCH_CHECK(!weights.has_value() || (weights->dim() == 1 && weights->size(0) == pred.size(1)),
               "dvpo_C::quantile_huber: weights [N] expected");
@@ -123,35 +114,23 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
   at::Tensor loss = at::empty({T_}, p.options());
   at::Tensor grad = at::empty({T_, N}, p.options());
   if (T_ == 0) return {loss, grad};
-  const bool sorted = algo == Algorithm::sorted || (algo == Algorithm::automatic && kern::prefer_sorted(N, M));
+  const bool sorted = use_sorted(algo, N, M);
   const Isa isa = active_isa();
 
   AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_quantile_huber_cpu", [&] {
     using T = scalar_t;
-    std::vector<T> wpos(N), wneg(N);  // |tau - 1{u<0}| for u >= 0 and u < 0
-    for (int64_t i = 0; i < N; ++i) {
-      const math::QuantileWeights<T> w = math::quantile_weights<T>(t.data_ptr<T>()[i]);
-      wpos[i] = w.pos;
-      wneg[i] = w.neg;
-    }
-    QHArgs<T> args{N, M, p.data_ptr<T>(), z.data_ptr<T>(), ptr_or_null<T>(mk), ptr_or_null<T>(w), wpos.data(), wneg.data(),
-                   static_cast<T>(kappa), math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M),
-                                                            static_cast<T>(kappa), normalize_kappa),
+    const QuantileWeightRows<T> qw(t);
+    QHArgs<T> args{N, M, p.data_ptr<T>(), z.data_ptr<T>(), ptr_or_null<T>(mk), ptr_or_null<T>(w), qw.pos.data(),
+                   qw.neg.data(), static_cast<T>(kappa), math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M),
+                                                                           static_cast<T>(kappa), normalize_kappa),
                    sorted, loss.data_ptr<T>(), grad.data_ptr<T>()};
     const auto fn = qh_chunk_for<T>(isa);
-    const size_t bytes = 2 * Arena::bytes<T>(N) + (sorted ? sort_scratch_bytes<T>(M) + 2 * Arena::bytes<double>(M + 1) + Arena::bytes<int32_t>(3 * N) + Arena::bytes<double>(6 * N) : 0);
-    at::parallel_for(0, T_, token_grain(N * M), [&](int64_t begin, int64_t end) {
-      Arena arena(bytes);
+    const size_t bytes = 2 * Arena::bytes<T>(N) + (sorted ? merge_scratch_bytes<T>(N, M) : 0);
+    parallel_tokens(T_, sorted ? 16 * (N + M) : N * M, bytes, [&](Arena& arena, int64_t begin, int64_t end) {
       QHScratch<T> s{};
       s.L = arena.take<T>(N);
       s.D = arena.take<T>(N);
-      if (sorted) {
-        s.sort = take_sort_scratch<T>(arena, M);
-        s.p1 = arena.take<double>(M + 1);
-        s.p2 = arena.take<double>(M + 1);
-        s.sums.bnd = arena.take<int32_t>(3 * N);
-        s.sums.pre = arena.take<double>(6 * N);
-      }
+      if (sorted) s.merge = take_merge_scratch<T>(arena, N, M);
       fn(args, s, begin, end);
     });
   });
