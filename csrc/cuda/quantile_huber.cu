@@ -22,9 +22,22 @@ struct QhLayout {
   }
 };
 
-template <typename scalar_t, bool kShared>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    quantile_huber_kernel(const QuantileHuberParams<scalar_t> p, const size_t per_token) {
+// The op for launch_warp_op (common.cuh).
+struct QuantileHuberOp {
+  template <typename scalar_t>
+  static size_t scratch_bytes(const QuantileHuberParams<scalar_t>& p) {
+    return QhLayout<acc_t<scalar_t>>(p.n, p.m).bytes;
+  }
+  template <typename scalar_t>
+  static bool valid(const QuantileHuberParams<scalar_t>& p) {
+    return p.n >= 1 && p.m >= 1;
+  }
+  template <bool kShared, typename scalar_t>
+  static __device__ __forceinline__ void run(const QuantileHuberParams<scalar_t>& p, size_t per_token);
+};
+
+template <bool kShared, typename scalar_t>
+__device__ __forceinline__ void QuantileHuberOp::run(const QuantileHuberParams<scalar_t>& p, const size_t per_token) {
   using acc = acc_t<scalar_t>;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
@@ -62,48 +75,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   }
 }
 
-template <typename scalar_t>
-cudaError_t plan_qh(const QuantileHuberParams<scalar_t>& p, Plan& plan) {
-  return make_plan(QhLayout<acc_t<scalar_t>>(p.n, p.m).bytes, p.tokens, plan);
-}
-
 }  // namespace
 }  // namespace detail
 
-template <typename scalar_t>
-size_t quantile_huber_workspace_bytes(const QuantileHuberParams<scalar_t>& p) {
-  detail::Plan plan;
-  if (p.tokens <= 0 || detail::plan_qh(p, plan) != cudaSuccess) return 0;
-  return plan.workspace;
-}
-
-template <typename scalar_t>
-cudaError_t launch_quantile_huber(const QuantileHuberParams<scalar_t>& p, cudaStream_t stream) {
-  if (p.tokens <= 0) return cudaSuccess;
-  if (p.n < 1 || p.m < 1) return cudaErrorInvalidValue;
-  detail::Plan plan;
-  cudaError_t err = detail::plan_qh(p, plan);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(plan.blocks)), block(32 * plan.warps);
-  if (plan.global) {
-    if (p.workspace == nullptr) return cudaErrorInvalidValue;
-    detail::quantile_huber_kernel<scalar_t, false><<<grid, block, 0, stream>>>(p, plan.per_token);
-  } else {
-    err = detail::prepare_kernel(detail::quantile_huber_kernel<scalar_t, true>, plan);
-    if (err != cudaSuccess) return err;
-    detail::quantile_huber_kernel<scalar_t, true><<<grid, block, plan.smem, stream>>>(p, plan.per_token);
-  }
-  return cudaGetLastError();
-}
-
-#define DVPO_INSTANTIATE(T)                                                                      \
-  template size_t quantile_huber_workspace_bytes<T>(const QuantileHuberParams<T>&);              \
-  template cudaError_t launch_quantile_huber<T>(const QuantileHuberParams<T>&, cudaStream_t);
-DVPO_INSTANTIATE(float)
-DVPO_INSTANTIATE(double)
-DVPO_INSTANTIATE(__half)
-DVPO_INSTANTIATE(__nv_bfloat16)
-#undef DVPO_INSTANTIATE
+DVPO_CUDA_WARP_OP(QuantileHuberOp, QuantileHuberParams, quantile_huber_workspace_bytes, launch_quantile_huber)
 
 }  // namespace cuda
 }  // namespace dvpo
