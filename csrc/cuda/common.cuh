@@ -72,27 +72,27 @@ __device__ __forceinline__ void unpack16(const uint4& raw, double* out, const do
   out[0] = __hiloint2double(static_cast<int>(raw.y), static_cast<int>(raw.x));
   out[1] = __hiloint2double(static_cast<int>(raw.w), static_cast<int>(raw.z));
 }
-__device__ __forceinline__ void unpack16(const uint4& raw, float* out, const __half*) {
+__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+
+// Eight 16-bit floats: four pairs of type pair_t (__half2 or __nv_bfloat162).
+template <typename pair_t>
+__device__ __forceinline__ void unpack16_pairs(const uint4& raw, float* out) {
   const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    __half2 h2;
-    memcpy(&h2, &w[k], sizeof(h2));
-    const float2 f = __half22float2(h2);
+    pair_t two;
+    memcpy(&two, &w[k], sizeof(two));
+    const float2 f = to_float2(two);
     out[2 * k] = f.x;
     out[2 * k + 1] = f.y;
   }
 }
+__device__ __forceinline__ void unpack16(const uint4& raw, float* out, const __half*) {
+  unpack16_pairs<__half2>(raw, out);
+}
 __device__ __forceinline__ void unpack16(const uint4& raw, float* out, const __nv_bfloat16*) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    __nv_bfloat162 b2;
-    memcpy(&b2, &w[k], sizeof(b2));
-    const float2 f = __bfloat1622float2(b2);
-    out[2 * k] = f.x;
-    out[2 * k + 1] = f.y;
-  }
+  unpack16_pairs<__nv_bfloat162>(raw, out);
 }
 
 // dst[e] = mean over `rows` rows of src[r * n + e] (rows = 1: a plain converted copy), e in [0, n),
@@ -140,28 +140,6 @@ __device__ __forceinline__ T warp_sum(T x) {
   for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFullMask, x, off);
   return x;
 }
-
-template <typename T>
-__device__ __forceinline__ T warp_min(T x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const T y = __shfl_xor_sync(kFullMask, x, off);
-    x = y < x ? y : x;
-  }
-  return x;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const T y = __shfl_xor_sync(kFullMask, x, off);
-    x = y > x ? y : x;
-  }
-  return x;
-}
-
-__device__ __forceinline__ int warp_count(int x) { return __reduce_add_sync(kFullMask, x); }
 
 // ---------------------------------------------------------------- order-preserving keys (tails)
 // An unsigned key per value with key(a) < key(b) iff a < b and key(a) == key(b) iff a == b

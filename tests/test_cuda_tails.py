@@ -1,0 +1,142 @@
+"""The CUDA kernels' sorted tails (csrc/cuda/common.cuh: sort_row, sorted_tail, tail_stats) against
+the float64 reference, in the host emulation of tests/test_cuda_backend.py (no GPU needed).
+
+The critic loss and the cvar op find each tail by sorting the row by (value, index) in the warp's
+scratch; the upper tail keeps index order inside the boundary tie group. These cases aim at what a
+sort can get wrong: ties straddling the tail boundary (which tied atom gets the fractional
+coefficient, and the gradient), all-equal rows, a tail of one atom and of every atom, rows that are
+not a power of two (padding), odd H x N, both tail-target modes, masks, theta's tail variance
+exactly equal to the target's (the recipe's shape ReLU at its kink), and the global-scratch path.
+"""
+
+import pytest
+import torch
+
+import dvpo
+from dvpo import reference as ref
+from dvpo.backends import reference as ref_backend
+from dvpo.config import TERM_NAMES
+
+from .test_cuda_backend import emu  # noqa: F401  (the emulated CUDA kernels, a module fixture)
+from .utils import TOL, rel_err
+
+# params[8:]: tail_mode, lo_scale, hi_scale, shift_expectile (consistent mode asymmetric on purpose).
+MODES = {"recipe": [0.0, 1.0, 1.0, 0.5], "consistent": [1.0, 0.6, 1.3, 0.7]}
+# Every term, and the tail terms alone (cvar, gain, shape), so that a tail error is not diluted.
+WEIGHTS = {"all": [1.0] * 8, "tails": [0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0]}
+
+
+def _check_critic(emu, heads, target, mask, alpha, beta, mode, weights, dtype=torch.float64):
+    n = heads.shape[-1]
+    acc = ref.acc_dtype(dtype)
+    t = dvpo.taus(n, dtype=acc)
+    rw = ref.risk_weights(t, 2.0)
+    params = WEIGHTS[weights] + MODES[mode]
+    heads, target = heads.to(dtype), target.to(dtype)
+    m = None if mask is None else mask.to(acc)
+    got = emu.critic_loss(heads, target, t, rw, m, 0.5, alpha, beta, True, params, "auto")
+    want = ref_backend.critic_loss(heads.double(), target.double(), t.double(), rw.double(),
+                                   None if m is None else m.double(), 0.5, alpha, beta, True, params)
+    for g, w, what in zip(got, want, ("total", "terms", "grad")):
+        assert rel_err(g, w) < TOL[dtype], what
+    for k, name in enumerate(TERM_NAMES):
+        g, w = got[1][:, k], want[1][:, k]
+        # All-equal tails have a variance of exactly 0 mathematically; the reference's float64 sums
+        # leave rounding noise there (1e-32) that the recipe's shape ReLU passes on, hence the floor.
+        assert rel_err(g, w) < TOL[dtype] or (g.double() - w).abs().max() < 1e-20, name
+
+
+def _tied_rows(tokens, n, seed):
+    """Rows on a grid of 5 values: every tail boundary sits in a tie group of about n / 5 atoms."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2, 3, (tokens, n), generator=g).double() * 0.5
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("n,m", [(7, 9), (10, 10), (33, 20), (64, 31), (257, 65)])
+@pytest.mark.parametrize("alpha,beta", [(0.35, 0.35), (0.2, 0.45), (0.5, 0.5), (0.9, 0.75)])
+def test_ties_straddling_the_boundary(emu, mode, n, m, alpha, beta):
+    heads = _tied_rows(6, n, n).unsqueeze(1).expand(6, 3, n).contiguous()  # H = 3 equal heads: exact mean
+    target = _tied_rows(6, m, 1000 + m) + 0.25
+    mask = torch.tensor([1, 1, 0, 1, 1, 1])
+    for weights in WEIGHTS:
+        _check_critic(emu, heads, target, mask, alpha, beta, mode, weights)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("n", [1, 2, 5, 32, 100])
+def test_all_equal_atoms(emu, mode, n):
+    heads = torch.full((4, 2, n), 0.75, dtype=torch.float64)
+    target = torch.full((4, 11), -0.25, dtype=torch.float64)
+    target[1] = 0.75  # target equal to theta too
+    target[2, ::2] = 2.0
+    for weights in WEIGHTS:
+        _check_critic(emu, heads, target, None, 0.3, 0.2, mode, weights)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("n", [1, 3, 7, 16, 33, 200])
+@pytest.mark.parametrize("level", ["one atom", "all atoms", "exact boundary"])
+def test_tail_of_one_atom_and_of_all(emu, mode, n, level):
+    # one atom: level N < 1; all atoms: level 1; exact boundary: level N an integer (no fractional atom)
+    alpha = {"one atom": 0.5 / n, "all atoms": 1.0, "exact boundary": min(1.0, 3.0 / n)}[level]
+    g = torch.Generator().manual_seed(n)
+    heads = torch.randn((5, 3, n), generator=g, dtype=torch.float64)
+    target = torch.randn((5, 13), generator=g, dtype=torch.float64)
+    for weights in WEIGHTS:
+        _check_critic(emu, heads, target, None, alpha, alpha, mode, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("h,n,m", [(3, 7, 5), (5, 33, 17), (3, 129, 257), (7, 3, 2)])
+def test_odd_sizes_masks_and_dtypes(emu, dtype, mode, h, n, m):
+    g = torch.Generator().manual_seed(h * n + m)
+    heads = torch.randn((7, h, n), generator=g, dtype=torch.float64)
+    target = torch.randn((7, m), generator=g, dtype=torch.float64) * 1.5
+    heads[3] = float("nan")  # masked: never read
+    mask = torch.tensor([1, 0.5, 1, 0, 1, 1, 0.25])
+    for weights in WEIGHTS:
+        _check_critic(emu, heads, target, mask, 0.15, 0.25, mode, weights, dtype)
+
+
+@pytest.mark.parametrize("n", [6, 40])
+def test_recipe_shape_at_its_kink(emu, n):
+    """theta equal to the target atom for atom: the recipe's tail variances are equal (the shape
+    term's ReLU at exactly 0 on both sides, gradient 0), in the kernel as in the reference."""
+    row = _tied_rows(4, n, 7)
+    heads = row.unsqueeze(1).expand(4, 3, n).contiguous()
+    _check_critic(emu, heads, row.clone(), None, 0.3, 0.3, "recipe", "tails")
+    got = emu.critic_loss(heads, row, dvpo.taus(n, dtype=torch.float64), dvpo.taus(n, dtype=torch.float64),
+                          None, 0.5, 0.3, 0.3, True, [0, 0, 0, 0, 0, 1, 0, 0] + MODES["recipe"], "auto")
+    assert torch.all(got[1][:, TERM_NAMES.index("shape")] == 0)
+    assert torch.all(got[2] == 0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 31, 32, 33, 100])
+@pytest.mark.parametrize("upper", [False, True])
+def test_cvar_coefficients_with_ties(emu, n, upper):
+    x = _tied_rows(6, n, 3 * n)
+    x[1] = 1.0  # all equal
+    if n > 2:
+        x[2, :2] = torch.tensor([0.0, -0.0])  # the zeros are one value
+    for level in (0.5 / n, 0.2, 0.35, 0.5, 1.0):
+        got = emu.cvar(x, level, upper)
+        want = ref_backend.cvar(x, level, upper)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_global_scratch_path_with_ties(emu, mode):
+    """With no shared memory (both limits 0) the rows are sorted in the global workspace."""
+    emu.set_smem_limits(0, 0)
+    try:
+        heads = _tied_rows(9, 45, 5).unsqueeze(1).expand(9, 2, 45).contiguous()
+        _check_critic(emu, heads, _tied_rows(9, 70, 6), torch.tensor([1, 0, 1, 1, 1, 0, 1, 1, 1]), 0.3, 0.4,
+                      mode, "all")
+        x = _tied_rows(9, 45, 8)
+        for g, w in zip(emu.cvar(x, 0.3, True), ref_backend.cvar(x, 0.3, True)):
+            assert rel_err(g, w) < TOL[torch.float64]
+    finally:
+        emu.set_smem_limits(48 * 1024, 227 * 1024)
