@@ -35,17 +35,9 @@ __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <typename T>
-__device__ __forceinline__ T dmin(T a, T b);
-template <>
 __device__ __forceinline__ float dmin(float a, float b) { return fminf(a, b); }
-template <>
 __device__ __forceinline__ double dmin(double a, double b) { return fmin(a, b); }
-template <typename T>
-__device__ __forceinline__ T dmax(T a, T b);
-template <>
 __device__ __forceinline__ float dmax(float a, float b) { return fmaxf(a, b); }
-template <>
 __device__ __forceinline__ double dmax(double a, double b) { return fmax(a, b); }
 
 // a / b correctly rounded even under --use_fast_math (means are computed as torch does: a
