@@ -7,6 +7,8 @@ sort can get wrong: ties straddling the tail boundary (which tied atom gets the 
 coefficient, and the gradient), all-equal rows, a tail of one atom and of every atom, rows that are
 not a power of two (padding), odd H x N, both tail-target modes, masks, theta's tail variance
 exactly equal to the target's (the recipe's shape ReLU at its kink), and the global-scratch path.
+The last group checks the sorted pair algorithm (algorithm="sorted", csrc/cuda/sorted.cuh) of the
+quantile Huber op and of the critic loss the same way, and its pairwise fallback for non-finite rows.
 
 Each case runs twice: on the emulated kernels (CPU, the `emu` fixture of tests/test_cuda_backend.py;
 DVPO_SKIP_CUDA_EMU=1 skips it) and, `gpu`-marked, on the real ones through dvpo.backends.cuda (CUDA
@@ -49,6 +51,9 @@ class _OnGpu:
 
     def cvar(self, x, level, upper):
         return tuple(o.cpu() for o in self._cuda.cvar(x.cuda(), level, upper))
+
+    def quantile_huber(self, *args):
+        return tuple(o.cpu() for o in self._cuda.quantile_huber(*map(self._to, args)))
 
 
 @pytest.fixture(params=["emulated", pytest.param("gpu", marks=pytest.mark.gpu)])
@@ -183,3 +188,87 @@ def test_global_scratch_path_with_ties(kernels, mode):
     finally:
         if emulated:
             kernels.set_smem_limits(48 * 1024, 227 * 1024)
+
+
+# ------------------------------------------------------------------ algorithm="sorted" (sorted.cuh)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n,m", [(1, 1), (2, 3), (7, 7), (32, 200), (200, 33), (257, 2), (3, 257)])
+def test_sorted_quantile_huber(kernels, dtype, n, m):
+    acc = ref.acc_dtype(dtype)
+    g = torch.Generator().manual_seed(n * 1000 + m)
+    t = dvpo.taus(n, "paper", dtype=acc)
+    w = torch.rand(n, generator=g, dtype=acc) + 0.5
+    mask = torch.tensor([1, 0, 1, 0.5, 1, 1], dtype=acc)
+    for ties in (False, True):
+        pred = torch.randn((6, n), generator=g, dtype=torch.float64)
+        target = torch.randn((6, m), generator=g, dtype=torch.float64) * 2.0
+        if ties:
+            pred, target = torch.round(pred * 2) / 2, torch.round(target * 2) / 2
+        pred, target = pred.to(dtype), target.to(dtype)
+        for weights, mk, kappa, nk in [(None, None, 1.0, False), (w, mask, 0.01, True), (w, mask, 3.0, False)]:
+            got = kernels.quantile_huber(pred, target, t, weights, mk, kappa, nk, "sorted")
+            want = ref_backend.quantile_huber(pred.double(), target.double(), t.double(),
+                                              None if weights is None else weights.double(),
+                                              None if mk is None else mk.double(), kappa, nk)
+            for a, b in zip(got, want):
+                assert a.dtype == acc
+                assert rel_err(a, b) < TOL[dtype]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("h,n,m", [(1, 1, 1), (3, 7, 7), (5, 33, 17), (3, 200, 200), (2, 3, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sorted_critic_loss(kernels, dtype, h, n, m, mode):
+    acc = ref.acc_dtype(dtype)
+    t = dvpo.taus(n, dtype=acc)
+    rw = ref.risk_weights(t, 2.0)
+    mask = torch.tensor([1, 0, 1, 0.5, 1, 1], dtype=acc)
+    g = torch.Generator().manual_seed(h + n + m)
+    heads = torch.randn((6, h, n), generator=g, dtype=torch.float64).to(dtype)
+    target = torch.randn((6, m), generator=g, dtype=torch.float64).to(dtype)
+    for kappa, nk in ((0.7, False), (0.01, True)):
+        params = [1.0] * 8 + MODES[mode]
+        got = kernels.critic_loss(heads, target, t, rw, mask, kappa, 0.2, 0.15, nk, params, "sorted")
+        want = ref_backend.critic_loss(heads.double(), target.double(), t.double(), rw.double(), mask.double(),
+                                       kappa, 0.2, 0.15, nk, params)
+        for a, b, what in zip(got, want, ("total", "terms", "grad")):
+            assert rel_err(a, b) < TOL[dtype], what
+        for k, name in enumerate(TERM_NAMES):
+            assert rel_err(got[1][:, k], want[1][:, k]) < TOL[dtype], name
+
+
+def test_sorted_non_finite_rows_run_pairwise(kernels):
+    """A token with inf or NaN gives exactly the pairwise result (inf/NaN propagate as in the formula)."""
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn((4, 9), generator=g)
+    target = torch.randn((4, 12), generator=g)
+    target[1, 3] = float("inf")
+    pred[2, 0] = float("nan")
+    t = dvpo.taus(9)
+    got = kernels.quantile_huber(pred, target, t, None, None, 1.0, False, "sorted")
+    want = kernels.quantile_huber(pred, target, t, None, None, 1.0, False, "pairwise")
+    for a, b in zip(got, want):  # the non-finite tokens 1, 2 bitwise
+        torch.testing.assert_close(a[1:3], b[1:3], equal_nan=True, rtol=0, atol=0)
+    assert torch.isfinite(got[0][[0, 3]]).all() and not torch.isfinite(got[0][1:3]).any()
+    ok = [0, 3]  # the finite tokens by the sorted algorithm
+    want = ref_backend.quantile_huber(pred[ok].double(), target[ok].double(), t.double(), None, None, 1.0, False)
+    for a, b in zip(got, want):
+        assert rel_err(a[ok], b) < TOL[torch.float32]
+
+
+def test_sorted_global_scratch_path(kernels):
+    if isinstance(kernels, _OnGpu):
+        pytest.skip("the emulation lowers the shared-memory limits; the GPU case is the large-row tail test")
+    kernels.set_smem_limits(0, 0)
+    try:
+        g = torch.Generator().manual_seed(4)
+        pred = torch.randn((9, 40), generator=g, dtype=torch.float64)
+        target = torch.randn((9, 70), generator=g, dtype=torch.float64)
+        t = dvpo.taus(40, dtype=torch.float64)
+        got = kernels.quantile_huber(pred, target, t, None, None, 0.5, True, "sorted")
+        want = ref_backend.quantile_huber(pred, target, t, None, None, 0.5, True)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < TOL[torch.float64]
+    finally:
+        kernels.set_smem_limits(48 * 1024, 227 * 1024)

@@ -4,7 +4,9 @@
 // The only torch-aware file of the CUDA backend, compiled by the host compiler. One helper,
 // OpCall, does what every op needs before its launch (checks, contiguous inputs, the per-quantile
 // vectors and the mask in the accumulation dtype, outputs, the dtype instantiation, the workspace
-// a launcher asks for, the launch on the current stream); each op adds its shapes and its Params. The `algorithm` argument is accepted and ignored: every CUDA kernel is pairwise for now.
+// a launcher asks for, the launch on the current stream); each op adds its shapes and its Params.
+// `algorithm`: "sorted" runs the sorted pair algorithm (csrc/cuda/sorted.cuh) for the quantile
+// Huber sums, "auto" and "pairwise" the pairwise one (no GPU cost model for "auto" yet).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -160,6 +162,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber_cuda(const at::Tensor& pred, c
     prm.m = m;
     prm.kappa = kappa;
     prm.normalize_kappa = normalize_kappa;
+    prm.sorted = algorithm == "sorted";
     call.launch(prm, &quantile_huber_workspace_bytes<scalar_t>, &launch_quantile_huber<scalar_t>);
   });
   return {loss, grad};
@@ -251,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
     prm.alpha = alpha;
     prm.beta = beta;
     prm.normalize_kappa = normalize_kappa;
+    prm.sorted = algorithm == "sorted";
     for (int k = 0; k < kTerms; ++k) prm.weights[k] = params[k];
     prm.tail_mode = params[kTailMode] == 1.0 ? 1 : 0;
     prm.lo_scale = params[kLoScale];

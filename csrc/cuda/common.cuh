@@ -450,14 +450,17 @@ __device__ __forceinline__ char* warp_scratch(void* workspace, size_t per_token)
 
 // ------------------------------------------------------------------ launching a warp-per-token op
 // One launch path for the per-token ops (quantile Huber, CVaR, critic loss). An op is a struct
-// with three static members, for its Params<scalar_t> (dvpo_cuda.h):
+// with these static members, for its Params<scalar_t> (dvpo_cuda.h):
 //   size_t scratch_bytes(const Params& p)             per-token scratch (host),
 //   bool valid(const Params& p)                       the launcher's own argument checks (host),
-//   template <bool kShared> void run(const Params& p, size_t per_token)    the kernel body (device).
+//   kHasSorted                                        whether p.sorted exists (the sorted pair
+//                                                     algorithm: its own kernel, so that the pairwise
+//                                                     one keeps its register allocation),
+//   template <bool kShared, bool kSorted> void run(const Params& p, size_t per_token)   the body.
 
-template <typename Op, typename Params, bool kShared>
+template <typename Op, typename Params, bool kShared, bool kSorted>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock) warp_token_kernel(const Params p, const size_t per_token) {
-  Op::template run<kShared>(p, per_token);
+  Op::template run<kShared, kSorted>(p, per_token);
 }
 
 // Bytes of global workspace the launch of `p` needs (0: the scratch fits shared memory).
@@ -468,24 +471,32 @@ size_t warp_op_workspace(const Params& p) {
   return plan.workspace;
 }
 
+template <typename Op, bool kSorted, typename Params>
+cudaError_t launch_planned(const Params& p, const Plan& plan, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(plan.blocks)), block(32 * plan.warps);
+  if (plan.global) {
+    if (p.workspace == nullptr) return cudaErrorInvalidValue;
+    warp_token_kernel<Op, Params, false, kSorted><<<grid, block, 0, stream>>>(p, plan.per_token);
+  } else {
+    const cudaError_t err = prepare_kernel(warp_token_kernel<Op, Params, true, kSorted>, plan);
+    if (err != cudaSuccess) return err;
+    warp_token_kernel<Op, Params, true, kSorted><<<grid, block, plan.smem, stream>>>(p, plan.per_token);
+  }
+  return cudaGetLastError();
+}
+
 // Plans the launch (warps per block, shared memory or the global fallback) and enqueues the kernel.
 template <typename Op, typename Params>
 cudaError_t launch_warp_op(const Params& p, cudaStream_t stream) {
   if (p.tokens <= 0) return cudaSuccess;
   if (!Op::valid(p)) return cudaErrorInvalidValue;
   Plan plan;
-  cudaError_t err = make_plan(Op::scratch_bytes(p), p.tokens, plan);
+  const cudaError_t err = make_plan(Op::scratch_bytes(p), p.tokens, plan);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(plan.blocks)), block(32 * plan.warps);
-  if (plan.global) {
-    if (p.workspace == nullptr) return cudaErrorInvalidValue;
-    warp_token_kernel<Op, Params, false><<<grid, block, 0, stream>>>(p, plan.per_token);
-  } else {
-    err = prepare_kernel(warp_token_kernel<Op, Params, true>, plan);
-    if (err != cudaSuccess) return err;
-    warp_token_kernel<Op, Params, true><<<grid, block, plan.smem, stream>>>(p, plan.per_token);
+  if constexpr (Op::kHasSorted) {
+    if (p.sorted) return launch_planned<Op, true>(p, plan, stream);
   }
-  return cudaGetLastError();
+  return launch_planned<Op, false>(p, plan, stream);
 }
 
 }  // namespace detail

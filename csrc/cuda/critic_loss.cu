@@ -39,9 +39,11 @@
 //   4. the output pass: grad[h, i] = mask * (g_i / H + w_consist 4 / (H - 1) (heads_hi - theta_i)),
 //      summing the consistency term consist on the way (the heads are re-read, L1/L2-hot).
 // Terms whose weight is 0 are skipped and reported as 0. Every sum is a fixed-order per-lane loop
-// plus a shuffle butterfly: no atomics, bitwise deterministic. `algorithm` is ignored (pairwise).
+// plus a shuffle butterfly: no atomics, bitwise deterministic. With `sorted` (algorithm="sorted")
+// phase 1 runs qh_sorted (sorted.cuh) instead of qh_pairs, with the same per-atom results.
 #include "common.cuh"
 #include "pairwise.cuh"
+#include "sorted.cuh"
 #include "terms.h"  // kTerms and the term indices kQH..kConsist (generated from dvpo/config.py)
 
 namespace dvpo {
@@ -52,14 +54,15 @@ namespace {
 // zs (the sorted target) only in recipe mode: consistent mode never needs the target's tails.
 template <typename acc_t>
 struct CriticLayout {
-  size_t th, g, z, ts, zs, bytes;
-  __host__ __device__ CriticLayout(int n, int m, bool target_sort) {
+  size_t th, g, z, ts, zs, qs, bytes;
+  __host__ __device__ CriticLayout(int n, int m, bool target_sort, bool sorted_pairs) {
     th = 0;
     g = th + align16(sizeof(acc_t) * n);
     z = g + align16(sizeof(acc_t) * n);
     ts = z + align16(sizeof(acc_t) * m);
     zs = ts + sorted_row_bytes<acc_t>(n);
-    bytes = zs + (target_sort ? sorted_row_bytes<acc_t>(m) : 0);
+    qs = zs + (target_sort ? sorted_row_bytes<acc_t>(m) : 0);
+    bytes = qs + (sorted_pairs ? SortedQhLayout<acc_t>(m).bytes : 0);
   }
 };
 
@@ -69,25 +72,26 @@ constexpr int kTailRecipe = 0, kTailConsistent = 1;
 struct CriticLossOp {
   template <typename scalar_t>
   static size_t scratch_bytes(const CriticLossParams<scalar_t>& p) {
-    return CriticLayout<acc_t<scalar_t>>(p.n, p.m, p.tail_mode != kTailConsistent).bytes;
+    return CriticLayout<acc_t<scalar_t>>(p.n, p.m, p.tail_mode != kTailConsistent, p.sorted).bytes;
   }
   template <typename scalar_t>
   static bool valid(const CriticLossParams<scalar_t>& p) {
     return p.h >= 1 && p.n >= 1 && p.m >= 1 && p.alpha > 0.0 && p.alpha <= 1.0 && p.beta > 0.0 && p.beta <= 1.0 &&
            (p.tail_mode == kTailRecipe || p.tail_mode == kTailConsistent);
   }
-  template <bool kShared, typename scalar_t>
+  static constexpr bool kHasSorted = true;
+  template <bool kShared, bool kSorted, typename scalar_t>
   static __device__ __forceinline__ void run(const CriticLossParams<scalar_t>& p, size_t per_token);
 };
 
-template <bool kShared, typename scalar_t>
+template <bool kShared, bool kSorted, typename scalar_t>
 __device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_t>& p, const size_t per_token) {
   using acc = acc_t<scalar_t>;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
   const int H = p.h, n = p.n, m = p.m;
   const bool consistent = p.tail_mode == kTailConsistent;
-  const CriticLayout<acc> lay(n, m, !consistent);
+  const CriticLayout<acc> lay(n, m, !consistent, p.sorted);
   char* base = warp_scratch<kShared>(p.workspace, per_token);
   acc* th = reinterpret_cast<acc*>(base + lay.th);
   acc* g = reinterpret_cast<acc*>(base + lay.g);
@@ -147,7 +151,10 @@ __device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_
         r_part += rwi * loss_i;
         g[i] = -scale * dsum_i * (w[kQH] + w[kRisk] * rwi);
       };
-      qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
+      if (kSorted)
+        qh_sorted<acc, !kShared>(th, p.taus, n, z, m, k, base + lay.qs, lane, emit);
+      else
+        qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
       if (w[kQH] != acc(0)) term[kQH] = warp_sum(q_part) * scale;
       if (w[kRisk] != acc(0)) term[kRisk] = warp_sum(r_part) * scale;
     } else {

@@ -30,11 +30,12 @@ struct CvarOp {
   static bool valid(const CvarParams<scalar_t>& p) {
     return p.n >= 1 && p.level > 0.0 && p.level <= 1.0;
   }
-  template <bool kShared, typename scalar_t>
+  static constexpr bool kHasSorted = false;
+  template <bool kShared, bool kSorted, typename scalar_t>
   static __device__ __forceinline__ void run(const CvarParams<scalar_t>& p, size_t per_token);
 };
 
-template <bool kShared, typename scalar_t>
+template <bool kShared, bool kSorted, typename scalar_t>
 __device__ __forceinline__ void CvarOp::run(const CvarParams<scalar_t>& p, const size_t per_token) {
   using acc = acc_t<scalar_t>;
   const int lane = threadIdx.x & 31;
