@@ -68,7 +68,8 @@ def kernels(request):
     return _OnGpu()
 
 
-def _check_critic(kernels, heads, target, mask, alpha, beta, mode, weights, dtype=torch.float64):
+def _check_critic(kernels, heads, target, mask, alpha, beta, mode, weights, dtype=torch.float64, *,
+                  kappa=0.5, normalize_kappa=True, algorithm="auto"):
     n = heads.shape[-1]
     acc = ref.acc_dtype(dtype)
     t = dvpo.taus(n, dtype=acc)
@@ -76,9 +77,9 @@ def _check_critic(kernels, heads, target, mask, alpha, beta, mode, weights, dtyp
     params = WEIGHTS[weights] + MODES[mode]
     heads, target = heads.to(dtype), target.to(dtype)
     m = None if mask is None else mask.to(acc)
-    got = kernels.critic_loss(heads, target, t, rw, m, 0.5, alpha, beta, True, params, "auto")
+    got = kernels.critic_loss(heads, target, t, rw, m, kappa, alpha, beta, normalize_kappa, params, algorithm)
     want = ref_backend.critic_loss(heads.double(), target.double(), t.double(), rw.double(),
-                                   None if m is None else m.double(), 0.5, alpha, beta, True, params)
+                                   None if m is None else m.double(), kappa, alpha, beta, normalize_kappa, params)
     for g, w, what in zip(got, want, ("total", "terms", "grad")):
         assert rel_err(g, w) < TOL[dtype], what
     for k, name in enumerate(TERM_NAMES):
@@ -220,22 +221,13 @@ def test_sorted_quantile_huber(kernels, dtype, n, m):
 @pytest.mark.parametrize("h,n,m", [(1, 1, 1), (3, 7, 7), (5, 33, 17), (3, 200, 200), (2, 3, 257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_sorted_critic_loss(kernels, dtype, h, n, m, mode):
-    acc = ref.acc_dtype(dtype)
-    t = dvpo.taus(n, dtype=acc)
-    rw = ref.risk_weights(t, 2.0)
-    mask = torch.tensor([1, 0, 1, 0.5, 1, 1], dtype=acc)
     g = torch.Generator().manual_seed(h + n + m)
-    heads = torch.randn((6, h, n), generator=g, dtype=torch.float64).to(dtype)
-    target = torch.randn((6, m), generator=g, dtype=torch.float64).to(dtype)
+    heads = torch.randn((6, h, n), generator=g, dtype=torch.float64)
+    target = torch.randn((6, m), generator=g, dtype=torch.float64)
+    mask = torch.tensor([1, 0, 1, 0.5, 1, 1])
     for kappa, nk in ((0.7, False), (0.01, True)):
-        params = [1.0] * 8 + MODES[mode]
-        got = kernels.critic_loss(heads, target, t, rw, mask, kappa, 0.2, 0.15, nk, params, "sorted")
-        want = ref_backend.critic_loss(heads.double(), target.double(), t.double(), rw.double(), mask.double(),
-                                       kappa, 0.2, 0.15, nk, params)
-        for a, b, what in zip(got, want, ("total", "terms", "grad")):
-            assert rel_err(a, b) < TOL[dtype], what
-        for k, name in enumerate(TERM_NAMES):
-            assert rel_err(got[1][:, k], want[1][:, k]) < TOL[dtype], name
+        _check_critic(kernels, heads, target, mask, 0.2, 0.15, mode, "all", dtype, kappa=kappa, normalize_kappa=nk,
+                      algorithm="sorted")
 
 
 def test_sorted_non_finite_rows_run_pairwise(kernels):
