@@ -248,5 +248,18 @@ DVPO_HD T expectile_weight(T d, T tau) {
   return d > T(0) ? tau : T(1) - tau;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tails of a sorted row (the CUDA kernels sort a row's atoms by (value, index) instead of
+// selecting; docs/math.md, "3. Sorting-free CVaR", defines the ranks this reproduces).
+// ---------------------------------------------------------------------------------------------
+
+// The tail rank of the atom at position q of a row of n atoms sorted ascending by (value, index),
+// where [s, e) are the positions of the atoms equal to it. From the bottom it is q itself. From the
+// top, the atoms above the tie group come first (n - e of them) and within the group the lower
+// index ranks lower, i.e. the group's order is not reversed: (n - e) + (q - s).
+DVPO_HD int sorted_tail_rank(int q, int n, int s, int e, bool upper) {
+  return upper ? (n - e) + (q - s) : q;
+}
+
 }  // namespace math
 }  // namespace dvpo

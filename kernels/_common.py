@@ -127,26 +127,6 @@ def prune_tiles(configs_, named_args, row_regs: bool = False, rank_row: int = 0)
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def row_keys(x, valid, UPPER: tl.constexpr, IS_F64: tl.constexpr):
-    """Order keys of x (padding lanes: the largest key); reversed order (ranks from the top) when UPPER."""
-    if IS_F64:
-        bits = x.to(tl.int64, bitcast=True)
-        bits = tl.where(bits == -9223372036854775807 - 1, 0, bits)  # -0.0 -> +0.0
-        key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)
-        if UPPER:
-            key = -1 - key
-        key = tl.where(valid, key, 0x7FFFFFFFFFFFFFFF)
-    else:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = tl.where(bits == -2147483647 - 1, 0, bits)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        if UPPER:
-            key = -1 - key
-        key = tl.where(valid, key, 0x7FFFFFFF)
-    return key
-
-
-@triton.jit
 def row_keys2(x, valid, IS_F64: tl.constexpr):
     """(lower-tail keys, upper-tail keys) of x, padding lanes the largest key in both."""
     if IS_F64:
@@ -165,20 +145,48 @@ def row_keys2(x, valid, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def row_keys(x, valid, UPPER: tl.constexpr, IS_F64: tl.constexpr):
+    """Order keys of x (padding lanes: the largest key); reversed order (ranks from the top) when UPPER."""
+    key, key_hi = row_keys2(x, valid, IS_F64)
+    if UPPER:
+        key = key_hi
+    return key
+
+
+@triton.jit
+def token_block(mask_ptr, T, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(tok, tv, mw, keep) of this program's BLOCK_T tokens: indices, in range, the mask weights
+    (0 past T) and mw != 0 (masked tokens are never read)."""
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tv = tok < T
+    if HAS_MASK:
+        mw = tl.load(mask_ptr + tok, mask=tv, other=0.0).to(ACC)
+    else:
+        mw = tl.where(tv, 1.0, 0.0).to(ACC)
+    return tok, tv, mw, mw != 0
+
+
+@triton.jit
+def _select_start(ROWS: tl.constexpr, IS_F64: tl.constexpr):
+    """(1, the smallest key) in the key dtype, the latter [ROWS, 1]: where a bisection select starts."""
+    if IS_F64:
+        one = tl.full((), 1, tl.int64)
+        t = tl.full([ROWS, 1], -9223372036854775807 - 1, tl.int64)
+    else:
+        one = tl.full((), 1, tl.int32)
+        t = tl.full([ROWS, 1], -2147483647 - 1, tl.int32)
+    return one, t
+
+
+@triton.jit
 def kth_key(key, k, IS_F64: tl.constexpr):
     """(t, L) per token: t the k-th smallest key of each row of `key` [BLOCK_T, n] (1 <= k <= real
     lanes; padding holds the largest key), L = #{key < t}. Exact bisection select.
 
     Greedy from the top bit: t is the largest value with #{key < t} <= k - 1: first the sign bit
     (candidate 0), then each value bit, kept when the count allows it (one row reduction per bit)."""
-    if IS_F64:
-        NBITS: tl.constexpr = 64
-        one = tl.full((), 1, tl.int64)
-        t = tl.full([key.shape[0], 1], -9223372036854775807 - 1, tl.int64)
-    else:
-        NBITS: tl.constexpr = 32
-        one = tl.full((), 1, tl.int32)
-        t = tl.full([key.shape[0], 1], -2147483647 - 1, tl.int32)
+    NBITS: tl.constexpr = 32 + 32 * IS_F64
+    one, t = _select_start(key.shape[0], IS_F64)
     cand = t ^ t
     cnt = tl.reduce(tl.where(key < cand, 1, 0), 1, SUM, keep_dims=True)
     t = tl.where(cnt < k, cand, t)
@@ -193,14 +201,8 @@ def kth_key(key, k, IS_F64: tl.constexpr):
 @triton.jit
 def kth_key2(key_a, k_a, key_b, k_b, IS_F64: tl.constexpr):
     """kth_key on two key tiles of the same rows at once (both counts in one int32: n < 32768)."""
-    if IS_F64:
-        NBITS: tl.constexpr = 64
-        one = tl.full((), 1, tl.int64)
-        t0 = tl.full([key_a.shape[0], 1], -9223372036854775807 - 1, tl.int64)
-    else:
-        NBITS: tl.constexpr = 32
-        one = tl.full((), 1, tl.int32)
-        t0 = tl.full([key_a.shape[0], 1], -2147483647 - 1, tl.int32)
+    NBITS: tl.constexpr = 32 + 32 * IS_F64
+    one, t0 = _select_start(key_a.shape[0], IS_F64)
     cand = t0 ^ t0
     cnt = tl.reduce(tl.where(key_a < cand, 1, 0) + tl.where(key_b < cand, 65536, 0), 1, SUM, keep_dims=True)
     t_a = tl.where((cnt & 65535) < k_a, cand, t0)

@@ -49,7 +49,8 @@ from dvpo.reference import curvature_counts
 
 from . import _common
 from ._common import (SUM, acc_dtype, configs, curv_weights, device_guard, head_mean, pow2,
-                      prune_tiles, row_keys2, tail_coef, tail_select, tail_stats, tile_config, tl_acc)
+                      prune_tiles, row_keys2, tail_coef, tail_select, tail_stats, tile_config, tl_acc,
+                      token_block)
 from .quantile_huber import qh_rows
 
 # The term order is dvpo.config's TERM_NAMES (the one source of truth; csrc/terms.h is generated from
@@ -77,6 +78,34 @@ def _prune(configs_, named_args, **kwargs):
     return prune_tiles(configs_, named_args, row_regs=True, rank_row=rank_row)
 
 
+@triton.jit
+def _consistent_tail(theta, key, t, L, a_n, UPPER: tl.constexpr, z, vm, y_k, s_k, w_align, w_shape,
+                     DO_ALIGN: tl.constexpr, DO_SHAPE: tl.constexpr, IS_F64: tl.constexpr, SPREAD: tl.constexpr):
+    """One consistent-mode tail: (CVaR C, VaR v, alignment term, its gradient factor A, shape part,
+    its factor B), with the target's excess e = min(z - v, 0) (max above) over the real lanes `vm`:
+    alignment (C - (v + y_k sum e))^2, A = 2 w_align (C - ...); shape (S - s_k sum e^2)^2,
+    B = 4 w_shape (S - ...). y_k, s_k fold scale / (level M) and scale^2 / (level M)."""
+    cv, v, S = tail_stats(theta, key, t, L, a_n, UPPER, IS_F64, SPREAD)
+    if UPPER:
+        dz = tl.where(vm[None, :], tl.maximum(z - v[:, None], 0.0), 0.0)
+    else:
+        dz = tl.where(vm[None, :], tl.minimum(z - v[:, None], 0.0), 0.0)
+    zero = cv * 0.0
+    align_t = zero
+    A = zero
+    shape_t = zero
+    B = zero
+    if DO_ALIGN:
+        d = cv - (v + y_k * tl.reduce(dz, 1, SUM))
+        align_t = d * d
+        A = 2.0 * w_align * d
+    if DO_SHAPE:
+        e = S - s_k * tl.reduce(dz * dz, 1, SUM)
+        shape_t = e * e
+        B = 4.0 * w_shape * e
+    return cv, v, align_t, A, shape_t, B
+
+
 @triton.autotune(configs=configs(_GPU_CONFIGS, _INTERP_CONFIGS),
                  key=["N", "M", "H", "RANK_N", "RANK_M", "TAIL_MODE"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
@@ -96,13 +125,7 @@ def _critic_loss_kernel(
         RANK_N: tl.constexpr, RANK_M: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr,
         N_PAD: tl.constexpr, M_PAD: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tv = tok < T
-    if HAS_MASK:
-        mw = tl.load(mask_ptr + tok, mask=tv, other=0.0).to(ACC)
-    else:
-        mw = tl.where(tv, 1.0, 0.0).to(ACC)
-    keep = mw != 0
+    tok, tv, mw, keep = token_block(mask_ptr, T, HAS_MASK, ACC, BLOCK_T)
     h_base = heads_ptr + tok * s_ht
     z_base = target_ptr + tok * s_zt
     g_row = (grad_ptr + tok * (H * N))[:, None]
@@ -187,27 +210,15 @@ def _critic_loss_kernel(
             ctr_lo = zero
             ctr_hi = zero
             if DO_LO:
-                cv_lo, ctr_lo, S_lo = tail_stats(theta, kt_lo, t_lo, L_lo, a_lo_n, False, IS_F64, SPREAD)
-                dz = tl.where(vm[None, :], tl.minimum(z - ctr_lo[:, None], 0.0), 0.0)
-                if DO_CVAR:
-                    d_lo = cv_lo - (ctr_lo + tl.full((), y_lo_k_, ACC) * tl.reduce(dz, 1, SUM))
-                    cvar_t = d_lo * d_lo
-                    A_lo = 2.0 * w_cvar * d_lo
-                if DO_SHAPE:
-                    e_lo = S_lo - tl.full((), s_lo_k_, ACC) * tl.reduce(dz * dz, 1, SUM)
-                    shape_t += e_lo * e_lo
-                    B_lo = 4.0 * w_shape * e_lo
+                cv_lo, ctr_lo, cvar_t, A_lo, sh_lo, B_lo = _consistent_tail(
+                    theta, kt_lo, t_lo, L_lo, a_lo_n, False, z, vm, tl.full((), y_lo_k_, ACC),
+                    tl.full((), s_lo_k_, ACC), w_cvar, w_shape, DO_CVAR, DO_SHAPE, IS_F64, SPREAD)
+                shape_t += sh_lo
             if DO_HI:
-                cv_hi, ctr_hi, S_hi = tail_stats(theta, kt_hi, t_hi, L_hi, a_hi_n, True, IS_F64, SPREAD)
-                dz = tl.where(vm[None, :], tl.maximum(z - ctr_hi[:, None], 0.0), 0.0)
-                if DO_GAIN:
-                    d_hi = cv_hi - (ctr_hi + tl.full((), y_hi_k_, ACC) * tl.reduce(dz, 1, SUM))
-                    gain_t = d_hi * d_hi
-                    A_hi = 2.0 * w_gain * d_hi
-                if DO_SHAPE:
-                    e_hi = S_hi - tl.full((), s_hi_k_, ACC) * tl.reduce(dz * dz, 1, SUM)
-                    shape_t += e_hi * e_hi
-                    B_hi = 4.0 * w_shape * e_hi
+                cv_hi, ctr_hi, gain_t, A_hi, sh_hi, B_hi = _consistent_tail(
+                    theta, kt_hi, t_hi, L_hi, a_hi_n, True, z, vm, tl.full((), y_hi_k_, ACC),
+                    tl.full((), s_hi_k_, ACC), w_gain, w_shape, DO_GAIN, DO_SHAPE, IS_F64, SPREAD)
+                shape_t += sh_hi
             if DO_SHIFT:
                 tau_s = tl.full((), tau_s_, ACC)
                 gap = tl.reduce(z, 1, SUM) / M - tl.reduce(theta, 1, SUM) / N

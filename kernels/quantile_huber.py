@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import SUM, acc_dtype, configs, device_guard, prune_tiles, tile_config, tl_acc
+from ._common import SUM, acc_dtype, configs, device_guard, prune_tiles, tile_config, tl_acc, token_block
 
 # (BLOCK_T, BLOCK_N, BLOCK_M, num_warps): several tokens per program only for small rows.
 _GPU_CONFIGS = [tile_config(*c) for c in [
@@ -74,15 +74,9 @@ def _quantile_huber_kernel(pred_ptr, target_ptr, taus_ptr, w_ptr, mask_ptr, loss
                            kappa_: tl.float64, scale_: tl.float64,
                            HAS_W: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tv = tok < T
+    tok, tv, mw, keep = token_block(mask_ptr, T, HAS_MASK, ACC, BLOCK_T)
     kappa = tl.full((), kappa_, ACC)
     scale = tl.full((), scale_, ACC)
-    if HAS_MASK:
-        mw = tl.load(mask_ptr + tok, mask=tv, other=0.0).to(ACC)
-    else:
-        mw = tl.where(tv, 1.0, 0.0).to(ACC)
-    keep = mw != 0
     p_base = pred_ptr + tok * s_pt
     z_base = target_ptr + tok * s_zt
     g_row = (grad_ptr + tok * N)[:, None]

@@ -1,11 +1,12 @@
 // The CUDA implementations of the dvpo_C operators (schemas in csrc/cpu/bindings.cpp, which
 // dvpo._C registers with TORCH_LIBRARY; import dvpo._C before dvpo._cuda_C).
 //
-// The only torch-aware file of the CUDA backend, compiled by the host compiler: it checks the
-// arguments, makes the inputs contiguous, converts the small per-quantile vectors and the mask to
-// the accumulation dtype, allocates the outputs (and a workspace when a launcher asks for one),
-// picks the dtype instantiation and calls the torch-free launchers of csrc/cuda/*.cu on the current
-// stream. The `algorithm` argument is accepted and ignored: every CUDA kernel is pairwise for now.
+// The only torch-aware file of the CUDA backend, compiled by the host compiler. One helper,
+// OpCall, does what every op needs before its launch (checks, contiguous inputs, the per-quantile
+// vectors and the mask in the accumulation dtype, outputs, the dtype instantiation, the workspace
+// a launcher asks for, the launch on the current stream); each op adds its shapes and its Params.
+// `algorithm`: "sorted" runs the sorted pair algorithm (csrc/cuda/sorted.cuh) for the quantile
+// Huber sums, "auto" and "pairwise" the pairwise one (no GPU cost model for "auto" yet).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -26,12 +27,8 @@
 
 // An importable module with no Python functions: `import dvpo._cuda_C` loads the library and runs
 // the registrations below.
-extern "C" {
-PyObject* PyInit__cuda_C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cuda_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
+static PyModuleDef dvpo_cuda_module = {PyModuleDef_HEAD_INIT, "_cuda_C", nullptr, -1, nullptr};
+extern "C" PyObject* PyInit__cuda_C(void) { return PyModule_Create(&dvpo_cuda_module); }
 
 namespace dvpo {
 namespace cuda {
@@ -42,52 +39,93 @@ struct Tag {
   using type = T;
 };
 
-// Calls f(Tag<scalar_t>{}) with the CUDA type of `dtype`.
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kDouble: f(Tag<double>{}); break;
-    case at::kHalf: f(Tag<__half>{}); break;
-    case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
-    default: TORCH_CHECK(false, "dvpo_C::", op, " (CUDA): unsupported dtype ", dtype, " (fp32, fp64, fp16, bf16)");
+template <typename T>
+const T* in(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <typename T>
+T* out(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+// The torch side of one op call, shared by the four ops: device and dtype checks against the op's
+// main input (the one the outputs follow), contiguous inputs, the small vectors (taus, weights, the
+// mask) in the accumulation dtype, the outputs, the device guard, the dtype instantiation and the
+// launch with the workspace the launcher asks for, on the current stream.
+class OpCall {
+ public:
+  OpCall(const char* op, const at::Tensor& main, const char* name)
+      : op_(op), name_(name), main_(on_device(op, main, main, name)), guard_(main.device()),
+        acc_(main.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) {}
+
+  // A row input with the main input's device and dtype, contiguous.
+  at::Tensor input(const at::Tensor& t, const char* name) const {
+    on_device(op_, t, main_, name);
+    TORCH_CHECK(t.scalar_type() == main_.scalar_type(), "dvpo_C::", op_, ": ", name_, " and ", name, " dtypes differ");
+    return t.contiguous();
   }
-}
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+  // A vector of `size` entries, contiguous in the accumulation dtype (undefined when absent).
+  at::Tensor vector(const std::optional<at::Tensor>& t, const char* name, int64_t size) const {
+    if (!t.has_value()) return at::Tensor();
+    on_device(op_, *t, main_, name);
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == size, "dvpo_C::", op_, ": ", name, " [", size, "] expected, got ",
+                t->sizes());
+    return t->to(acc_).contiguous();
+  }
 
-void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "dvpo_C::", op, ": ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == ref.device(), "dvpo_C::", op, ": ", name, " must be on ", ref.device(), ", got ",
-              t.device());
-}
+  at::Tensor output(at::IntArrayRef sizes) const { return at::empty(sizes, main_.options().dtype(acc_)); }
 
-int as_int(int64_t v, const char* op, const char* what) {
-  TORCH_CHECK(v >= 1 && v <= std::numeric_limits<int>::max(), "dvpo_C::", op, ": ", what, " must be in [1, 2^31), got ",
-              v);
-  return static_cast<int>(v);
-}
+  // A size the launchers take as int.
+  int size(int64_t v, const char* what) const {
+    TORCH_CHECK(v >= 1 && v <= std::numeric_limits<int>::max(), "dvpo_C::", op_, ": ", what,
+                " must be in [1, 2^31), got ", v);
+    return static_cast<int>(v);
+  }
 
-// A per-quantile vector (or the mask) as a contiguous tensor of the accumulation dtype.
-at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+  void check_algorithm(c10::string_view algorithm) const {
+    TORCH_CHECK(algorithm == "auto" || algorithm == "pairwise" || algorithm == "sorted", "dvpo_C::", op_,
+                ": algorithm must be auto, pairwise or sorted, got ", std::string(algorithm));
+  }
 
-template <typename acc_t>
-const acc_t* ptr(const at::Tensor& t) {
-  return t.defined() ? static_cast<const acc_t*>(t.const_data_ptr()) : nullptr;
-}
+  // Calls f(Tag<scalar_t>{}) with the CUDA type of the main input's dtype.
+  template <typename F>
+  void dispatch(F&& f) const {
+    switch (main_.scalar_type()) {
+      case at::kFloat: f(Tag<float>{}); break;
+      case at::kDouble: f(Tag<double>{}); break;
+      case at::kHalf: f(Tag<__half>{}); break;
+      case at::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+      default:
+        TORCH_CHECK(false, "dvpo_C::", op_, " (CUDA): unsupported dtype ", main_.scalar_type(), " (fp32, fp64, fp16, bf16)");
+    }
+  }
 
-void check_algorithm(c10::string_view algorithm, const char* op) {
-  TORCH_CHECK(algorithm == "auto" || algorithm == "pairwise" || algorithm == "sorted", "dvpo_C::", op,
-              ": algorithm must be auto, pairwise or sorted, got ", std::string(algorithm));
-}
+  template <typename Params>
+  void launch(Params& prm, size_t (*workspace_bytes)(const Params&),
+              cudaError_t (*launcher)(const Params&, cudaStream_t)) const {
+    const size_t bytes = workspace_bytes(prm);
+    const at::Tensor ws =
+        bytes ? at::empty({static_cast<int64_t>(bytes)}, main_.options().dtype(at::kByte)) : at::Tensor();
+    prm.workspace = bytes ? ws.data_ptr() : nullptr;
+    const cudaError_t err = launcher(prm, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess, "dvpo_C::", op_, " (CUDA) failed: ", cudaGetErrorString(err));
+  }
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "dvpo_C::", op, " (CUDA) failed: ", cudaGetErrorString(err));
-}
+ private:
+  static const at::Tensor& on_device(const char* op, const at::Tensor& t, const at::Tensor& ref, const char* name) {
+    TORCH_CHECK(t.is_cuda(), "dvpo_C::", op, ": ", name, " must be a CUDA tensor");
+    TORCH_CHECK(t.device() == ref.device(), "dvpo_C::", op, ": ", name, " must be on ", ref.device(), ", got ",
+                t.device());
+    return t;
+  }
 
-at::Tensor workspace(size_t bytes, const at::Tensor& like) {
-  return bytes ? at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte)) : at::Tensor();
-}
+  const char* op_;
+  const char* name_;
+  at::Tensor main_;
+  c10::cuda::CUDAGuard guard_;
+  at::ScalarType acc_;
+};
 
 // -------------------------------------------------------------------------------- quantile Huber
 
@@ -95,54 +133,37 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber_cuda(const at::Tensor& pred, c
                                                        const at::Tensor& taus, const std::optional<at::Tensor>& weights,
                                                        const std::optional<at::Tensor>& mask, double kappa,
                                                        bool normalize_kappa, c10::string_view algorithm) {
-  const char* op = "quantile_huber";
-  TORCH_CHECK(pred.dim() == 2 && target.dim() == 2 && pred.size(0) == target.size(0), "dvpo_C::", op,
-              ": pred [T, N] and target [T, M] expected, got ", pred.sizes(), " and ", target.sizes());
-  TORCH_CHECK(pred.scalar_type() == target.scalar_type(), "dvpo_C::", op, ": pred and target dtypes differ");
-  TORCH_CHECK(taus.dim() == 1 && taus.size(0) == pred.size(1), "dvpo_C::", op, ": taus [N] expected");
-  TORCH_CHECK(kappa > 0, "dvpo_C::", op, ": kappa must be > 0");
-  check_algorithm(algorithm, op);
-  check_cuda(pred, pred, op, "pred");
-  check_cuda(target, pred, op, "target");
-  check_cuda(taus, pred, op, "taus");
-  const c10::cuda::CUDAGuard guard(pred.device());
-  const auto acc = acc_type(pred.scalar_type());
+  const OpCall call("quantile_huber", pred, "pred");
+  TORCH_CHECK(pred.dim() == 2 && target.dim() == 2 && pred.size(0) == target.size(0),
+              "dvpo_C::quantile_huber: pred [T, N] and target [T, M] expected, got ", pred.sizes(), " and ",
+              target.sizes());
+  TORCH_CHECK(kappa > 0, "dvpo_C::quantile_huber: kappa must be > 0");
+  call.check_algorithm(algorithm);
   const int64_t T = pred.size(0);
-  at::Tensor loss = at::empty({T}, pred.options().dtype(acc));
-  at::Tensor grad = at::empty({T, pred.size(1)}, pred.options().dtype(acc));
+  const at::Tensor p = pred.contiguous(), z = call.input(target, "target");
+  const at::Tensor t = call.vector(taus, "taus", pred.size(1)), w = call.vector(weights, "weights", pred.size(1));
+  const at::Tensor mk = call.vector(mask, "mask", T);
+  const at::Tensor loss = call.output({T}), grad = call.output({T, pred.size(1)});
   if (T == 0) return {loss, grad};
-  const int n = as_int(pred.size(1), op, "N"), m = as_int(target.size(1), op, "M");
-  const at::Tensor p = pred.contiguous(), z = target.contiguous(), t = as_acc(taus, acc);
-  at::Tensor w, mk;
-  if (weights.has_value()) {
-    check_cuda(*weights, pred, op, "weights");
-    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == n, "dvpo_C::", op, ": weights [N] expected");
-    w = as_acc(*weights, acc);
-  }
-  if (mask.has_value()) {
-    check_cuda(*mask, pred, op, "mask");
-    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == T, "dvpo_C::", op, ": mask [T] expected");
-    mk = as_acc(*mask, acc);
-  }
-  dispatch_dtype(p.scalar_type(), op, [&](auto tag) {
+  const int n = call.size(pred.size(1), "N"), m = call.size(target.size(1), "M");
+  call.dispatch([&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using accT = acc_t<scalar_t>;
     QuantileHuberParams<scalar_t> prm;
-    prm.pred = static_cast<const scalar_t*>(p.const_data_ptr());
-    prm.target = static_cast<const scalar_t*>(z.const_data_ptr());
-    prm.taus = ptr<accT>(t);
-    prm.weights = ptr<accT>(w);
-    prm.mask = ptr<accT>(mk);
-    prm.loss = static_cast<accT*>(loss.data_ptr());
-    prm.grad = static_cast<accT*>(grad.data_ptr());
+    prm.pred = in<scalar_t>(p);
+    prm.target = in<scalar_t>(z);
+    prm.taus = in<accT>(t);
+    prm.weights = in<accT>(w);
+    prm.mask = in<accT>(mk);
+    prm.loss = out<accT>(loss);
+    prm.grad = out<accT>(grad);
     prm.tokens = T;
     prm.n = n;
     prm.m = m;
     prm.kappa = kappa;
     prm.normalize_kappa = normalize_kappa;
-    const at::Tensor ws = workspace(quantile_huber_workspace_bytes(prm), p);
-    prm.workspace = ws.defined() ? ws.data_ptr() : nullptr;
-    check_launch(launch_quantile_huber(prm, c10::cuda::getCurrentCUDAStream().stream()), op);
+    prm.sorted = algorithm == "sorted";
+    call.launch(prm, &quantile_huber_workspace_bytes<scalar_t>, &launch_quantile_huber<scalar_t>);
   });
   return {loss, grad};
 }
@@ -150,101 +171,81 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber_cuda(const at::Tensor& pred, c
 // ------------------------------------------------------------------------------------------ CVaR
 
 std::tuple<at::Tensor, at::Tensor> cvar_cuda(const at::Tensor& x, double level, bool upper) {
-  const char* op = "cvar";
-  TORCH_CHECK(x.dim() == 2, "dvpo_C::", op, ": x [T, N] expected, got ", x.sizes());
-  TORCH_CHECK(level > 0.0 && level <= 1.0, "dvpo_C::", op, ": level must be in (0, 1], got ", level);
-  check_cuda(x, x, op, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = acc_type(x.scalar_type());
+  const OpCall call("cvar", x, "x");
+  TORCH_CHECK(x.dim() == 2, "dvpo_C::cvar: x [T, N] expected, got ", x.sizes());
+  TORCH_CHECK(level > 0.0 && level <= 1.0, "dvpo_C::cvar: level must be in (0, 1], got ", level);
   const int64_t T = x.size(0);
-  at::Tensor value = at::empty({T}, x.options().dtype(acc));
-  at::Tensor coef = at::empty({T, x.size(1)}, x.options().dtype(acc));
+  const at::Tensor value = call.output({T}), coef = call.output({T, x.size(1)});
   if (T == 0) return {value, coef};
-  const int n = as_int(x.size(1), op, "N");
+  const int n = call.size(x.size(1), "N");
   const at::Tensor xc = x.contiguous();
-  dispatch_dtype(xc.scalar_type(), op, [&](auto tag) {
+  call.dispatch([&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using accT = acc_t<scalar_t>;
     CvarParams<scalar_t> prm;
-    prm.x = static_cast<const scalar_t*>(xc.const_data_ptr());
-    prm.value = static_cast<accT*>(value.data_ptr());
-    prm.coef = static_cast<accT*>(coef.data_ptr());
+    prm.x = in<scalar_t>(xc);
+    prm.value = out<accT>(value);
+    prm.coef = out<accT>(coef);
     prm.tokens = T;
     prm.n = n;
     prm.level = level;
     prm.upper = upper;
-    const at::Tensor ws = workspace(cvar_workspace_bytes(prm), xc);
-    prm.workspace = ws.defined() ? ws.data_ptr() : nullptr;
-    check_launch(launch_cvar(prm, c10::cuda::getCurrentCUDAStream().stream()), op);
+    call.launch(prm, &cvar_workspace_bytes<scalar_t>, &launch_cvar<scalar_t>);
   });
   return {value, coef};
 }
 
 // ------------------------------------------------------------------------------- fused critic loss
 
+// params (dvpo/config.py, PARAM_NAMES; indices from csrc/terms.h): the term weights, tail_mode
+// (0 recipe, 1 consistent), lo_scale, hi_scale, shift_expectile (the last three only read in
+// consistent mode).
+void check_critic_params(at::ArrayRef<double> params) {
+  TORCH_CHECK(params.size() == kParams, "dvpo_C::critic_loss: ", kParams, " params expected (", kTerms,
+              " term weights, tail_mode, lo_scale, hi_scale, shift_expectile), got ", params.size());
+  const double mode = params[kTailMode];
+  TORCH_CHECK(mode == 0.0 || mode == 1.0, "dvpo_C::critic_loss: params[", kTailMode,
+              "] (tail_mode) must be 0 (recipe) or 1 (consistent), got ", mode);
+  if (mode == 0.0) return;
+  TORCH_CHECK(std::isfinite(params[kLoScale]) && std::isfinite(params[kHiScale]), "dvpo_C::critic_loss: params[",
+              kLoScale, "], params[", kHiScale, "] (lo_scale, hi_scale) must be finite, got ", params[kLoScale],
+              " and ", params[kHiScale]);
+  TORCH_CHECK(params[kShiftExpectile] > 0.0 && params[kShiftExpectile] < 1.0, "dvpo_C::critic_loss: params[",
+              kShiftExpectile, "] (shift_expectile) must be in (0, 1), got ", params[kShiftExpectile]);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
     const at::Tensor& heads, const at::Tensor& target, const at::Tensor& taus, const at::Tensor& risk_weights,
     const std::optional<at::Tensor>& mask, double kappa, double alpha, double beta, bool normalize_kappa,
     at::ArrayRef<double> params, c10::string_view algorithm) {
-  const char* op = "critic_loss";
-  TORCH_CHECK(heads.dim() == 3 && target.dim() == 2 && heads.size(0) == target.size(0), "dvpo_C::", op,
-              ": heads [T, H, N] and target [T, M] expected, got ", heads.sizes(), " and ", target.sizes());
-  TORCH_CHECK(heads.scalar_type() == target.scalar_type(), "dvpo_C::", op, ": heads and target dtypes differ");
-  TORCH_CHECK(taus.dim() == 1 && taus.size(0) == heads.size(2), "dvpo_C::", op, ": taus [N] expected");
-  TORCH_CHECK(risk_weights.dim() == 1 && risk_weights.size(0) == heads.size(2), "dvpo_C::", op,
-              ": risk_weights [N] expected");
-  // params (dvpo/config.py, PARAM_NAMES): the 8 term weights, tail_mode (0 recipe, 1 consistent),
-  // lo_scale, hi_scale, shift_expectile (the last three are ignored in recipe mode).
-  TORCH_CHECK(params.size() == kParams, "dvpo_C::", op,
-              ": 12 params expected (8 term weights, tail_mode, lo_scale, hi_scale, shift_expectile), got ",
-              params.size());
-  const double tail_mode = params[kTailMode];
-  TORCH_CHECK(tail_mode == 0.0 || tail_mode == 1.0, "dvpo_C::", op,
-              ": params[8] (tail_mode) must be 0 (recipe) or 1 (consistent), got ", tail_mode);
-  if (tail_mode == 1.0) {
-    TORCH_CHECK(std::isfinite(params[kLoScale]) && std::isfinite(params[kHiScale]), "dvpo_C::", op,
-                ": params[9], params[10] (lo_scale, hi_scale) must be finite, got ", params[kLoScale], " and ",
-                params[kHiScale]);
-    TORCH_CHECK(params[kShiftExpectile] > 0.0 && params[kShiftExpectile] < 1.0, "dvpo_C::", op,
-                ": params[11] (shift_expectile) must be in (0, 1), got ", params[kShiftExpectile]);
-  }
-  TORCH_CHECK(kappa > 0, "dvpo_C::", op, ": kappa must be > 0");
-  TORCH_CHECK(alpha > 0.0 && alpha <= 1.0 && beta > 0.0 && beta <= 1.0, "dvpo_C::", op,
-              ": alpha and beta must be in (0, 1]");
-  check_algorithm(algorithm, op);
-  check_cuda(heads, heads, op, "heads");
-  check_cuda(target, heads, op, "target");
-  check_cuda(taus, heads, op, "taus");
-  check_cuda(risk_weights, heads, op, "risk_weights");
-  const c10::cuda::CUDAGuard guard(heads.device());
-  const auto acc = acc_type(heads.scalar_type());
-  const int64_t T = heads.size(0);
-  at::Tensor total = at::empty({T}, heads.options().dtype(acc));
-  at::Tensor terms = at::empty({T, kTerms}, heads.options().dtype(acc));
-  at::Tensor grad = at::empty(heads.sizes(), heads.options().dtype(acc));
+  const OpCall call("critic_loss", heads, "heads");
+  TORCH_CHECK(heads.dim() == 3 && target.dim() == 2 && heads.size(0) == target.size(0),
+              "dvpo_C::critic_loss: heads [T, H, N] and target [T, M] expected, got ", heads.sizes(), " and ",
+              target.sizes());
+  check_critic_params(params);
+  TORCH_CHECK(kappa > 0, "dvpo_C::critic_loss: kappa must be > 0");
+  TORCH_CHECK(alpha > 0.0 && alpha <= 1.0 && beta > 0.0 && beta <= 1.0,
+              "dvpo_C::critic_loss: alpha and beta must be in (0, 1]");
+  call.check_algorithm(algorithm);
+  const int64_t T = heads.size(0), N = heads.size(2);
+  const at::Tensor hd = heads.contiguous(), z = call.input(target, "target");
+  const at::Tensor t = call.vector(taus, "taus", N), rw = call.vector(risk_weights, "risk_weights", N);
+  const at::Tensor mk = call.vector(mask, "mask", T);
+  const at::Tensor total = call.output({T}), terms = call.output({T, kTerms}), grad = call.output(heads.sizes());
   if (T == 0) return {total, terms, grad};
-  const int h = as_int(heads.size(1), op, "H"), n = as_int(heads.size(2), op, "N");
-  const int m = as_int(target.size(1), op, "M");
-  const at::Tensor hd = heads.contiguous(), z = target.contiguous();
-  const at::Tensor t = as_acc(taus, acc), rw = as_acc(risk_weights, acc);
-  at::Tensor mk;
-  if (mask.has_value()) {
-    check_cuda(*mask, heads, op, "mask");
-    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == T, "dvpo_C::", op, ": mask [T] expected");
-    mk = as_acc(*mask, acc);
-  }
-  dispatch_dtype(hd.scalar_type(), op, [&](auto tag) {
+  const int h = call.size(heads.size(1), "H"), n = call.size(N, "N"), m = call.size(target.size(1), "M");
+  call.dispatch([&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using accT = acc_t<scalar_t>;
     CriticLossParams<scalar_t> prm;
-    prm.heads = static_cast<const scalar_t*>(hd.const_data_ptr());
-    prm.target = static_cast<const scalar_t*>(z.const_data_ptr());
-    prm.taus = ptr<accT>(t);
-    prm.risk_weights = ptr<accT>(rw);
-    prm.mask = ptr<accT>(mk);
-    prm.total = static_cast<accT*>(total.data_ptr());
-    prm.terms = static_cast<accT*>(terms.data_ptr());
-    prm.grad = static_cast<accT*>(grad.data_ptr());
+    prm.heads = in<scalar_t>(hd);
+    prm.target = in<scalar_t>(z);
+    prm.taus = in<accT>(t);
+    prm.risk_weights = in<accT>(rw);
+    prm.mask = in<accT>(mk);
+    prm.total = out<accT>(total);
+    prm.terms = out<accT>(terms);
+    prm.grad = out<accT>(grad);
     prm.tokens = T;
     prm.h = h;
     prm.n = n;
@@ -253,14 +254,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
     prm.alpha = alpha;
     prm.beta = beta;
     prm.normalize_kappa = normalize_kappa;
+    prm.sorted = algorithm == "sorted";
     for (int k = 0; k < kTerms; ++k) prm.weights[k] = params[k];
-    prm.tail_mode = tail_mode == 1.0 ? 1 : 0;
+    prm.tail_mode = params[kTailMode] == 1.0 ? 1 : 0;
     prm.lo_scale = params[kLoScale];
     prm.hi_scale = params[kHiScale];
     prm.shift_expectile = params[kShiftExpectile];
-    const at::Tensor ws = workspace(critic_loss_workspace_bytes(prm), hd);
-    prm.workspace = ws.defined() ? ws.data_ptr() : nullptr;
-    check_launch(launch_critic_loss(prm, c10::cuda::getCurrentCUDAStream().stream()), op);
+    call.launch(prm, &critic_loss_workspace_bytes<scalar_t>, &launch_critic_loss<scalar_t>);
   });
   return {total, terms, grad};
 }
@@ -269,40 +269,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
 
 std::tuple<at::Tensor, at::Tensor> distributional_gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                                            const at::Tensor& mask, double gamma, double lam) {
-  const char* op = "distributional_gae";
-  TORCH_CHECK(values.dim() == 3, "dvpo_C::", op, ": values [B, T, M] expected, got ", values.sizes());
-  TORCH_CHECK(rewards.dim() == 2 && rewards.size(0) == values.size(0) && rewards.size(1) == values.size(1),
-              "dvpo_C::", op, ": rewards [B, T] expected, got ", rewards.sizes());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == values.size(0) && mask.size(1) == values.size(1), "dvpo_C::", op,
-              ": mask [B, T] expected, got ", mask.sizes());
-  check_cuda(values, values, op, "values");
-  check_cuda(rewards, values, op, "rewards");
-  check_cuda(mask, values, op, "mask");
-  const c10::cuda::CUDAGuard guard(values.device());
-  const auto acc = acc_type(values.scalar_type());
+  const OpCall call("distributional_gae", values, "values");
+  TORCH_CHECK(values.dim() == 3, "dvpo_C::distributional_gae: values [B, T, M] expected, got ", values.sizes());
   const int64_t B = values.size(0), T = values.size(1), M = values.size(2);
-  at::Tensor adv = at::empty({B, T}, values.options().dtype(acc));
-  at::Tensor ret = at::empty({B, T, M}, values.options().dtype(acc));
-  const int m = as_int(M, op, "M");
+  TORCH_CHECK(rewards.dim() == 2 && rewards.size(0) == B && rewards.size(1) == T,
+              "dvpo_C::distributional_gae: rewards [B, T] expected, got ", rewards.sizes());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == T,
+              "dvpo_C::distributional_gae: mask [B, T] expected, got ", mask.sizes());
+  // [B, T] per-token vectors, converted as flat ones
+  const at::Tensor r = call.vector(rewards.reshape({-1}), "rewards", B * T);
+  const at::Tensor mk = call.vector(mask.reshape({-1}), "mask", B * T);
+  const at::Tensor adv = call.output({B, T}), ret = call.output({B, T, M});
+  const int m = call.size(M, "M");
   if (B == 0 || T == 0) return {adv, ret};
-  const at::Tensor v = values.contiguous(), r = as_acc(rewards, acc), mk = as_acc(mask, acc);
-  dispatch_dtype(v.scalar_type(), op, [&](auto tag) {
+  const at::Tensor v = values.contiguous();
+  call.dispatch([&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     using accT = acc_t<scalar_t>;
     GaeParams<scalar_t> prm;
-    prm.rewards = ptr<accT>(r);
-    prm.values = static_cast<const scalar_t*>(v.const_data_ptr());
-    prm.mask = ptr<accT>(mk);
-    prm.adv = static_cast<accT*>(adv.data_ptr());
-    prm.ret = static_cast<accT*>(ret.data_ptr());
+    prm.rewards = in<accT>(r);
+    prm.values = in<scalar_t>(v);
+    prm.mask = in<accT>(mk);
+    prm.adv = out<accT>(adv);
+    prm.ret = out<accT>(ret);
     prm.batch = B;
     prm.length = T;
     prm.m = m;
     prm.gamma = gamma;
     prm.lam = lam;
-    const at::Tensor ws = workspace(gae_workspace_bytes(prm), v);
-    prm.workspace = ws.defined() ? ws.data_ptr() : nullptr;
-    check_launch(launch_distributional_gae(prm, c10::cuda::getCurrentCUDAStream().stream()), op);
+    call.launch(prm, &gae_workspace_bytes<scalar_t>, &launch_distributional_gae<scalar_t>);
   });
   return {adv, ret};
 }

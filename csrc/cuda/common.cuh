@@ -35,17 +35,9 @@ __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <typename T>
-__device__ __forceinline__ T dmin(T a, T b);
-template <>
 __device__ __forceinline__ float dmin(float a, float b) { return fminf(a, b); }
-template <>
 __device__ __forceinline__ double dmin(double a, double b) { return fmin(a, b); }
-template <typename T>
-__device__ __forceinline__ T dmax(T a, T b);
-template <>
 __device__ __forceinline__ float dmax(float a, float b) { return fmaxf(a, b); }
-template <>
 __device__ __forceinline__ double dmax(double a, double b) { return fmax(a, b); }
 
 // a / b correctly rounded even under --use_fast_math (means are computed as torch does: a
@@ -72,27 +64,27 @@ __device__ __forceinline__ void unpack16(const uint4& raw, double* out, const do
   out[0] = __hiloint2double(static_cast<int>(raw.y), static_cast<int>(raw.x));
   out[1] = __hiloint2double(static_cast<int>(raw.w), static_cast<int>(raw.z));
 }
-__device__ __forceinline__ void unpack16(const uint4& raw, float* out, const __half*) {
+__device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+
+// Eight 16-bit floats: four pairs of type pair_t (__half2 or __nv_bfloat162).
+template <typename pair_t>
+__device__ __forceinline__ void unpack16_pairs(const uint4& raw, float* out) {
   const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    __half2 h2;
-    memcpy(&h2, &w[k], sizeof(h2));
-    const float2 f = __half22float2(h2);
+    pair_t two;
+    memcpy(&two, &w[k], sizeof(two));
+    const float2 f = to_float2(two);
     out[2 * k] = f.x;
     out[2 * k + 1] = f.y;
   }
 }
+__device__ __forceinline__ void unpack16(const uint4& raw, float* out, const __half*) {
+  unpack16_pairs<__half2>(raw, out);
+}
 __device__ __forceinline__ void unpack16(const uint4& raw, float* out, const __nv_bfloat16*) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    __nv_bfloat162 b2;
-    memcpy(&b2, &w[k], sizeof(b2));
-    const float2 f = __bfloat1622float2(b2);
-    out[2 * k] = f.x;
-    out[2 * k + 1] = f.y;
-  }
+  unpack16_pairs<__nv_bfloat162>(raw, out);
 }
 
 // dst[e] = mean over `rows` rows of src[r * n + e] (rows = 1: a plain converted copy), e in [0, n),
@@ -141,29 +133,7 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_min(T x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const T y = __shfl_xor_sync(kFullMask, x, off);
-    x = y < x ? y : x;
-  }
-  return x;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const T y = __shfl_xor_sync(kFullMask, x, off);
-    x = y > x ? y : x;
-  }
-  return x;
-}
-
-__device__ __forceinline__ int warp_count(int x) { return __reduce_add_sync(kFullMask, x); }
-
-// ------------------------------------------------------------------- order-preserving keys (CVaR)
+// ---------------------------------------------------------------- order-preserving keys (tails)
 // An unsigned key per value with key(a) < key(b) iff a < b and key(a) == key(b) iff a == b
 // (-0 and +0 map to the same key), so ranks and thresholds are integer comparisons.
 template <typename acc_t>
@@ -171,12 +141,10 @@ struct KeyOf;
 template <>
 struct KeyOf<float> {
   using type = uint32_t;
-  static constexpr int kBits = 32;
 };
 template <>
 struct KeyOf<double> {
   using type = unsigned long long;
-  static constexpr int kBits = 64;
 };
 
 __device__ __forceinline__ uint32_t order_key(float x) {
@@ -190,70 +158,68 @@ __device__ __forceinline__ unsigned long long order_key(double x) {
   return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
 }
 
-__device__ __forceinline__ int highest_bit(uint32_t x) { return 31 - __clz(x); }
-__device__ __forceinline__ int highest_bit(unsigned long long x) { return 63 - __clzll(static_cast<long long>(x)); }
+// ------------------------------------------------------------------------- sorted rows (tails)
+// A tail is found by sorting the row's atoms by (key, index) in the warp's scratch: position p of
+// that order is exactly the lower-tail rank of the atom there (docs/math.md, "3. Sorting-free
+// CVaR": rank_i = #{x_k < x_i} + #{k < i : x_k == x_i}), the VaR is one read, and the tail's sums
+// run over its own atoms only.
 
-// Exact selection, no sort: out[s] = the k[s]-th smallest key (0-based) of keys[0, n), for NS
-// positions at once. Bisection over the key bits, most significant first: with `ans` the largest
-// key prefix x such that #{key < x} <= k, try the next bit; each try is one warp-cooperative count
-// (lane-strided compares + one __reduce_add_sync). Bits above the highest bit in which the warp's
-// min and max keys differ are shared by every key and skipped.
-template <typename key_t, int NS>
-__device__ __forceinline__ void select_kth(const key_t* keys, int n, const int (&k)[NS], key_t (&out)[NS],
-                                           int lane) {
-  constexpr int kBits = sizeof(key_t) * 8;
-  key_t lo = ~key_t(0), hi = 0;
-  for (int e = lane; e < n; e += 32) {
-    const key_t x = keys[e];
-    lo = x < lo ? x : lo;
-    hi = x > hi ? x : hi;
-  }
-  lo = warp_min(lo);
-  hi = warp_max(hi);
-  const key_t diff = lo ^ hi;
-  if (diff == 0) {
-#pragma unroll
-    for (int s = 0; s < NS; ++s) out[s] = lo;
-    return;
-  }
-  const int top = highest_bit(diff);
-  const key_t low_mask = top == kBits - 1 ? ~key_t(0) : ((key_t(1) << (top + 1)) - 1);
-  key_t ans[NS];
-#pragma unroll
-  for (int s = 0; s < NS; ++s) ans[s] = lo & ~low_mask;
-  for (int b = top; b >= 0; --b) {
-    const key_t bit = key_t(1) << b;
-    key_t cand[NS];
-    int cnt[NS];
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      cand[s] = ans[s] | bit;
-      cnt[s] = 0;
-    }
-#pragma unroll 4
-    for (int e = lane; e < n; e += 32) {
-      const key_t x = keys[e];
-#pragma unroll
-      for (int s = 0; s < NS; ++s) cnt[s] += x < cand[s];
-    }
-#pragma unroll
-    for (int s = 0; s < NS; ++s)
-      if (warp_count(cnt[s]) <= k[s]) ans[s] = cand[s];
-  }
-#pragma unroll
-  for (int s = 0; s < NS; ++s) out[s] = ans[s];
+__host__ __device__ constexpr int pow2_ceil(int n) {
+  int p = 1;
+  while (p < n) p <<= 1;
+  return p;
 }
 
-// One CVaR tail of an n-atom row: the threshold key (the value of the atom of tail rank K, the last
-// one with a positive coefficient), how many atoms lie strictly inside the tail (beyond the
-// threshold), and level * n in acc_t.
+// Scratch of one sorted row: keys and atom indices over the row padded to a power of two.
 template <typename acc_t>
-struct Tail {
-  typename KeyOf<acc_t>::type thr;
-  int inside;
-  acc_t level_n;
-  bool upper;
+__host__ __device__ constexpr size_t sorted_row_bytes(int n) {
+  return ((sizeof(typename KeyOf<acc_t>::type) + sizeof(int)) * static_cast<size_t>(pow2_ceil(n)) + 15) / 16 * 16;
+}
+
+template <typename acc_t>
+struct SortedRow {
+  using key_t = typename KeyOf<acc_t>::type;
+  key_t* keys;  // [pow2_ceil(n)] ascending
+  int* idx;     // [pow2_ceil(n)] the atom at each position
+  int n;
+  __device__ SortedRow(char* base, int n_) : n(n_) {
+    keys = reinterpret_cast<key_t*>(base);
+    idx = reinterpret_cast<int*>(base + sizeof(key_t) * static_cast<size_t>(pow2_ceil(n_)));
+  }
 };
+
+// Sorts vals[0, n) into `row` by (key, index): a warp-cooperative bitonic sort over the padded
+// power of two P (log2(P) (log2(P) + 1) / 2 compare-exchange rounds, each P / 2 pairs over the 32
+// lanes and one __syncwarp). Padding slots hold the largest key and indices >= n, so they sort
+// last. Indices are distinct: a strict total order, hence one result. All lanes must call it.
+template <typename acc_t>
+__device__ __forceinline__ void sort_row(const acc_t* vals, SortedRow<acc_t>& row, int lane) {
+  using key_t = typename KeyOf<acc_t>::type;
+  const int n = row.n, P = pow2_ceil(n);
+  for (int e = lane; e < P; e += 32) {
+    row.keys[e] = e < n ? order_key(vals[e]) : ~key_t(0);
+    row.idx[e] = e;
+  }
+  __syncwarp();
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = lane; t < P / 2; t += 32) {
+        const int i = 2 * t - (t & (stride - 1));  // the pair (i, i + stride), bit `stride` of i clear
+        const int j = i + stride;
+        const key_t ki = row.keys[i], kj = row.keys[j];
+        const int ii = row.idx[i], ij = row.idx[j];
+        const bool greater = ki > kj || (ki == kj && ii > ij);
+        if (greater == ((i & size) == 0)) {  // ascending where bit `size` of i is clear
+          row.keys[i] = kj;
+          row.keys[j] = ki;
+          row.idx[i] = ij;
+          row.idx[j] = ii;
+        }
+      }
+      __syncwarp();
+    }
+  }
+}
 
 // The tail rank K of the last atom with c > 0: c_i > 0 iff rank_i < level_n, so K = ceil(level_n) - 1.
 template <typename acc_t>
@@ -264,55 +230,65 @@ __host__ __device__ inline int tail_last_rank(acc_t level_n, int n) {
   return k < 0 ? 0 : (k > n - 1 ? n - 1 : k);
 }
 
-// Finds the lower tail (level_lo) and/or the upper tail (level_hi) of keys[0, n) in one bisection.
+// One tail of a sorted row: the boundary atom (tail rank K) sits at position `pos`; [s, e) are the
+// positions of the atoms equal to it (only the order within this group differs between the lower
+// and the upper tail's ranks); `inside` atoms lie strictly beyond it (c = 1 / level_n there).
 template <typename acc_t>
-__device__ __forceinline__ void find_tails(const typename KeyOf<acc_t>::type* keys, int n, bool want_lo,
-                                           acc_t level_n_lo, bool want_hi, acc_t level_n_hi, Tail<acc_t>& lo,
-                                           Tail<acc_t>& hi, int lane) {
-  using key_t = typename KeyOf<acc_t>::type;
-  lo.thr = 0;
-  hi.thr = 0;
-  lo.level_n = level_n_lo;
-  lo.upper = false;
-  hi.level_n = level_n_hi;
-  hi.upper = true;
-  // The upper tail's atom of rank K from the top is the (n - 1 - K)-th smallest.
-  const int k_lo = tail_last_rank(level_n_lo, n);
-  const int k_hi = n - 1 - tail_last_rank(level_n_hi, n);
-  if (want_lo && want_hi) {
-    const int k[2] = {k_lo, k_hi};
-    key_t t[2];
-    select_kth<key_t, 2>(keys, n, k, t, lane);
-    lo.thr = t[0];
-    hi.thr = t[1];
-  } else if (want_lo || want_hi) {
-    const int k[1] = {want_lo ? k_lo : k_hi};
-    key_t t[1];
-    select_kth<key_t, 1>(keys, n, k, t, lane);
-    if (want_lo)
-      lo.thr = t[0];
-    else
-      hi.thr = t[0];
+struct Tail {
+  typename KeyOf<acc_t>::type thr;
+  int k, pos, s, e, inside;
+  acc_t level_n;
+  bool upper;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Tail<acc_t> sorted_tail(const SortedRow<acc_t>& row, acc_t level_n, bool upper) {
+  Tail<acc_t> t;
+  t.level_n = level_n;
+  t.upper = upper;
+  t.k = tail_last_rank(level_n, row.n);
+  t.pos = upper ? row.n - 1 - t.k : t.k;
+  t.thr = row.keys[t.pos];
+  // The tie group by two binary searches (every lane the same ones: broadcast reads).
+  int lo = 0, hi = t.pos;  // first position whose key equals thr
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (row.keys[mid] < t.thr) lo = mid + 1; else hi = mid;
   }
-  int in_lo = 0, in_hi = 0;
-  for (int e = lane; e < n; e += 32) {
-    const key_t x = keys[e];
-    in_lo += x < lo.thr;
-    in_hi += x > hi.thr;
+  t.s = lo;
+  lo = t.pos + 1;
+  hi = row.n;  // first position whose key exceeds thr
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (row.keys[mid] > t.thr) hi = mid; else lo = mid + 1;
   }
-  lo.inside = want_lo ? warp_count(in_lo) : 0;
-  hi.inside = want_hi ? warp_count(in_hi) : 0;
+  t.e = lo;
+  t.inside = upper ? row.n - t.e : t.s;
+  return t;
+}
+
+// Calls f(atom, c) for every atom of the tail with its CVaR coefficient c = clamp(level_n - rank,
+// 0, 1) / level_n (possibly 0 in the boundary group), lane-strided over the tail's positions only:
+// [0, K] from the bottom, [s, n) from the top (where the boundary group keeps index order). Each
+// atom once, so the calls of one tail may scatter into per-atom arrays without conflicts.
+template <typename acc_t, typename F>
+__device__ __forceinline__ void for_each_tail_atom(const SortedRow<acc_t>& row, const Tail<acc_t>& t, int lane,
+                                                   F&& f) {
+  const int count = t.upper ? row.n - t.s : t.k + 1;
+  for (int j = lane; j < count; j += 32) {
+    const int q = t.upper ? row.n - 1 - j : j;
+    const bool in_group = q >= t.s && q < t.e;
+    const int rank = in_group ? math::sorted_tail_rank(q, row.n, t.s, t.e, t.upper) : (t.upper ? row.n - 1 - q : q);
+    f(row.idx[q], math::cvar_coef<acc_t>(rank, t.level_n));
+  }
 }
 
 // Calls f(e, c_e) for every atom e in [0, n) (lane-strided: e = 32 r + lane, r ascending) with its
-// CVaR coefficient c_e = clamp(level_n - rank_e, 0, 1) / level_n. Atoms strictly inside the tail
-// have rank < inside <= K (so c = 1 / level_n), atoms strictly outside have rank > K (c = 0); the
-// atoms equal to the threshold take ranks inside, inside + 1, ... in index order, counted by warp
-// ballots. This is exactly rank_i = #{k: x_k < x_i} + #{k < i: x_k == x_i} (from the top for the
-// upper tail), as the reference defines it. All lanes must call it (it uses warp votes).
+// CVaR coefficient, for a dense output (the cvar op's coefficients). Atoms strictly inside the
+// tail get 1 / level_n, strictly outside 0; the atoms equal to the threshold take ranks inside,
+// inside + 1, ... in index order, counted by warp ballots. All lanes must call it (warp votes).
 template <typename acc_t, typename F>
-__device__ __forceinline__ void for_each_coef(const typename KeyOf<acc_t>::type* keys, int n,
-                                              const Tail<acc_t>& t, int lane, F&& f) {
+__device__ __forceinline__ void for_each_coef(const acc_t* vals, int n, const Tail<acc_t>& t, int lane, F&& f) {
   using key_t = typename KeyOf<acc_t>::type;
   const acc_t full = acc_t(1) / t.level_n;
   const unsigned lower_lanes = (1u << lane) - 1u;
@@ -321,7 +297,7 @@ __device__ __forceinline__ void for_each_coef(const typename KeyOf<acc_t>::type*
   for (int r = 0; r < rounds; ++r) {
     const int e = r * 32 + lane;
     const bool valid = e < n;
-    const key_t x = valid ? keys[e] : key_t(0);
+    const key_t x = valid ? order_key(vals[e]) : key_t(0);
     const bool eq = valid && x == t.thr;
     const unsigned ballot = __ballot_sync(kFullMask, eq);
     if (valid) {
@@ -337,61 +313,32 @@ __device__ __forceinline__ void for_each_coef(const typename KeyOf<acc_t>::type*
   }
 }
 
-// CVaR value sum_i c_i x_i and (optionally) the tail variance sum_i c_i (x_i - CVaR)^2 of vals.
+// The statistics of one tail of vals (sorted into `row`): the CVaR value sum_i c_i x_i, the VaR
+// (the boundary atom's value: max of x over c > 0, min from the top) and, with want_spread, the
+// spread sum_i c_i (x_i - centre)^2 about the VaR (consistent mode's second moment) or about the
+// CVaR (about_var false: the recipe's tail variance). Two short passes over the tail's atoms.
 template <typename acc_t>
 struct TailStats {
-  acc_t value = 0, var = 0;
+  acc_t value = 0, var_at = 0, spread = 0;
 };
 
 template <typename acc_t>
-__device__ __forceinline__ TailStats<acc_t> tail_stats(const acc_t* vals, const typename KeyOf<acc_t>::type* keys,
-                                                       int n, const Tail<acc_t>& t, bool want_var, int lane) {
-  TailStats<acc_t> s;
+__device__ __forceinline__ TailStats<acc_t> tail_stats(const acc_t* vals, const SortedRow<acc_t>& row,
+                                                       const Tail<acc_t>& t, bool want_spread, bool about_var,
+                                                       int lane) {
+  TailStats<acc_t> r;
   acc_t part = 0;
-  for_each_coef<acc_t>(keys, n, t, lane, [&](int e, acc_t c) { part += c * vals[e]; });
-  s.value = warp_sum(part);
-  if (want_var) {
-    acc_t vpart = 0;
-    for_each_coef<acc_t>(keys, n, t, lane, [&](int e, acc_t c) {
-      const acc_t d = vals[e] - s.value;
-      vpart += c * d * d;
-    });
-    s.var = warp_sum(vpart);
-  }
-  return s;
-}
-
-// The consistent-mode statistics of one tail of theta: the CVaR value C = sum_i c_i x_i, the VaR
-// v = max (lower tail) / min (upper tail) of x over the atoms with c_i > 0 (the atom of tail rank
-// K, i.e. the threshold's value) and, optionally, the second moment about the VaR
-// S = sum_i c_i (x_i - v)^2. Two coefficient passes (one without want_s).
-template <typename acc_t>
-struct VarTailStats {
-  acc_t value = 0, var_at = 0, s = 0;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ VarTailStats<acc_t> var_tail_stats(const acc_t* vals,
-                                                              const typename KeyOf<acc_t>::type* keys, int n,
-                                                              const Tail<acc_t>& t, bool want_s, int lane) {
-  VarTailStats<acc_t> r;
-  acc_t part = 0;
-  // Every lane starts beyond any value on the far side, so lanes without a tail atom drop out.
-  acc_t v = t.upper ? static_cast<acc_t>(INFINITY) : -static_cast<acc_t>(INFINITY);
-  for_each_coef<acc_t>(keys, n, t, lane, [&](int e, acc_t c) {
-    const acc_t x = vals[e];
-    part += c * x;
-    if (c > acc_t(0)) v = t.upper ? (x < v ? x : v) : (x > v ? x : v);
-  });
+  for_each_tail_atom(row, t, lane, [&](int e, acc_t c) { part += c * vals[e]; });
   r.value = warp_sum(part);
-  r.var_at = t.upper ? warp_min(v) : warp_max(v);
-  if (want_s) {
+  r.var_at = vals[row.idx[t.pos]];
+  if (want_spread) {
+    const acc_t centre = about_var ? r.var_at : r.value;
     acc_t spart = 0;
-    for_each_coef<acc_t>(keys, n, t, lane, [&](int e, acc_t c) {
-      const acc_t d = vals[e] - r.var_at;
+    for_each_tail_atom(row, t, lane, [&](int e, acc_t c) {
+      const acc_t d = vals[e] - centre;
       spart += c * d * d;
     });
-    r.s = warp_sum(spart);
+    r.spread = warp_sum(spart);
   }
   return r;
 }
@@ -501,6 +448,81 @@ __device__ __forceinline__ char* warp_scratch(void* workspace, size_t per_token)
   return static_cast<char*>(workspace) + slot * per_token;
 }
 
+// ------------------------------------------------------------------ launching a warp-per-token op
+// One launch path for the per-token ops (quantile Huber, CVaR, critic loss). An op is a struct
+// with these static members, for its Params<scalar_t> (dvpo_cuda.h):
+//   size_t scratch_bytes(const Params& p)             per-token scratch (host),
+//   bool valid(const Params& p)                       the launcher's own argument checks (host),
+//   kHasSorted                                        whether p.sorted exists (the sorted pair
+//                                                     algorithm: its own kernel, so that the pairwise
+//                                                     one keeps its register allocation),
+//   template <bool kShared, bool kSorted> void run(const Params& p, size_t per_token)   the body.
+
+template <typename Op, typename Params, bool kShared, bool kSorted>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock) warp_token_kernel(const Params p, const size_t per_token) {
+  Op::template run<kShared, kSorted>(p, per_token);
+}
+
+// Bytes of global workspace the launch of `p` needs (0: the scratch fits shared memory).
+template <typename Op, typename Params>
+size_t warp_op_workspace(const Params& p) {
+  Plan plan;
+  if (p.tokens <= 0 || make_plan(Op::scratch_bytes(p), p.tokens, plan) != cudaSuccess) return 0;
+  return plan.workspace;
+}
+
+template <typename Op, bool kSorted, typename Params>
+cudaError_t launch_planned(const Params& p, const Plan& plan, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(plan.blocks)), block(32 * plan.warps);
+  if (plan.global) {
+    if (p.workspace == nullptr) return cudaErrorInvalidValue;
+    warp_token_kernel<Op, Params, false, kSorted><<<grid, block, 0, stream>>>(p, plan.per_token);
+  } else {
+    const cudaError_t err = prepare_kernel(warp_token_kernel<Op, Params, true, kSorted>, plan);
+    if (err != cudaSuccess) return err;
+    warp_token_kernel<Op, Params, true, kSorted><<<grid, block, plan.smem, stream>>>(p, plan.per_token);
+  }
+  return cudaGetLastError();
+}
+
+// Plans the launch (warps per block, shared memory or the global fallback) and enqueues the kernel.
+template <typename Op, typename Params>
+cudaError_t launch_warp_op(const Params& p, cudaStream_t stream) {
+  if (p.tokens <= 0) return cudaSuccess;
+  if (!Op::valid(p)) return cudaErrorInvalidValue;
+  Plan plan;
+  const cudaError_t err = make_plan(Op::scratch_bytes(p), p.tokens, plan);
+  if (err != cudaSuccess) return err;
+  if constexpr (Op::kHasSorted) {
+    if (p.sorted) return launch_planned<Op, true>(p, plan, stream);
+  }
+  return launch_planned<Op, false>(p, plan, stream);
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace dvpo
+
+// The explicit instantiations of an op's workspace query and launcher (dvpo_cuda.h) for the four
+// input dtypes; used inside namespace dvpo::cuda.
+#define DVPO_CUDA_INSTANTIATE_ONE(Params, workspace_fn, launch_fn, T) \
+  template size_t workspace_fn<T>(const Params<T>&);                  \
+  template cudaError_t launch_fn<T>(const Params<T>&, cudaStream_t);
+#define DVPO_CUDA_INSTANTIATE(Params, workspace_fn, launch_fn)                \
+  DVPO_CUDA_INSTANTIATE_ONE(Params, workspace_fn, launch_fn, float)           \
+  DVPO_CUDA_INSTANTIATE_ONE(Params, workspace_fn, launch_fn, double)          \
+  DVPO_CUDA_INSTANTIATE_ONE(Params, workspace_fn, launch_fn, __half)          \
+  DVPO_CUDA_INSTANTIATE_ONE(Params, workspace_fn, launch_fn, __nv_bfloat16)
+
+// The two entry points of a warp-per-token op (dvpo_cuda.h: workspace query and launcher) on top of
+// warp_op_workspace / launch_warp_op, instantiated for the four dtypes; used inside dvpo::cuda.
+#define DVPO_CUDA_WARP_OP(Op, Params, workspace_fn, launch_fn)                      \
+  template <typename scalar_t>                                                       \
+  size_t workspace_fn(const Params<scalar_t>& p) {                                   \
+    return detail::warp_op_workspace<detail::Op>(p);                                 \
+  }                                                                                  \
+  template <typename scalar_t>                                                       \
+  cudaError_t launch_fn(const Params<scalar_t>& p, cudaStream_t stream) {            \
+    return detail::launch_warp_op<detail::Op>(p, stream);                            \
+  }                                                                                  \
+  DVPO_CUDA_INSTANTIATE(Params, workspace_fn, launch_fn)

@@ -6,37 +6,44 @@
 //   th[N]  ensemble theta = mean of the H heads (16-byte vector loads of the heads when aligned),
 //   g[N]   d total / d theta, accumulated term by term,
 //   z[M]   the targets,
-//   kt[N]  order-preserving integer keys of theta (only when a tail term is on),
-//   kz[M]  the same for z (recipe mode only, when a tail term is on; no room is reserved otherwise).
+//   ts     theta sorted by (value, index): keys and atom indices over N padded to a power of two
+//          (common.cuh, sort_row; only used when a tail term is on),
+//   zs     the same for z (recipe mode only; no room is reserved otherwise).
 // Phases, separated by __syncwarp():
 //   1. qh and risk (the quantile Huber and its risk-weighted form) in one pair pass (qh_pairs,
 //      pairwise.cuh): both share the pairs, the risk term only reweights each atom's sums;
-//   2. the tail terms cvar, gain and shape and the mean-shift term shift; gradients into g in one
-//      pass over each needed tail's coefficients. Two modes (params[kTailMode], i.e. tail_mode):
-//      recipe (0): one exact bisection select per row finds both thresholds (lower alpha, upper
-//        beta) of theta and of z; CVaR values and tail variances by coefficient passes (common.cuh):
+//   2. the tail terms cvar, gain and shape and the mean-shift term shift; gradients into g. The
+//      rows whose tails are needed are sorted in scratch (a warp bitonic sort by (value, index), so
+//      position = rank with the reference's index tie-break); a tail is then the sorted positions
+//      [0, K] (lower) or [n - 1 - K, n) plus its boundary tie group (upper), its VaR the value at
+//      position K (n - 1 - K), and its sums run over its own atoms only (common.cuh, tail_stats).
+//      Two modes (params[kTailMode], i.e. tail_mode):
+//      recipe (0): theta and z are sorted; CVaR values and tail variances of both rows:
 //          cvar = (CVaR_a(theta) - CVaR_a(z))^2, gain = (CVaR+_b(theta) - CVaR+_b(z))^2,
 //          shape = relu(V_lo(theta) - V_lo(z)) + relu(V_hi(z) - V_hi(theta)),
 //          shift = relu(mean z - mean theta);
-//      consistent (1): the select runs on theta only; one coefficient pass per tail gives the CVaR C
-//        and the VaR v (the max of theta over c > 0, min for the upper tail: a warp max/min), a
-//        second one (shape only) S = sum c (theta - v)^2; one pass over z gives the means a, b of
-//        the excess e = min(z - v_lo, 0) (max(z - v_hi, 0) above) and of e^2. No select over z.
+//      consistent (1): theta only is sorted; each tail gives the CVaR C, the VaR v (the max of
+//        theta over c > 0, min for the upper tail: the boundary atom) and (shape only)
+//        S = sum c (theta - v)^2; one pass over z gives the means a, b of the excess
+//        e = min(z - v_lo, 0) (max(z - v_hi, 0) above) and of e^2. z is never sorted.
 //          y = v + scale a / level, s = scale^2 b / level   (lo_scale, alpha / hi_scale, beta),
 //          cvar = (C_lo - y_lo)^2, gain = (C_hi - y_hi)^2, shape = (S_lo - s_lo)^2 + (S_hi - s_hi)^2,
 //          shift = 2 omega d^2, d = mean z - mean theta, omega = tau_s if d > 0 else 1 - tau_s;
 //        v, y and s are targets: constants in the gradient (a semi-gradient, like a TD target).
 //      Both modes' gradients have the form d/d theta_i = c_lo,i (A_lo + B_lo (theta_i - m_lo)) +
 //      c_hi,i (A_hi + B_hi (theta_i - m_hi)) + shift gradient, with the centre m the CVaR (recipe)
-//      or the VaR (consistent);
+//      or the VaR (consistent): the shift gradient in one pass over all atoms, each tail's part
+//      scattered to the tail's atoms only;
 //   3. curv (curvature): two warp sums of second differences; the gradient of a mean of a run of
 //      them telescopes to four atoms, so lane 0 adds it to at most eight entries of g;
 //   4. the output pass: grad[h, i] = mask * (g_i / H + w_consist 4 / (H - 1) (heads_hi - theta_i)),
 //      summing the consistency term consist on the way (the heads are re-read, L1/L2-hot).
 // Terms whose weight is 0 are skipped and reported as 0. Every sum is a fixed-order per-lane loop
-// plus a shuffle butterfly: no atomics, bitwise deterministic. `algorithm` is ignored (pairwise).
+// plus a shuffle butterfly: no atomics, bitwise deterministic. With `sorted` (algorithm="sorted")
+// phase 1 runs qh_sorted (sorted.cuh) instead of qh_pairs, with the same per-atom results.
 #include "common.cuh"
 #include "pairwise.cuh"
+#include "sorted.cuh"
 #include "terms.h"  // kTerms and the term indices kQH..kConsist (generated from dvpo/config.py)
 
 namespace dvpo {
@@ -44,39 +51,53 @@ namespace cuda {
 namespace detail {
 namespace {
 
-// kz (the target's keys) only in recipe mode: consistent mode never selects over the target.
+// zs (the sorted target) only in recipe mode: consistent mode never needs the target's tails.
 template <typename acc_t>
 struct CriticLayout {
-  size_t th, g, z, kt, kz, bytes;
-  __host__ __device__ CriticLayout(int n, int m, bool target_keys) {
-    using key_t = typename KeyOf<acc_t>::type;
+  size_t th, g, z, ts, zs, qs, bytes;
+  __host__ __device__ CriticLayout(int n, int m, bool target_sort, bool sorted_pairs) {
     th = 0;
     g = th + align16(sizeof(acc_t) * n);
     z = g + align16(sizeof(acc_t) * n);
-    kt = z + align16(sizeof(acc_t) * m);
-    kz = kt + align16(sizeof(key_t) * n);
-    bytes = kz + (target_keys ? align16(sizeof(key_t) * m) : 0);
+    ts = z + align16(sizeof(acc_t) * m);
+    zs = ts + sorted_row_bytes<acc_t>(n);
+    qs = zs + (target_sort ? sorted_row_bytes<acc_t>(m) : 0);
+    bytes = qs + (sorted_pairs ? SortedQhLayout<acc_t>(m).bytes : 0);
   }
 };
 
 constexpr int kTailRecipe = 0, kTailConsistent = 1;
 
-template <typename scalar_t, bool kShared>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    critic_loss_kernel(const CriticLossParams<scalar_t> p, const size_t per_token) {
+// The op for launch_warp_op (common.cuh).
+struct CriticLossOp {
+  template <typename scalar_t>
+  static size_t scratch_bytes(const CriticLossParams<scalar_t>& p) {
+    return CriticLayout<acc_t<scalar_t>>(p.n, p.m, p.tail_mode != kTailConsistent, p.sorted).bytes;
+  }
+  template <typename scalar_t>
+  static bool valid(const CriticLossParams<scalar_t>& p) {
+    return p.h >= 1 && p.n >= 1 && p.m >= 1 && p.alpha > 0.0 && p.alpha <= 1.0 && p.beta > 0.0 && p.beta <= 1.0 &&
+           (p.tail_mode == kTailRecipe || p.tail_mode == kTailConsistent);
+  }
+  static constexpr bool kHasSorted = true;
+  template <bool kShared, bool kSorted, typename scalar_t>
+  static __device__ __forceinline__ void run(const CriticLossParams<scalar_t>& p, size_t per_token);
+};
+
+template <bool kShared, bool kSorted, typename scalar_t>
+__device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_t>& p, const size_t per_token) {
   using acc = acc_t<scalar_t>;
-  using key_t = typename KeyOf<acc>::type;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
   const int H = p.h, n = p.n, m = p.m;
   const bool consistent = p.tail_mode == kTailConsistent;
-  const CriticLayout<acc> lay(n, m, !consistent);
+  const CriticLayout<acc> lay(n, m, !consistent, p.sorted);
   char* base = warp_scratch<kShared>(p.workspace, per_token);
   acc* th = reinterpret_cast<acc*>(base + lay.th);
   acc* g = reinterpret_cast<acc*>(base + lay.g);
   acc* z = reinterpret_cast<acc*>(base + lay.z);
-  key_t* kt = reinterpret_cast<key_t*>(base + lay.kt);
-  key_t* kz = reinterpret_cast<key_t*>(base + lay.kz);  // recipe mode only
+  SortedRow<acc> trow(base + lay.ts, n);
+  SortedRow<acc> zrow(base + lay.zs, m);  // recipe mode only
 
   acc w[kTerms];
 #pragma unroll
@@ -130,16 +151,14 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
         r_part += rwi * loss_i;
         g[i] = -scale * dsum_i * (w[kQH] + w[kRisk] * rwi);
       };
-      qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
+      if (kSorted)
+        qh_sorted<acc, !kShared>(th, p.taus, n, z, m, k, base + lay.qs, lane, emit);
+      else
+        qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
       if (w[kQH] != acc(0)) term[kQH] = warp_sum(q_part) * scale;
       if (w[kRisk] != acc(0)) term[kRisk] = warp_sum(r_part) * scale;
     } else {
       for (int i = lane; i < n; i += 32) g[i] = acc(0);
-    }
-    if (need_lo || need_hi) {
-      for (int i = lane; i < n; i += 32) kt[i] = order_key(th[i]);
-      if (!consistent)
-        for (int j = lane; j < m; j += 32) kz[j] = order_key(z[j]);
     }
     __syncwarp();
 
@@ -159,15 +178,23 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
         shift_grad = gap > acc(0) ? -w[kShift] / acc(n) : acc(0);
       }
     }
+    if (shift_grad != acc(0)) {
+      for (int i = lane; i < n; i += 32) g[i] += shift_grad;
+      __syncwarp();
+    }
     if (need_lo || need_hi) {
+      // theta (and in recipe mode z) sorted by (value, index): the tails' boundary atoms and sums.
+      sort_row(th, trow, lane);
+      if (!consistent) sort_row(z, zrow, lane);
       // d/d theta_i = c_lo,i (a_lo + b_lo (theta_i - m_lo)) + c_hi,i (a_hi + b_hi (theta_i - m_hi)).
       acc a_lo = 0, b_lo = 0, a_hi = 0, b_hi = 0, m_lo = 0, m_hi = 0;
-      Tail<acc> tlo, thi;
-      find_tails<acc>(kt, n, need_lo, alpha_n, need_hi, beta_n, tlo, thi, lane);
+      Tail<acc> tlo{}, thi{};
+      if (need_lo) tlo = sorted_tail(trow, alpha_n, false);
+      if (need_hi) thi = sorted_tail(trow, beta_n, true);
+      TailStats<acc> tl, thh;  // theta's tails; spread about the VaR (consistent) or the CVaR (recipe)
+      if (need_lo) tl = tail_stats(th, trow, tlo, need_var, consistent, lane);
+      if (need_hi) thh = tail_stats(th, trow, thi, need_var, consistent, lane);
       if (consistent) {
-        VarTailStats<acc> tl, thh;
-        if (need_lo) tl = var_tail_stats<acc>(th, kt, n, tlo, need_var, lane);
-        if (need_hi) thh = var_tail_stats<acc>(th, kt, n, thi, need_var, lane);
         const TargetTailMoments<acc> zt = target_tail_moments<acc>(z, m, need_lo, tl.var_at, need_hi, thh.var_at, lane);
         if (w[kCvar] != acc(0)) {
           const acc d = tl.value - math::tail_cvar_target(tl.var_at, zt.a_lo, lo_scale, alpha);
@@ -180,8 +207,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
           a_hi = acc(2) * w[kGain] * d;
         }
         if (need_var) {
-          const acc lo = tl.s - math::tail_moment_target(zt.b_lo, lo_scale, alpha);
-          const acc hi = thh.s - math::tail_moment_target(zt.b_hi, hi_scale, beta);
+          const acc lo = tl.spread - math::tail_moment_target(zt.b_lo, lo_scale, alpha);
+          const acc hi = thh.spread - math::tail_moment_target(zt.b_hi, hi_scale, beta);
           term[kShape] = lo * lo + hi * hi;
           b_lo = acc(4) * w[kShape] * lo;
           b_hi = acc(4) * w[kShape] * hi;
@@ -189,17 +216,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
         m_lo = tl.var_at;
         m_hi = thh.var_at;
       } else {
-        Tail<acc> zlo, zhi;
-        find_tails<acc>(kz, m, need_lo, alpha_m, need_hi, beta_m, zlo, zhi, lane);
-        TailStats<acc> zl, zh, tl, thh;
-        if (need_lo) {
-          zl = tail_stats<acc>(z, kz, m, zlo, need_var, lane);
-          tl = tail_stats<acc>(th, kt, n, tlo, need_var, lane);
-        }
-        if (need_hi) {
-          zh = tail_stats<acc>(z, kz, m, zhi, need_var, lane);
-          thh = tail_stats<acc>(th, kt, n, thi, need_var, lane);
-        }
+        TailStats<acc> zl, zh;
+        if (need_lo) zl = tail_stats(z, zrow, sorted_tail(zrow, alpha_m, false), need_var, false, lane);
+        if (need_hi) zh = tail_stats(z, zrow, sorted_tail(zrow, beta_m, true), need_var, false, lane);
         if (w[kCvar] != acc(0)) {
           const acc d = tl.value - zl.value;
           term[kCvar] = d * d;
@@ -211,7 +230,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
           a_hi = acc(2) * w[kGain] * d;
         }
         if (need_var) {
-          const acc lo = tl.var - zl.var, hi = zh.var - thh.var;
+          const acc lo = tl.spread - zl.spread, hi = zh.spread - thh.spread;
           term[kShape] = (lo > acc(0) ? lo : acc(0)) + (hi > acc(0) ? hi : acc(0));
           b_lo = lo > acc(0) ? acc(2) * w[kShape] : acc(0);
           b_hi = hi > acc(0) ? acc(-2) * w[kShape] : acc(0);
@@ -219,17 +238,13 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
         m_lo = tl.value;
         m_hi = thh.value;
       }
-      // Same lane <-> atom mapping in both passes (e = 32 r + lane): no hazard between them.
+      // Each tail scatters into its own atoms (one lane per atom); the tails may share atoms, so
+      // the upper one waits for the lower one.
       if (need_lo)
-        for_each_coef<acc>(kt, n, tlo, lane, [&](int e, acc c) {
-          g[e] += c * (a_lo + b_lo * (th[e] - m_lo)) + shift_grad;
-        });
+        for_each_tail_atom(trow, tlo, lane, [&](int e, acc c) { g[e] += c * (a_lo + b_lo * (th[e] - m_lo)); });
+      __syncwarp();
       if (need_hi)
-        for_each_coef<acc>(kt, n, thi, lane, [&](int e, acc c) {
-          g[e] += c * (a_hi + b_hi * (th[e] - m_hi)) + (need_lo ? acc(0) : shift_grad);
-        });
-    } else if (shift_grad != acc(0)) {
-      for (int i = lane; i < n; i += 32) g[i] += shift_grad;
+        for_each_tail_atom(trow, thi, lane, [&](int e, acc c) { g[e] += c * (a_hi + b_hi * (th[e] - m_hi)); });
     }
     __syncwarp();
 
@@ -294,50 +309,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   }
 }
 
-template <typename scalar_t>
-cudaError_t plan_critic(const CriticLossParams<scalar_t>& p, Plan& plan) {
-  return make_plan(CriticLayout<acc_t<scalar_t>>(p.n, p.m, p.tail_mode != kTailConsistent).bytes, p.tokens, plan);
-}
-
 }  // namespace
 }  // namespace detail
 
-template <typename scalar_t>
-size_t critic_loss_workspace_bytes(const CriticLossParams<scalar_t>& p) {
-  detail::Plan plan;
-  if (p.tokens <= 0 || detail::plan_critic(p, plan) != cudaSuccess) return 0;
-  return plan.workspace;
-}
-
-template <typename scalar_t>
-cudaError_t launch_critic_loss(const CriticLossParams<scalar_t>& p, cudaStream_t stream) {
-  if (p.tokens <= 0) return cudaSuccess;
-  if (p.h < 1 || p.n < 1 || p.m < 1) return cudaErrorInvalidValue;
-  if (!(p.alpha > 0.0 && p.alpha <= 1.0) || !(p.beta > 0.0 && p.beta <= 1.0)) return cudaErrorInvalidValue;
-  if (p.tail_mode != detail::kTailRecipe && p.tail_mode != detail::kTailConsistent) return cudaErrorInvalidValue;
-  detail::Plan plan;
-  cudaError_t err = detail::plan_critic(p, plan);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(plan.blocks)), block(32 * plan.warps);
-  if (plan.global) {
-    if (p.workspace == nullptr) return cudaErrorInvalidValue;
-    detail::critic_loss_kernel<scalar_t, false><<<grid, block, 0, stream>>>(p, plan.per_token);
-  } else {
-    err = detail::prepare_kernel(detail::critic_loss_kernel<scalar_t, true>, plan);
-    if (err != cudaSuccess) return err;
-    detail::critic_loss_kernel<scalar_t, true><<<grid, block, plan.smem, stream>>>(p, plan.per_token);
-  }
-  return cudaGetLastError();
-}
-
-#define DVPO_INSTANTIATE(T)                                                          \
-  template size_t critic_loss_workspace_bytes<T>(const CriticLossParams<T>&);        \
-  template cudaError_t launch_critic_loss<T>(const CriticLossParams<T>&, cudaStream_t);
-DVPO_INSTANTIATE(float)
-DVPO_INSTANTIATE(double)
-DVPO_INSTANTIATE(__half)
-DVPO_INSTANTIATE(__nv_bfloat16)
-#undef DVPO_INSTANTIATE
+DVPO_CUDA_WARP_OP(CriticLossOp, CriticLossParams, critic_loss_workspace_bytes, launch_critic_loss)
 
 }  // namespace cuda
 }  // namespace dvpo

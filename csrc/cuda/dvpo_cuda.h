@@ -50,6 +50,7 @@ struct QuantileHuberParams {
   int n = 0, m = 0;
   double kappa = 1.0;
   bool normalize_kappa = false;
+  bool sorted = false;        // the sorted pair algorithm (csrc/cuda/sorted.cuh) instead of pairwise
   void* workspace = nullptr;  // quantile_huber_workspace_bytes(...) bytes, when that is not 0
 };
 
@@ -95,6 +96,7 @@ struct CriticLossParams {
   int h = 1, n = 0, m = 0;
   double kappa = 1.0, alpha = 0.1, beta = 0.1;
   bool normalize_kappa = false;
+  bool sorted = false;  // the sorted pair algorithm for qh and risk (csrc/cuda/sorted.cuh)
   double weights[kTerms] = {1, 1, 1, 1, 1, 1, 1, 1};  // term weights, TERM_NAMES order
   int tail_mode = 0;                              // 0 = recipe, 1 = consistent
   double lo_scale = 1.0;                          // 1 - lower_contraction (consistent mode)

@@ -190,14 +190,7 @@ cudaError_t launch_distributional_gae(const GaeParams<scalar_t>& p, cudaStream_t
   return cudaGetLastError();
 }
 
-#define DVPO_INSTANTIATE(T)                                                                \
-  template size_t gae_workspace_bytes<T>(const GaeParams<T>&);                             \
-  template cudaError_t launch_distributional_gae<T>(const GaeParams<T>&, cudaStream_t);
-DVPO_INSTANTIATE(float)
-DVPO_INSTANTIATE(double)
-DVPO_INSTANTIATE(__half)
-DVPO_INSTANTIATE(__nv_bfloat16)
-#undef DVPO_INSTANTIATE
+DVPO_CUDA_INSTANTIATE(GaeParams, gae_workspace_bytes, launch_distributional_gae)
 
 }  // namespace cuda
 }  // namespace dvpo

@@ -2,10 +2,11 @@
 // per-token loss and, in the same pass, the gradient w.r.t. pred. One warp per token: pred and
 // target rows staged in the warp's scratch (converted to acc_t, 16-byte vector loads when aligned),
 // the N x M pairs by qh_pairs (pairwise.cuh), the token's loss by a shuffle reduction. No atomics;
-// never an [N, M] buffer. `algorithm` is not seen here: the CUDA backend always runs the pairwise
-// kernel.
+// never an [N, M] buffer. With `sorted` (algorithm="sorted") the atoms' sums come from qh_sorted
+// (sorted.cuh) instead: O((N + M) log M) per token.
 #include "common.cuh"
 #include "pairwise.cuh"
+#include "sorted.cuh"
 
 namespace dvpo {
 namespace cuda {
@@ -14,21 +15,36 @@ namespace {
 
 template <typename acc_t>
 struct QhLayout {
-  size_t th, z, bytes;
-  __host__ __device__ QhLayout(int n, int m) {
+  size_t th, z, srt, bytes;
+  __host__ __device__ QhLayout(int n, int m, bool sorted) {
     th = 0;
     z = align16(sizeof(acc_t) * n);
-    bytes = z + align16(sizeof(acc_t) * m);
+    srt = z + align16(sizeof(acc_t) * m);
+    bytes = srt + (sorted ? SortedQhLayout<acc_t>(m).bytes : 0);
   }
 };
 
-template <typename scalar_t, bool kShared>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    quantile_huber_kernel(const QuantileHuberParams<scalar_t> p, const size_t per_token) {
+// The op for launch_warp_op (common.cuh).
+struct QuantileHuberOp {
+  template <typename scalar_t>
+  static size_t scratch_bytes(const QuantileHuberParams<scalar_t>& p) {
+    return QhLayout<acc_t<scalar_t>>(p.n, p.m, p.sorted).bytes;
+  }
+  template <typename scalar_t>
+  static bool valid(const QuantileHuberParams<scalar_t>& p) {
+    return p.n >= 1 && p.m >= 1;
+  }
+  static constexpr bool kHasSorted = true;
+  template <bool kShared, bool kSorted, typename scalar_t>
+  static __device__ __forceinline__ void run(const QuantileHuberParams<scalar_t>& p, size_t per_token);
+};
+
+template <bool kShared, bool kSorted, typename scalar_t>
+__device__ __forceinline__ void QuantileHuberOp::run(const QuantileHuberParams<scalar_t>& p, const size_t per_token) {
   using acc = acc_t<scalar_t>;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
-  const QhLayout<acc> lay(p.n, p.m);
+  const QhLayout<acc> lay(p.n, p.m, p.sorted);
   char* base = warp_scratch<kShared>(p.workspace, per_token);
   acc* th = reinterpret_cast<acc*>(base + lay.th);
   acc* z = reinterpret_cast<acc*>(base + lay.z);
@@ -56,54 +72,19 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
       part += wi * loss_i;
       grad[i] = mw * (-scale * wi * dsum_i);
     };
-    qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
+    if (kSorted)
+      qh_sorted<acc, !kShared>(th, p.taus, n, z, m, k, base + lay.srt, lane, emit);
+    else
+      qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
     part = warp_sum(part);
     if (lane == 0) p.loss[tok] = mw * (part * scale);
   }
 }
 
-template <typename scalar_t>
-cudaError_t plan_qh(const QuantileHuberParams<scalar_t>& p, Plan& plan) {
-  return make_plan(QhLayout<acc_t<scalar_t>>(p.n, p.m).bytes, p.tokens, plan);
-}
-
 }  // namespace
 }  // namespace detail
 
-template <typename scalar_t>
-size_t quantile_huber_workspace_bytes(const QuantileHuberParams<scalar_t>& p) {
-  detail::Plan plan;
-  if (p.tokens <= 0 || detail::plan_qh(p, plan) != cudaSuccess) return 0;
-  return plan.workspace;
-}
-
-template <typename scalar_t>
-cudaError_t launch_quantile_huber(const QuantileHuberParams<scalar_t>& p, cudaStream_t stream) {
-  if (p.tokens <= 0) return cudaSuccess;
-  if (p.n < 1 || p.m < 1) return cudaErrorInvalidValue;
-  detail::Plan plan;
-  cudaError_t err = detail::plan_qh(p, plan);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(plan.blocks)), block(32 * plan.warps);
-  if (plan.global) {
-    if (p.workspace == nullptr) return cudaErrorInvalidValue;
-    detail::quantile_huber_kernel<scalar_t, false><<<grid, block, 0, stream>>>(p, plan.per_token);
-  } else {
-    err = detail::prepare_kernel(detail::quantile_huber_kernel<scalar_t, true>, plan);
-    if (err != cudaSuccess) return err;
-    detail::quantile_huber_kernel<scalar_t, true><<<grid, block, plan.smem, stream>>>(p, plan.per_token);
-  }
-  return cudaGetLastError();
-}
-
-#define DVPO_INSTANTIATE(T)                                                                      \
-  template size_t quantile_huber_workspace_bytes<T>(const QuantileHuberParams<T>&);              \
-  template cudaError_t launch_quantile_huber<T>(const QuantileHuberParams<T>&, cudaStream_t);
-DVPO_INSTANTIATE(float)
-DVPO_INSTANTIATE(double)
-DVPO_INSTANTIATE(__half)
-DVPO_INSTANTIATE(__nv_bfloat16)
-#undef DVPO_INSTANTIATE
+DVPO_CUDA_WARP_OP(QuantileHuberOp, QuantileHuberParams, quantile_huber_workspace_bytes, launch_quantile_huber)
 
 }  // namespace cuda
 }  // namespace dvpo
