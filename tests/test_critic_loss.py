@@ -171,8 +171,8 @@ def test_consistent_fixed_point(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_shipped_configs(backend, dtype):
     """The default config (consistent, kappa 0.01 normalized), CriticLossConfig.recipe() and
-    CriticLossConfig.symmetric() as the library ships them, on crossing quantiles and on ties."""
-    for ties in (False, True):
+    CriticLossConfig.symmetric() as the library ships them, on crossing quantiles (and ties in fp32)."""
+    for ties in (False, True) if dtype == torch.float32 else (False,):
         heads, target = critic_inputs((3, 4), 3, 40, 57, dtype, ties=ties, device=backend.device)
         mask = weighted_mask((3, 4), device=backend.device)
         for cfg in (CriticLossConfig(), CriticLossConfig.recipe(), CriticLossConfig.symmetric()):
@@ -395,7 +395,7 @@ def test_gradcheck_float64(backend):
     value's derivative; the expectile shift is an exact gradient and stays on). The full consistent
     gradient is checked against the autograd oracle in test_consistent_semi_gradient_float64."""
     # The interpreter and the emulation pay per call: fewer inputs to perturb there.
-    lead, h, n, m = ((3,), 2, 4, 3) if backend.small else ((2, 3), 3, 6, 5)
+    lead, h, n, m = ((3,), 1, 4, 3) if backend.small else ((2, 3), 3, 6, 5)
     heads, target = critic_inputs(lead, h, n, m, torch.float64, device=backend.device)
     heads.requires_grad_()
     mask = torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 2.0]], dtype=torch.float64, device=backend.device)

@@ -47,6 +47,8 @@ def _check(adv, ret, rewards, values, mask, gamma, lam, dtype):
 def test_matches_reference(backend, dtype):
     shapes = GPU if backend.device == "cuda" else INTERPRETER if backend.name == "triton" and backend.small \
         else SMALL if backend.small else FULL
+    if backend.name in ("reference", "cpp") and dtype != torch.float32:
+        shapes = [s for s in shapes if s[1] <= 40]  # long sequences in fp32 only (the reference's scan is slow)
     for b, t, m in shapes:
         rewards, values, mask = _inputs(b, t, m, dtype, backend.device)
         for gamma, lam in ((1.0, 0.95), (0.99, 0.9), (0.9, 0.0), (0.5, 1.0)):
