@@ -7,8 +7,9 @@ CUDA implementations, so `_C` is imported first. The tensors passed here are CUD
 only picks this backend for them). Per-token values and gradients come back in the accumulation
 dtype (fp64 for fp64 inputs, else fp32), computed in one pass, deterministic (no atomics).
 
-`algorithm` is accepted for the interface and ignored: every CUDA kernel is pairwise for now
-(the sorted O((N + M) log M) kernel exists on the CPU side only).
+`algorithm`: "sorted" runs the quantile Huber op and the critic loss's Huber terms with the targets
+sorted once per token (csrc/cuda/sorted.cuh); "pairwise" and "auto" run the pairwise kernels (no
+GPU crossover has been measured yet, so "auto" does not pick sorted).
 """
 
 import torch
