@@ -49,8 +49,8 @@ BACKENDS = {
     "cpp": Backend("cpp", "cpu", small=False, algorithms=("pairwise", "sorted"), compile_backend="inductor"),
     "triton": Backend("triton", "cuda" if HAS_CUDA else "cpu", small=not HAS_CUDA,
                       compile_backend="inductor" if HAS_CUDA else "aot_eager"),
-    "cuda-emu": Backend("cuda-emu", "cpu", small=True),
-    "cuda": Backend("cuda", "cuda", small=False, compile_backend="inductor"),
+    "cuda-emu": Backend("cuda-emu", "cpu", small=True, algorithms=("pairwise", "sorted")),
+    "cuda": Backend("cuda", "cuda", small=False, algorithms=("pairwise", "sorted"), compile_backend="inductor"),
 }
 
 
