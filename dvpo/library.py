@@ -4,7 +4,8 @@ table in dvpo/opspec.py.
 Each op takes flattened tensors (tokens first) and returns per-token values plus the gradient with
 respect to its first argument, computed in the same pass (the targets are detached, so a loss kernel
 can produce its gradient in the forward, as fused cross-entropy kernels do). The autograd formula only
-scales that stored gradient by the upstream gradient, in place. Fake implementations give shapes and
+scales that stored gradient by the upstream gradient (in place for dvpo.ops, which drops the
+gradient output). Fake implementations give shapes and
 dtypes, so torch.compile(fullgraph=True) traces through the ops; the real implementation picks a
 backend per call (dvpo.dispatch).
 
@@ -14,7 +15,9 @@ The module-level names (`library.quantile_huber`, `library.cvar`, `library.criti
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -58,6 +61,22 @@ def _fake(spec: OpSpec):
 
 # ---------------------------------------------------------------------------- autograd
 
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def private_gradients():
+    """Ops called inside the block belong to a caller that drops their gradient output (dvpo.ops
+    does), so their backward may scale that stored gradient in place. Any other caller keeps its
+    outputs intact: the backward then multiplies out of place."""
+    old = getattr(_state, "private", False)
+    _state.private = True
+    try:
+        yield
+    finally:
+        _state.private = old
+
+
 def _graph_is_kept() -> bool:
     """Whether the running backward keeps the graph (retain_graph=True: gradcheck, a second
     backward). Older torch cannot tell; then assume it does (the safe answer)."""
@@ -69,6 +88,7 @@ def _save_grad(ctx, inputs, output):
     """Every differentiable op: the last output is d(first output)/d(first input)."""
     ctx.save_for_backward(output[-1])
     ctx.input_dtype = inputs[0].dtype
+    ctx.private = getattr(_state, "private", False)
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -80,10 +100,11 @@ def _is_one(upstream: Tensor) -> bool:
 
 def _scale_grad(ctx, upstream: Tensor) -> Tensor:
     """The stored gradient times the upstream one: in place when nothing can read the stored
-    gradient again (the graph is freed after this backward; eager mode, since under tracing
-    AOTAutograd plans the buffers itself), and not at all when the upstream gradient is all ones."""
+    gradient again (its caller dropped the output, see private_gradients, and the graph is freed
+    after this backward; eager mode, since under tracing AOTAutograd plans the buffers itself), and
+    not at all when the upstream gradient is all ones."""
     (grad,) = ctx.saved_tensors
-    reused = type(grad) is not Tensor or _graph_is_kept()
+    reused = not ctx.private or type(grad) is not Tensor or _graph_is_kept()
     if _is_one(upstream):
         grad = grad.clone() if reused and grad.dtype == ctx.input_dtype else grad
     else:

@@ -10,6 +10,7 @@ are `torch.library` ops (dvpo.library), so they work under `torch.compile`. The 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from typing import Optional
@@ -77,6 +78,12 @@ def _constant(key: tuple, make) -> Tensor:
     else:
         _CONSTANTS.move_to_end(key)
     return hit
+
+
+def _private_gradients():
+    """The library ops' gradient output is dropped here, so their backward may scale it in place
+    (eager only: under torch.compile the compiler plans the buffers, and nothing is entered)."""
+    return contextlib.nullcontext() if _compiling() else library.private_gradients()
 
 
 def _default_taus(n, device, acc) -> Tensor:
@@ -178,8 +185,9 @@ def quantile_huber(pred: Tensor, target: Tensor, taus: Optional[Tensor] = None, 
         check.vector("weights", weights, n, pred.device)
         weights = weights.to(acc)
     tokens = _tokens(lead)
-    loss, _ = library.quantile_huber(pred.reshape(tokens, n), target.detach().reshape(tokens, m), t, weights,
-                                     _mask_arg(mask, acc), float(kappa), bool(normalize_kappa), algorithm)
+    with _private_gradients():
+        loss, _ = library.quantile_huber(pred.reshape(tokens, n), target.detach().reshape(tokens, m), t, weights,
+                                         _mask_arg(mask, acc), float(kappa), bool(normalize_kappa), algorithm)
     return ref.reduce_tokens(loss.reshape(lead), mask, reduction)
 
 
@@ -205,7 +213,8 @@ def cvar(x: Tensor, level: float, *, upper: bool = False) -> Tensor:
     check.tensor("x", x)
     check.level("level", level)
     lead, n = x.shape[:-1], x.shape[-1]
-    value, _ = library.cvar(x.reshape(_tokens(lead), n), float(level), bool(upper))
+    with _private_gradients():
+        value, _ = library.cvar(x.reshape(_tokens(lead), n), float(level), bool(upper))
     return value.reshape(lead)
 
 
@@ -283,10 +292,11 @@ def critic_loss(theta: Tensor, target: Tensor, taus: Optional[Tensor] = None, *,
     t = _taus_arg(taus, n, theta, acc)
     risk_w = _risk_weights_arg(taus, t, config)
     tokens = _tokens(lead)
-    total, terms, _ = library.critic_loss(
-        heads.reshape(tokens, h, n), target.detach().reshape(tokens, m), t, risk_w, _mask_arg(mask, acc),
-        float(config.kappa), float(config.alpha), float(config.beta), bool(config.normalize_kappa),
-        config.kernel_params(), algorithm)
+    with _private_gradients():
+        total, terms, _ = library.critic_loss(
+            heads.reshape(tokens, h, n), target.detach().reshape(tokens, m), t, risk_w, _mask_arg(mask, acc),
+            float(config.kappa), float(config.alpha), float(config.beta), bool(config.normalize_kappa),
+            config.kernel_params(), algorithm)
     terms = terms.reshape(lead + (len(TERM_NAMES),))
     return CriticLossOutput(
         loss=ref.reduce_tokens(total.reshape(lead), mask, reduction),

@@ -164,3 +164,20 @@ def test_default_taus_and_risk_weights_are_built_once():
     keys = sorted(k[0] for k in ops._CONSTANTS)
     assert keys == ["risk", "taus"]
     torch.testing.assert_close(ops._CONSTANTS[next(k for k in ops._CONSTANTS if k[0] == "taus")], dvpo.taus(11))
+
+
+@pytest.mark.parametrize("private", (False, True))
+def test_backward_leaves_a_held_gradient_output_alone(private):
+    """A caller of the library op that keeps its gradient output (opcheck, a user) sees it unchanged
+    by the backward; dvpo.ops drops it (private_gradients), and there the backward reuses it in place."""
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    with use_backend("reference"):
+        if private:
+            with library.private_gradients():
+                value, coef = library.cvar(x, 0.4, False)
+        else:
+            value, coef = library.cvar(x, 0.4, False)
+    before = coef.clone()
+    (value * 3.0).sum().backward()
+    torch.testing.assert_close(x.grad, 3.0 * before)
+    torch.testing.assert_close(coef, 3.0 * before if private else before)
