@@ -107,17 +107,9 @@ def test_gradcheck_float64(backend):
             assert torch.autograd.gradcheck(lambda v: ops.cvar(v, level, upper=upper), (x,))
 
 
-# Since 1b4182f the op's backward (dvpo/library.py, _scale_grad) scales the saved gradient in place;
-# for cvar that tensor is also the `coef` output the caller holds, so a backward changes it, and
-# opcheck's AOT-dispatch comparison sees it (in this lower-tail case, on every backend; an
-# out-of-place multiply passes).
-_IN_PLACE = pytest.mark.xfail(strict=True, reason="dvpo/library.py scales the saved gradient in place, "
-                                                  "changing the coef output the caller holds")
-
-
 @pytest.mark.parametrize("backend", backends.params(), indirect=True)
 @pytest.mark.parametrize("dtype,level,upper", [(torch.float32, 0.3, True), (torch.float64, 0.3, True),
-                                               pytest.param(torch.float64, 0.2, False, marks=_IN_PLACE)],
+                                               (torch.float64, 0.2, False)],
                          ids=["fp32-upper", "fp64-upper", "fp64-lower"])
 def test_opcheck(backend, dtype, level, upper):
     x = randn((6, 5), dtype, device=backend.device)
