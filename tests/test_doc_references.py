@@ -17,7 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TEXT = {".py", ".md", ".h", ".cpp", ".cu", ".cuh", ".sh", ".toml", ".cfg", ".txt", ".yml", ".yaml"}
 TOP = ("docs", "csrc", "kernels", "dvpo", "tests", "tools", "bench", ".ci")
-PATH = re.compile(r"(?<![\w/.-])((?:%s)/[\w./-]*\w\.(?:md|py|h|cpp|cu|cuh|sh|toml|json|csv|png))" % "|".join(
+PATH = re.compile(r"(?<![\w/.-])((?:%s)/[\w./-]*\w\.(?:md|py|h|cpp|cu|cuh|sh|toml|json|csv|png))(?!\w)" % "|".join(
     re.escape(t) for t in TOP))
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 OUTSIDE = re.compile(r"DESIGN\.md|PAPER\.md|TRAINER-NOTES\.md|\.\./shared\b")
