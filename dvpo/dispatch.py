@@ -26,10 +26,13 @@ _MODULES = {
 }
 _loaded: Dict[str, object] = {}
 _load_errors: Dict[str, str] = {}
+_substitutes: Dict[str, tuple] = {}  # name -> (module, device types it runs), see substitute()
 
 
 def _load(name: str):
     """The backend's module, or None with the reason recorded in _load_errors."""
+    if name in _substitutes:
+        return _substitutes[name][0]
     if name not in _loaded and name not in _load_errors:
         try:
             _loaded[name] = importlib.import_module(_MODULES[name])
@@ -49,6 +52,9 @@ def triton_interpreter() -> bool:
 def _device_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend `name` cannot run on `device` (None when it can)."""
     kind = device.type
+    if name in _substitutes:
+        devices = _substitutes[name][1]
+        return None if kind in devices else f"the substitute {name} backend runs {', '.join(devices)} tensors, not {kind}"
     if name == "reference":
         return None
     if name == "cpp":
@@ -84,6 +90,24 @@ def forced() -> Optional[str]:
     if name not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}; got {name!r}")
     return name
+
+
+@contextlib.contextmanager
+def substitute(name: str, module, devices=("cpu",)):
+    """Inside the block, backend `name` is `module` (functions of the kernel interface,
+    dvpo/opspec.py) running tensors of the given device types; e.g. the tests run the CUDA kernels'
+    host emulation as `cuda` on CPU tensors. Restored on exit."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    old = _substitutes.get(name)
+    _substitutes[name] = (module, tuple(devices))
+    try:
+        yield module
+    finally:
+        if old is None:
+            _substitutes.pop(name, None)
+        else:
+            _substitutes[name] = old
 
 
 @contextlib.contextmanager
@@ -137,4 +161,5 @@ def select(op: str, device: torch.device):
 def selected_name(op: str, device) -> str:
     """The name of the backend `select` would pick (for logs, the demo and benchmarks)."""
     module = select(op, torch.device(device))
-    return next(name for name, mod in _loaded.items() if mod is module)
+    mods = {**_loaded, **{n: m for n, (m, _) in _substitutes.items()}}
+    return next(name for name, mod in mods.items() if mod is module)

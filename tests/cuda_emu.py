@@ -10,7 +10,6 @@ warps, or nvcc's code generation. Needs the CUDA headers, g++ and ninja; DVPO_SK
 it (the first build takes a few minutes; it is cached in /tmp/dvpo_cuda_emu_<digest>).
 """
 
-import contextlib
 import functools
 import hashlib
 import os
@@ -21,6 +20,8 @@ import tempfile
 import types
 
 import torch
+
+from dvpo import opspec as spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_SRC = ROOT / "csrc" / "cuda"
@@ -110,45 +111,12 @@ TORCH_LIBRARY_FRAGMENT(dvpo_emu, m) {
 
 
 def backend_module(ops):
-    """The emulated kernels with the kernel interface of dvpo/backends/cuda.py (same functions)."""
-    def quantile_huber(pred, target, taus, weights, mask, kappa, normalize_kappa, algorithm="auto"):
-        return ops.quantile_huber(pred, target, taus, weights, mask, float(kappa), bool(normalize_kappa), algorithm)
-
-    def cvar(x, level, upper):
-        return ops.cvar(x, float(level), bool(upper))
-
-    def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params,
-                    algorithm="auto"):
-        return ops.critic_loss(heads, target, taus, risk_w, mask, float(kappa), float(alpha), float(beta),
-                               bool(normalize_kappa), [float(p) for p in params], algorithm)
-
-    def distributional_gae(rewards, values, mask, gamma, lam):
-        return ops.distributional_gae(rewards, values, mask, float(gamma), float(lam))
-
-    return types.SimpleNamespace(quantile_huber=quantile_huber, cvar=cvar, critic_loss=critic_loss,
-                                 distributional_gae=distributional_gae)
+    """The emulated kernels with the kernel interface of dvpo/opspec.py (as dvpo/backends/cuda.py)."""
+    return types.SimpleNamespace(**{name: spec.forwarder(op, getattr(ops, name)) for name, op in spec.OPS.items()})
 
 
-@contextlib.contextmanager
 def as_cuda_backend():
-    """Inside the block, dvpo.dispatch's `cuda` backend is the emulation and runs CPU tensors (the
-    test's own substitution of dispatch internals; everything else goes through dvpo.ops as usual)."""
+    """Inside the block, dvpo.dispatch's `cuda` backend is the emulation and runs CPU tensors
+    (everything else goes through dvpo.ops as usual)."""
     from dvpo import dispatch
-    module = backend_module(build())
-    missing = object()
-    old_module = dispatch._loaded.get("cuda", missing)
-    old_reason = dispatch._device_reason
-
-    def device_reason(name, device):
-        return None if name == "cuda" and device.type == "cpu" else old_reason(name, device)
-
-    dispatch._loaded["cuda"] = module
-    dispatch._device_reason = device_reason
-    try:
-        yield module
-    finally:
-        dispatch._device_reason = old_reason
-        if old_module is missing:
-            dispatch._loaded.pop("cuda", None)
-        else:
-            dispatch._loaded["cuda"] = old_module
+    return dispatch.substitute("cuda", backend_module(build()), devices=("cpu",))
