@@ -1,7 +1,8 @@
 """DVPO: a distributional critic (H quantile heads x N quantiles), targets and advantages from the
 fused distributional GAE on the ensemble's quantiles, the fused critic loss (all eight terms) with
-per-quantile value clipping. The actor's advantage is the mean over quantiles, or a lower CVaR
-(`--advantage cvar:ALPHA`), whitened."""
+per-quantile value clipping. The actor's advantage is the mean over quantiles, a lower CVaR
+(`--advantage cvar:ALPHA`) or the mean floored at the critic's ALPHA-quantile (`--advantage
+trim:ALPHA`), whitened."""
 
 from __future__ import annotations
 
