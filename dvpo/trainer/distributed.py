@@ -228,5 +228,12 @@ class Dist:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # Every rank done with its collectives before any rank tears the group down: a rank
+                # that exits while the other still talks to it aborts in gloo's threads at exit
+                # ("terminate called without an active exception").
+                try:
+                    self.barrier()
+                except Exception:  # a rank that failed already: tear down regardless
+                    pass
                 dist.destroy_process_group()
             self.owns_group = False
