@@ -74,6 +74,29 @@ def check_args(args, cfg: TrainConfig) -> None:
 
 
 def run(args) -> int:
+    from .distributed import under_torchrun
+
+    code = _run(args)
+    if under_torchrun():
+        _exit_without_teardown(code)
+    return code
+
+
+def _exit_without_teardown(code: int):
+    """Leave a torchrun worker without interpreter finalisation. Everything is written and the
+    process group destroyed by now, but gloo's worker threads can outlive it and, torn down with the
+    interpreter, abort the process ("terminate called without an active exception"), turning a
+    finished run into a failed launch."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(args) -> int:
     from .loop import train
 
     cfg = resolve_config(args)

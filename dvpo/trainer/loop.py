@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import hashlib
 import os
 import random
@@ -357,10 +358,15 @@ def train(config: TrainConfig, *, stop_at: Optional[int] = None, checkpoint_on_s
     initialised from the environment (or an existing one is used), the batch is sharded over the
     ranks, and every rank returns the same summary."""
     trainer = Trainer(config, log=log)
+    dist = trainer.dist
     try:
         return trainer.run(stop_at=stop_at, checkpoint_on_stop=checkpoint_on_stop)
     finally:
-        trainer.dist.cleanup()
+        # the DDP-wrapped models hold the process group: release them first, so destroying the group
+        # really frees it (and its gloo threads) now rather than at interpreter exit
+        del trainer
+        gc.collect()
+        dist.cleanup()
 
 
 def evaluate_checkpoint(path: str, *, task: Optional[str] = None, n_eval: Optional[int] = None,
