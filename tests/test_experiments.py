@@ -20,8 +20,13 @@ SPEC_COLUMNS = ["block", "task", "algo", "variant", "noise", "seed", "steps", "s
 def test_builtin_grids_load_and_expand():
     assert {"main", "ablation", "sensitivity", "pilot", "smoke"} <= set(builtin_grids())
     main_runs = expand(load_grid("main"))
-    assert len(main_runs) == 5 * 5 * 3 + 5 * 2 * 3
-    assert {s.algo for s in main_runs} == {"dvpo", "ppo", "grpo", "robust-ppo", "reinforce++"}
+    assert len(main_runs) == 3 * 6 * 6 * 5        # 3 tasks x 6 noise cells x 6 algorithms x 5 seeds
+    assert {s.label for s in main_runs} == {"dvpo", "dvpo-recipe", "ppo", "grpo", "robust-ppo", "reinforce++"}
+    recipe = next(s.config("/o", "/c") for s in main_runs if s.variant == "recipe")
+    assert recipe.tail_targets == "recipe" and recipe.algo == "dvpo"
+    assert next(s.config("/o", "/c") for s in main_runs if s.label == "dvpo").tail_targets == "consistent"
+    math_runs = expand(load_grid("main"), only=["math/"])
+    assert len(math_runs) == 6 * 6 * 5 and {s.task for s in math_runs} == {"math"}
     assert [s.seed for s in main_runs] == sorted(s.seed for s in main_runs)      # seeds interleave
     assert len({s.rel_dir for s in main_runs}) == len(main_runs)
     steps = {s.config("/o", "/c").steps for s in main_runs}
@@ -38,8 +43,8 @@ def test_builtin_grids_load_and_expand():
     assert (full.loss_consist, full.loss_risk) == (default.consist, default.risk) and full.loss_consist > 0
     sens = {s.variant: s.config("/o", "/c") for s in expand(load_grid("sensitivity"), seeds=[0])}
     assert sens["n500"].n_quantiles == 500 and sens["ab02"].alpha == sens["ab02"].beta == 0.2
-    only = expand(load_grid("main"), seeds=[1], steps=7, only=["/vote:5/"])
-    assert len(only) == 5 and all(s.seed == 1 and s.config("/o", "/c").steps == 7 for s in only)
+    only = expand(load_grid("main"), seeds=[1], steps=7, only=["/vote:3/"])
+    assert len(only) == 6 * 3 and all(s.seed == 1 and s.config("/o", "/c").steps == 7 for s in only)
 
 
 @pytest.mark.parametrize("bad, key", [
@@ -163,3 +168,73 @@ bad = { advantage = "nonsense" }
     assert status[("ppo", "bad")] == "failed"
     assert "nonsense" in next(r["error"] for r in rows if (r["algo"], r["variant"]) == ("ppo", "bad"))
     assert "Failed runs" in (out / "results.md").read_text()
+
+
+def test_paired_interval_known_answer():
+    from dvpo.experiments.report import excludes_zero, paired_interval
+
+    # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.303 -> half-width 4.303 / sqrt(3)
+    m, lo, hi, n = paired_interval([1.0, 2.0, 3.0])
+    assert (m, n) == (2.0, 3)
+    assert (lo, hi) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+    assert not excludes_zero((m, lo, hi, n))                    # 2 +- 2.48: three seeds are not enough
+    assert excludes_zero(paired_interval([1.0, 1.1, 0.9, 1.0]))
+    assert excludes_zero(paired_interval([-1.0, -1.1, -0.9]))    # clearly below 0 counts too
+    assert not excludes_zero(paired_interval([-1.0, 0.5, 1.0])) and paired_interval([1.0]) is None
+    assert not excludes_zero(None)
+
+
+def _fake_rows(scores):
+    """Finished rows for the report from {(label, noise): [score per seed]}."""
+    rows = []
+    for (lab, noise), vals in scores.items():
+        algo, _, variant = lab.partition("-") if lab.startswith("dvpo-") else (lab, "", "")
+        for seed, v in enumerate(vals):
+            rows.append({"block": "b" if not variant else "b-" + variant, "task": "math", "algo": algo,
+                         "variant": variant, "noise": noise, "seed": seed, "steps": 3, "status": "ok",
+                         "score_final": v, "score_initial": 0.4, "score_sampled_final": v,
+                         "score_sampled_initial": 0.2, "run_dir": f"{lab}/{noise}/s{seed}", "_curve": []})
+    return rows
+
+
+def test_report_pairs_blocks_by_seed_and_bolds_only_clear_winners(tmp_path):
+    from dvpo.experiments.grid import load_grid
+    from dvpo.experiments.report import write_markdown
+
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text("""
+seeds = [0, 1, 2, 3]
+[[block]]
+name = "b"
+tasks = ["math"]
+algos = ["dvpo", "ppo", "grpo", "robust-ppo"]
+noises = ["none", "flip:0.1"]
+[[block]]
+name = "b-recipe"
+tasks = ["math"]
+algos = ["dvpo"]
+noises = ["none", "flip:0.1"]
+variants = { recipe = { tail_targets = "recipe" } }
+""")
+    base = [0.50, 0.60, 0.55, 0.45]         # a seed effect shared by every algorithm (the SFT start)
+    shift = {"dvpo": {"none": 0.0, "flip:0.1": 0.10}, "dvpo-recipe": {"none": 0.0, "flip:0.1": 0.0},
+             "ppo": {"none": 0.0, "flip:0.1": 0.0}, "grpo": {"none": 0.0, "flip:0.1": -0.02},
+             "robust-ppo": {"none": 0.0, "flip:0.1": 0.01}}
+    wiggle = [0.004, -0.003, 0.002, -0.001]  # small per-seed noise: only dvpo at flip:0.1 is clearly best
+    scores = {(lab, n): [b + d + (w if lab == "dvpo" else -w) * (n == "none") for b, w in zip(base, wiggle)]
+              for lab, per in shift.items() for n, d in per.items()}
+    md = write_markdown(load_grid(str(grid_file)), _fake_rows(scores), str(tmp_path / "r.md"), csv_rows=0)
+    text = open(md).read()
+    assert "## all — math" in text                                  # both blocks in one table
+    assert "| dvpo-recipe |" in text and "| dvpo |" in text
+    dvpo_row = next(l for l in text.splitlines() if l.startswith("| dvpo |"))
+    none_cell, flip_cell = dvpo_row.split(" | ")[1:3]
+    assert flip_cell.startswith("**0.625") and not none_cell.startswith("**")   # seed spread 0.06 in both
+    # the paired differences: dvpo - ppo at flip:0.1 is exactly +0.10 on every seed
+    diff_row = next(l for l in text.splitlines() if l.startswith("| dvpo − ppo |"))
+    assert "**+0.100 [+0.100, +0.100] (4)**" in diff_row
+    recipe_row = next(l for l in text.splitlines() if l.startswith("| dvpo-recipe − grpo |"))
+    assert "+0.020" in recipe_row
+    assert "dvpo above ppo, grpo, robust-ppo by more than the paired 95% interval in 1 of 1 noisy cells (flip:0.1)" \
+        in text
+    assert "dvpo-recipe above ppo, grpo, robust-ppo by more than the paired 95% interval in 0 of 1" in text

@@ -116,13 +116,51 @@ def _cell(st, bold=False) -> str:
 
 
 def _groups(grid: Grid, rows: List[Dict]):
-    """(block, task, labels in grid order, noises in grid order, rows of that block/task)."""
+    """(name, task, labels in grid order, noises in grid order, rows of that task) per task. Blocks
+    that share a task form one group (their rows pair by seed: a seed's runs share its SFT start); the
+    name is the block's when one block covers the task, else "all"."""
+    tasks = []
     for b in grid.blocks:
-        labels = [f"{a}-{v}" if v else a for a in b["algos"] for v in b["variants"]]
-        for task in b["tasks"]:
-            sub = [r for r in rows if r["block"] == b["name"] and r["task"] == task]
-            if sub:
-                yield b["name"], task, labels, b["noises"], sub
+        tasks += [t for t in b["tasks"] if t not in tasks]
+    for task in tasks:
+        blocks = [b for b in grid.blocks if task in b["tasks"]]
+        labels, noises = [], []
+        for b in blocks:
+            labels += [lab for lab in (f"{a}-{v}" if v else a for a in b["algos"] for v in b["variants"])
+                       if lab not in labels]
+            noises += [n for n in b["noises"] if n not in noises]
+        names = {b["name"] for b in blocks}
+        sub = [r for r in rows if r["block"] in names and r["task"] == task]
+        if sub:
+            yield (blocks[0]["name"] if len(blocks) == 1 else "all"), task, labels, noises, sub
+
+
+# two-sided 95% Student t quantiles by degrees of freedom (1..30); beyond 30 the normal's 1.96
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def paired_interval(diffs: Sequence[float]) -> Optional[tuple]:
+    """(mean, lower, upper, n): the 95% t interval of the mean of per-seed differences; None under 2."""
+    d = [float(x) for x in diffs]
+    if len(d) < 2:
+        return None
+    m, sd = statistics.fmean(d), statistics.stdev(d)
+    half = (_T975[len(d) - 2] if len(d) - 1 <= len(_T975) else 1.96) * sd / math.sqrt(len(d))
+    return m, m - half, m + half, len(d)
+
+
+def excludes_zero(ci: Optional[tuple]) -> bool:
+    return ci is not None and (ci[1] > 0 or ci[2] < 0)
+
+
+def _paired(done: List[Dict], a: str, b: str, noise: str, key: str = "score_final") -> Optional[tuple]:
+    """The paired interval of label a minus label b in one noise cell, over the seeds both finished."""
+    va = {r["seed"]: _num(r.get(key)) for r in done if _label(r) == a and r["noise"] == noise}
+    vb = {r["seed"]: _num(r.get(key)) for r in done if _label(r) == b and r["noise"] == noise}
+    seeds = sorted(s for s in va if s in vb and va[s] is not None and vb[s] is not None)
+    return paired_interval([va[s] - vb[s] for s in seeds])
 
 
 def _label(r: Dict) -> str:
@@ -142,14 +180,53 @@ def _table(labels, noises, sub, final_key, initial_key) -> List[str]:
     lines.append("| SFT start (initial) | " + " | ".join(_cell(s) for s in init) + " |")
     cells = {(lab, n): _stats(r.get(final_key) for r in done if _label(r) == lab and r["noise"] == n)
              for lab in labels for n in noises}
+    # bold: the best mean of a column, only where its paired 95% interval against every other row
+    # excludes 0
     best = {}
     for n in noises:
-        means = [cells[(lab, n)][0] for lab in labels if cells[(lab, n)] is not None]
-        best[n] = max(means) if len(means) > 1 and max(means) > min(means) else None
+        have = [lab for lab in labels if cells[(lab, n)] is not None]
+        if len(have) < 2:
+            best[n] = None
+            continue
+        top = max(have, key=lambda lab: cells[(lab, n)][0])
+        clear = all(excludes_zero(_paired(done, top, lab, n, final_key)) for lab in have if lab != top)
+        best[n] = cells[(top, n)][0] if clear else None
     for lab in labels:
         lines.append(f"| {lab} | " + " | ".join(
             _cell(cells[(lab, n)], bold=best[n] is not None and cells[(lab, n)] is not None
                   and cells[(lab, n)][0] == best[n]) for n in noises) + " |")
+    return lines
+
+
+BASELINES = ("ppo", "grpo", "robust-ppo")
+
+
+def _paired_table(labels, noises, sub) -> List[str]:
+    """Each dvpo row minus each baseline, paired by seed: mean [95% interval] (n seeds), bold where the
+    interval excludes 0; and, per dvpo row, the noisy cells where it is above every baseline so."""
+    done = [r for r in sub if r["status"] in FINISHED]
+    cands = [lab for lab in labels if lab.split("-")[0] == "dvpo"]
+    refs = [lab for lab in BASELINES if lab in labels]
+    if not cands or not refs:
+        return []
+    lines = ["Paired by seed (the same SFT start), final score difference: mean [95% interval] (seeds):", "",
+             "| difference | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]
+    for c in cands:
+        for ref in refs:
+            cells = []
+            for n in noises:
+                ci = _paired(done, c, ref, n)
+                text = "–" if ci is None else f"{ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}] ({ci[3]})"
+                cells.append(f"**{text}**" if excludes_zero(ci) else text)
+            lines.append(f"| {c} − {ref} | " + " | ".join(cells) + " |")
+    lines.append("")
+    noisy = [n for n in noises if n != "none"]
+    for c in cands:
+        wins = [n for n in noisy if all(_paired(done, c, ref, n) is not None and _paired(done, c, ref, n)[1] > 0
+                                        for ref in refs)]
+        lines.append(f"- {c} above {', '.join(refs)} by more than the paired 95% interval in "
+                     f"{len(wins)} of {len(noisy)} noisy cells" + (f" ({', '.join(wins)})" if wins else ""))
+    lines.append("")
     return lines
 
 
@@ -168,7 +245,7 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
         f"- runs: {len(done)} finished of {len(rows)}" + (f", {len(failed)} failed" if failed else ""),
         f"- results.csv: {csv_rows} rows (one per run)",
         "- cells: mean ± std over seeds (n seeds) of the final held-out evaluation under the true reward; "
-        "best mean per column in bold",
+        "a column's best mean is bold only where its paired 95% interval against every other row excludes 0",
         "",
     ]
     for block, task, labels, noises, sub in _groups(grid, rows):
@@ -177,6 +254,7 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
         lines += ["", f"Final {metric_name(task, sampled=True)}:", ""]
         lines += _table(labels, noises, sub, "score_sampled_final", "score_sampled_initial")
         lines.append("")
+        lines += _paired_table(labels, noises, sub)
     if done:
         lines += ["## Time", "", "| algorithm | median s/step (median over runs) | runs |", "|---|---|---|"]
         by = {}
