@@ -32,10 +32,11 @@ def test_builtin_grids_load_and_expand():
     steps = {s.config("/o", "/c").steps for s in main_runs}
     assert len(steps) == 1                                                       # same budget per run
     abl_all = expand(load_grid("ablation"))
-    abl = [s for s in abl_all if s.variant != "adv_cvar25"]
-    assert len(abl) == 6 * 3 and len(abl_all) == 7 * 3  # 6 cumulative term groups + the actor's CVaR advantage
-    adv = next(s.config("/o", "/c") for s in abl_all if s.variant == "adv_cvar25")
-    assert adv.advantage == "cvar:0.25" and adv.noise == "rm:0.72"
+    abl = [s for s in abl_all if not s.variant.startswith("adv_")]
+    assert len(abl) == 6 * 3 and len(abl_all) == 8 * 3  # 6 cumulative term groups + 2 actor advantages
+    adv = {s.variant: s.config("/o", "/c") for s in abl_all if s.variant.startswith("adv_")}
+    assert adv["adv_cvar25"].advantage == "cvar:0.25" and adv["adv_trim25"].advantage == "trim:0.25"
+    assert {c.noise for c in adv.values()} == {"rm:0.8"} and {s.noise for s in abl} == {"rm:0.8"}
     qr = next(s.config("/o", "/c") for s in abl if s.variant == "qr_only")
     assert qr.loss_qh == 1.0 and qr.loss_risk == qr.loss_consist == qr.loss_shape == 0.0
     full = next(s.config("/o", "/c") for s in abl if s.variant == "+consist")
