@@ -97,7 +97,15 @@ def test_smoke_grid_end_to_end(tmp_path, capsys):
             sft_dirs.setdefault(r["seed"], set()).add(json.load(f)["sft_dir"])
     assert all(len(v) == 1 for v in sft_dirs.values()) and sft_dirs["0"] != sft_dirs["1"]
 
+    # the distributional critic's end-of-training fan, for dvpo only
+    for r in rows:
+        spread, deep = r["value_spread_last10pct"], r["value_crossing_deep_last10pct"]
+        if r["algo"] == "dvpo":
+            assert float(spread) >= 0.0 and 0.0 <= float(deep) <= 1.0, r
+        else:
+            assert spread == deep == "", r
     md = (out / "results.md").read_text()
+    assert "The critic at the end of training" in md and "| critic | none | flip:0.4 |" in md
     assert "| algorithm | none | flip:0.4 |" in md
     assert "SFT start (initial)" in md and "| dvpo |" in md and "| ppo |" in md
     assert "seeds: 2" in md and "(2)" in md

@@ -21,7 +21,10 @@ COLUMNS = [
     "heldout_acc_initial", "heldout_acc_sampled_initial", "heldout_reward_initial",
     "heldout_reward_sampled_final", "score_initial", "score_final", "score_sampled_final",
     "score_sampled_initial", "cpu_sec_per_step_median", "error",
+    # the distributional critic at the end of training (mean over the last 10% of steps)
+    "value_spread_last10pct", "value_crossing_last10pct", "value_crossing_deep_last10pct",
 ]
+CRITIC_METRICS = ("value_spread", "value_crossing", "value_crossing_deep")
 
 
 def score_key(task: str) -> str:
@@ -87,6 +90,12 @@ def collect(specs: Sequence[RunSpec], out: str) -> List[Dict]:
                 "score_sampled_initial": first.get(key + "_sampled"),
             })
             curve = [(r["step"], _num(r.get(key))) for r in evals if _num(r.get(key)) is not None]
+            steps = [r for r in metrics if "value_spread" in r]
+            tail = steps[len(steps) - max(1, len(steps) // 10):] if steps else []
+            for name in CRITIC_METRICS:
+                vals = [_num(r.get(name)) for r in tail]
+                vals = [v for v in vals if v is not None]
+                row[name + "_last10pct"] = statistics.fmean(vals) if vals else None
         row["_curve"] = curve
         rows.append(row)
     return rows
@@ -230,6 +239,29 @@ def _paired_table(labels, noises, sub) -> List[str]:
     return lines
 
 
+def _critic_table(labels, noises, sub) -> List[str]:
+    """The distributional critic's fan at the end of training, per row that has one: the spread between
+    its 10% and 90% quantiles and the share of adjacent quantiles out of order by more than 1% of the
+    fan (mean over the last 10% of steps, then over seeds)."""
+    done = [r for r in sub if r["status"] in FINISHED]
+    have = [lab for lab in labels
+            if any(_label(r) == lab and _num(r.get("value_spread_last10pct")) is not None for r in done)]
+    if not have:
+        return []
+    lines = ["The critic at the end of training: 10%-90% fan spread / deep crossing share (mean over seeds):",
+             "", "| critic | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]
+    for lab in have:
+        cells = []
+        for n in noises:
+            rs = [r for r in done if _label(r) == lab and r["noise"] == n]
+            sp = _stats(r.get("value_spread_last10pct") for r in rs)
+            cr = _stats(r.get("value_crossing_deep_last10pct") for r in rs)
+            cells.append("–" if sp is None or cr is None else f"{sp[0]:.2f} / {100 * cr[0]:.0f}%")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> str:
     done = [r for r in rows if r["status"] in FINISHED]
     failed = [r for r in rows if r["status"] == "failed"]
@@ -255,6 +287,7 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
         lines += _table(labels, noises, sub, "score_sampled_final", "score_sampled_initial")
         lines.append("")
         lines += _paired_table(labels, noises, sub)
+        lines += _critic_table(labels, noises, sub)
     if done:
         lines += ["## Time", "", "| algorithm | median s/step (median over runs) | runs |", "|---|---|---|"]
         by = {}
