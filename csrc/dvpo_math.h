@@ -263,3 +263,34 @@ DVPO_HD int sorted_tail_rank(int q, int n, int s, int e, bool upper) {
 
 }  // namespace math
 }  // namespace dvpo
+
+// ---------------------------------------------------------------------------------------------
+// Token reductions (docs/math.md, "Reductions"): per-token values, already 0 at masked tokens, to
+// one number. A sequence is a row. W is the mask's total weight, w_r a row's, V the number of rows
+// with w_r > 0. The gradient of the result w.r.t. every token's value of a row is the row's weight
+// below (so the backward is one scale). A zero denominator counts as 1: an empty batch or row gives
+// 0 (its numerator is 0), never NaN.
+// ---------------------------------------------------------------------------------------------
+namespace dvpo {
+namespace math {
+
+enum ReductionId { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2 };
+
+DVPO_HD double reduction_den(double d) { return d > 0.0 ? d : 1.0; }
+
+// What row r adds to the sequence reductions' numerator (0 for a row without a real token).
+DVPO_HD double reduction_row_value(int reduction, double row_sum, double row_w) {
+  if (!(row_w > 0.0)) return 0.0;
+  return reduction == kSeqMeanTokenMean ? row_sum / row_w : row_sum;
+}
+
+// d result / d value of a token of a row: 1 / W for token-mean; 1 / (w_r V) or 1 / V for the
+// sequence reductions, 0 in a row without a real token.
+DVPO_HD double reduction_weight(int reduction, double total_w, double row_w, double valid_rows) {
+  if (reduction == kTokenMean) return 1.0 / reduction_den(total_w);
+  if (!(row_w > 0.0)) return 0.0;
+  return (reduction == kSeqMeanTokenMean ? 1.0 / row_w : 1.0) / reduction_den(valid_rows);
+}
+
+}  // namespace math
+}  // namespace dvpo

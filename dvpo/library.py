@@ -10,7 +10,7 @@ dtypes, so torch.compile(fullgraph=True) traces through the ops; the real implem
 backend per call (dvpo.dispatch).
 
 The module-level names (`library.quantile_huber`, `library.cvar`, `library.critic_loss`,
-`library.distributional_gae`) are the registered ops, callable with the arguments of OPS[name].
+`library.distributional_gae`, `library.reduce_tokens`) are the registered ops, callable with the arguments of OPS[name].
 """
 
 from __future__ import annotations
@@ -135,3 +135,4 @@ quantile_huber = _register(OPS["quantile_huber"])
 cvar = _register(OPS["cvar"])
 critic_loss = _register(OPS["critic_loss"])
 distributional_gae = _register(OPS["distributional_gae"])
+reduce_tokens = _register(OPS["reduce_tokens"])

@@ -53,6 +53,19 @@ def _mask_arg(mask, acc):
     return None if mask is None else mask.reshape(-1).to(acc)
 
 
+def _reduce(per_token: Tensor, mask: Optional[Tensor], reduction: str) -> Tensor:
+    """An op's masked per-token losses reduced as `reduction` says (a sequence is a row of the last
+    leading dim): one dvpo::reduce_tokens call, deterministic and without a host sync (one launch on a
+    GPU); "none" returns them as they are."""
+    if reduction == "none":
+        return per_token
+    shape = per_token.shape
+    rows = per_token.reshape(math.prod(shape[:-1]), shape[-1]) if per_token.dim() > 0 else per_token.reshape(1, 1)
+    with _private_gradients():
+        loss, _ = library.reduce_tokens(rows, None if mask is None else mask.reshape(rows.shape), reduction)
+    return loss
+
+
 # Default taus and risk weights, made once per (N, gamma, dtype, device): building them per call
 # copies from the host (a blocking copy on a GPU) and launches small kernels. Bounded, and bypassed
 # while torch.compile traces (a traced tensor must not be cached).
@@ -188,7 +201,7 @@ def quantile_huber(pred: Tensor, target: Tensor, taus: Optional[Tensor] = None, 
     with _private_gradients():
         loss, _ = library.quantile_huber(pred.reshape(tokens, n), target.detach().reshape(tokens, m), t, weights,
                                          _mask_arg(mask, acc), float(kappa), bool(normalize_kappa), algorithm)
-    return ref.reduce_tokens(loss.reshape(lead), mask, reduction)
+    return _reduce(loss.reshape(lead), mask, reduction)
 
 
 def cvar(x: Tensor, level: float, *, upper: bool = False) -> Tensor:
@@ -299,7 +312,7 @@ def critic_loss(theta: Tensor, target: Tensor, taus: Optional[Tensor] = None, *,
             config.kernel_params(), algorithm)
     terms = terms.reshape(lead + (len(TERM_NAMES),))
     return CriticLossOutput(
-        loss=ref.reduce_tokens(total.reshape(lead), mask, reduction),
+        loss=_reduce(total.reshape(lead), mask, reduction),
         terms={name: terms[..., k] for k, name in enumerate(TERM_NAMES)},
     )
 

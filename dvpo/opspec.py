@@ -114,6 +114,11 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
          Arg("gamma", "float"), Arg("lam", "float")),
         (Out("advantages", "values", 2, text="[B,T]"), Out("returns", "values", text="[B,T,M]")),
         False, "per-quantile GAE: advantages and returns"),
+    OpSpec(
+        "reduce_tokens",
+        (Arg("values", "Tensor", "[R,S]"), Arg("mask", "Tensor?", "[R,S]"), Arg("reduction", "str")),
+        (Out("loss", "values", 0, text="[]"), Out("weights", "values", text="[R,S]")),
+        True, "masked per-token values (a row per sequence) reduced to one number, and its gradient"),
 )}
 
 

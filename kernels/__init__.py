@@ -5,6 +5,7 @@ that return per-token values and the gradient w.r.t. the prediction in one launc
     cvar                term 3, sorting-free: rank counting or an exact bisection select (kernels/cvar.py)
     critic_loss         term 10: the eight terms, the total and the per-head gradient (kernels/critic_loss.py)
     distributional_gae  term 11, a reverse scan (kernels/distributional_gae.py)
+    reduce_tokens       the token reductions, one deterministic program (kernels/reduce_tokens.py)
 
 The launchers take the flattened tensors of the backend kernel interface (dvpo/backends/reference.py)
 on CUDA, or on CPU under TRITON_INTERPRET=1; `dvpo.backends.triton` registers them with dispatch.
@@ -18,5 +19,6 @@ from .critic_loss import critic_loss
 from .cvar import cvar
 from .distributional_gae import distributional_gae
 from .quantile_huber import quantile_huber
+from .reduce_tokens import reduce_tokens
 
-__all__ = ["quantile_huber", "cvar", "critic_loss", "distributional_gae", "interpreting"]
+__all__ = ["quantile_huber", "cvar", "critic_loss", "distributional_gae", "reduce_tokens", "interpreting"]

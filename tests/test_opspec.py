@@ -104,6 +104,8 @@ def _example_args(name, dtype=torch.float32):
     if name == "critic_loss":
         return (r(t, h, n), r(t, m), taus, torch.ones(n, dtype=dtype), mask, 0.5, 0.2, 0.2, True,
                 dvpo.CriticLossConfig().kernel_params(), "auto")
+    if name == "reduce_tokens":
+        return (r(3, t), (torch.arange(3 * t).reshape(3, t) % 4 != 1), "seq-mean-token-mean")
     return (r(2, t), r(2, t, m), (torch.arange(2 * t).reshape(2, t) % 3 != 0).to(dtype), 0.99, 0.9)
 
 

@@ -36,6 +36,7 @@ TORCH_LIBRARY(dvpo_C, m) {
       "critic_loss(Tensor heads, Tensor target, Tensor taus, Tensor risk_weights, Tensor? mask, float kappa, "
       "float alpha, float beta, bool normalize_kappa, float[] params, str algorithm) -> (Tensor, Tensor, Tensor)");
   m.def("distributional_gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
+  m.def("reduce_tokens(Tensor values, Tensor? mask, str reduction) -> (Tensor, Tensor)");
 }
 
 // Introspection of the CPU build, in a fragment of its own (the block above holds the kernel
@@ -51,4 +52,5 @@ TORCH_LIBRARY_IMPL(dvpo_C, CPU, m) {
   m.impl("cvar", &dvpo::cpu::cvar);
   m.impl("critic_loss", &dvpo::cpu::critic_loss);
   m.impl("distributional_gae", &dvpo::cpu::distributional_gae);
+  m.impl("reduce_tokens", &dvpo::cpu::reduce_tokens);
 }

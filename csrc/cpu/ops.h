@@ -31,6 +31,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
 std::tuple<at::Tensor, at::Tensor> distributional_gae(const at::Tensor& rewards, const at::Tensor& values,
                                                       const at::Tensor& mask, double gamma, double lam);
 
+// values [R, S] (a row per sequence) and an optional bool/float mask of that shape -> (the reduced
+// value [], d value / d values [R, S]); reduction: token-mean, seq-mean-token-mean, seq-mean-token-sum.
+std::tuple<at::Tensor, at::Tensor> reduce_tokens(const at::Tensor& values, const std::optional<at::Tensor>& mask,
+                                                 c10::string_view reduction);
+
 // Which instruction-set variant of the kernels runs now ("avx512", "avx2" or "baseline"; capped
 // by DVPO_CPU_ISA) and, with detected=true, the widest one this CPU supports.
 std::string cpu_isa(bool detected);

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "dvpo_cuda.h"
+#include "dvpo_math.h"  // math::ReductionId
 
 // An importable module with no Python functions: `import dvpo._cuda_C` loads the library and runs
 // the registrations below.
@@ -75,6 +76,17 @@ class OpCall {
   }
 
   at::Tensor output(at::IntArrayRef sizes) const { return at::empty(sizes, main_.options().dtype(acc_)); }
+
+  // A mask shaped `sizes`, read by the kernel as it comes when bool, else as contiguous weights in
+  // the accumulation dtype (undefined when absent).
+  at::Tensor mask(const std::optional<at::Tensor>& t, at::IntArrayRef sizes) const {
+    if (!t.has_value()) return at::Tensor();
+    on_device(op_, *t, main_, "mask");
+    TORCH_CHECK(t->sizes() == sizes, "dvpo_C::", op_, ": mask must have the shape ", sizes, ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kBool || at::isFloatingType(t->scalar_type()), "dvpo_C::", op_,
+                ": mask must be bool or floating point, got ", t->scalar_type());
+    return t->scalar_type() == at::kBool ? t->contiguous() : t->to(acc_).contiguous();
+  }
 
   // A size the launchers take as int.
   int size(int64_t v, const char* what) const {
@@ -302,6 +314,39 @@ std::tuple<at::Tensor, at::Tensor> distributional_gae_cuda(const at::Tensor& rew
   return {adv, ret};
 }
 
+// ---------------------------------------------------------------------------- token reduction
+
+std::tuple<at::Tensor, at::Tensor> reduce_tokens_cuda(const at::Tensor& values, const std::optional<at::Tensor>& mask,
+                                                      c10::string_view reduction) {
+  const OpCall call("reduce_tokens", values, "values");
+  TORCH_CHECK(values.dim() == 2, "dvpo_C::reduce_tokens: values [R, S] expected (a row per sequence), got ",
+              values.sizes());
+  int red = -1;
+  if (reduction == "token-mean") red = math::kTokenMean;
+  if (reduction == "seq-mean-token-mean") red = math::kSeqMeanTokenMean;
+  if (reduction == "seq-mean-token-sum") red = math::kSeqMeanTokenSum;
+  TORCH_CHECK(red >= 0, "dvpo_C::reduce_tokens: reduction must be token-mean, seq-mean-token-mean or "
+                        "seq-mean-token-sum, got ", std::string(reduction));
+  const at::Tensor mk = call.mask(mask, values.sizes());
+  const at::Tensor loss = call.output({}), weights = call.output(values.sizes());
+  const at::Tensor v = values.contiguous();
+  call.dispatch([&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    using accT = acc_t<scalar_t>;
+    ReduceTokensParams<scalar_t> prm;
+    prm.values = in<scalar_t>(v);
+    if (mk.defined() && mk.scalar_type() == at::kBool) prm.mask_bool = in<bool>(mk);
+    if (mk.defined() && mk.scalar_type() != at::kBool) prm.mask = in<accT>(mk);
+    prm.loss = out<accT>(loss);
+    prm.weights = out<accT>(weights);
+    prm.rows = values.size(0);
+    prm.cols = values.size(1);
+    prm.reduction = red;
+    call.launch(prm, &reduce_tokens_workspace_bytes<scalar_t>, &launch_reduce_tokens<scalar_t>);
+  });
+  return {loss, weights};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace dvpo
@@ -311,4 +356,5 @@ TORCH_LIBRARY_IMPL(dvpo_C, CUDA, m) {
   m.impl("cvar", &dvpo::cuda::cvar_cuda);
   m.impl("critic_loss", &dvpo::cuda::critic_loss_cuda);
   m.impl("distributional_gae", &dvpo::cuda::distributional_gae_cuda);
+  m.impl("reduce_tokens", &dvpo::cuda::reduce_tokens_cuda);
 }

@@ -123,6 +123,23 @@ struct GaeParams {
   void* workspace = nullptr;  // gae_workspace_bytes(...) bytes
 };
 
+// ------------------------------------------------------------------------------ token reduction
+// values [R, S] (a row per sequence, already 0 at masked tokens) -> loss [] and weights [R, S] =
+// d loss / d values (docs/math.md, "Reductions"; math::ReductionId). The mask, optional, is read as it
+// comes: bool, or float weights in acc_t.
+template <typename scalar_t>
+struct ReduceTokensParams {
+  using acc = acc_t<scalar_t>;
+  const scalar_t* values = nullptr;  // [R, S]
+  const bool* mask_bool = nullptr;   // [R, S], or
+  const acc* mask = nullptr;         // [R, S] weights (both null: every token weighs 1)
+  acc* loss = nullptr;               // [] out
+  acc* weights = nullptr;            // [R, S] out
+  int64_t rows = 0, cols = 0;
+  int reduction = 0;
+  void* workspace = nullptr;  // none needed
+};
+
 // Bytes of global scratch a launch needs (0 in the usual case: per-token data fits shared memory;
 // larger N, M fall back to a global per-token scratch). Query on the device the launch will use.
 template <typename scalar_t>
@@ -133,6 +150,8 @@ template <typename scalar_t>
 size_t critic_loss_workspace_bytes(const CriticLossParams<scalar_t>& p);
 template <typename scalar_t>
 size_t gae_workspace_bytes(const GaeParams<scalar_t>& p);
+template <typename scalar_t>
+size_t reduce_tokens_workspace_bytes(const ReduceTokensParams<scalar_t>& p);
 
 template <typename scalar_t>
 cudaError_t launch_quantile_huber(const QuantileHuberParams<scalar_t>& p, cudaStream_t stream);
@@ -142,6 +161,8 @@ template <typename scalar_t>
 cudaError_t launch_critic_loss(const CriticLossParams<scalar_t>& p, cudaStream_t stream);
 template <typename scalar_t>
 cudaError_t launch_distributional_gae(const GaeParams<scalar_t>& p, cudaStream_t stream);
+template <typename scalar_t>
+cudaError_t launch_reduce_tokens(const ReduceTokensParams<scalar_t>& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dvpo

@@ -196,3 +196,28 @@ def critic_loss(heads, target, taus, risk_weights, mask, kappa, alpha, beta, nor
 
 def distributional_gae(rewards, values, mask, gamma, lam):
     return ref.distributional_gae(rewards, values, mask, gamma=gamma, lam=lam)
+
+
+_REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def reduce_tokens(values, mask, reduction):
+    """The reduced value (as `dvpo.reference.reduce_tokens`) and its gradient w.r.t. every token's
+    value, in closed form (docs/math.md, "Reductions"): 1 / W, or per row 1 / (w_r V) and 1 / V (0 in
+    a row without a real token); a zero denominator counts as 1."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    acc = ref.acc_dtype(values.dtype)
+    v = values.detach().to(acc)
+    w = torch.ones_like(v) if mask is None else mask.detach().to(acc)
+    if reduction == "token-mean":
+        den = ref._safe_div(torch.ones((), dtype=acc, device=v.device), w.sum())   # 1 / W (1 when W = 0)
+        return v.sum() * den, den.expand(v.shape).clone()
+    row_w = w.sum(-1)
+    valid = (row_w > 0).to(acc)
+    per_row = v.sum(-1)
+    scale = valid
+    if reduction == "seq-mean-token-mean":
+        scale = valid / torch.where(row_w > 0, row_w, torch.ones_like(row_w))
+    inv_v = 1.0 / torch.clamp(valid.sum(), min=1.0)
+    return (per_row * scale).sum() * inv_v, (scale * inv_v).unsqueeze(-1).expand(v.shape).clone()

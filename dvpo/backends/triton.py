@@ -55,3 +55,7 @@ def critic_loss(heads, target, taus, risk_weights, mask, kappa, alpha, beta, nor
 
 def distributional_gae(rewards, values, mask, gamma, lam):
     return _k.distributional_gae(rewards.detach(), values.detach(), mask, gamma, lam)
+
+
+def reduce_tokens(values, mask, reduction):
+    return _k.reduce_tokens(values.detach(), mask, reduction)
