@@ -42,7 +42,7 @@ log "GPU tests"
 DVPO_SKIP_CUDA_EMU=1 DVPO_REQUIRE_CUDA_BACKEND=1 timeout -s INT "${GPU_TEST_S:-200}" \
   $PY -m pytest -q -p no:cacheprovider -m gpu -n "${GPU_TEST_JOBS:-8}" --timeout 120 -rfE \
   --junitxml="$OUT/junit.xml" tests/test_quantile_huber.py tests/test_cvar.py tests/test_critic_loss.py \
-  tests/test_distributional_gae.py tests/test_cuda_backend.py tests/test_cuda_tails.py tests/test_cuda_graphs.py \
+  tests/test_distributional_gae.py tests/test_reduce_tokens.py tests/test_cuda_backend.py tests/test_cuda_tails.py tests/test_cuda_graphs.py \
   tests/test_triton_backend.py \
   >"$OUT/pytest.log" 2>&1
 rc=$?
