@@ -224,7 +224,8 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 
 def build(mod, ptrs, consts, warps):
-    fn = importlib.import_module(mod).__dict__[ptrs.pop("_kernel")].fn
+    fn = importlib.import_module(mod).__dict__[ptrs.pop("_kernel")]
+    fn = fn if isinstance(fn, triton.runtime.JITFunction) else fn.fn  # autotuned kernels wrap theirs
     sig = {}
     for i, name in enumerate(fn.arg_names):
         p = fn.params[i]
@@ -251,6 +252,10 @@ build("dvpo.kernels.cvar", {"_kernel": "_cvar_kernel", "x_ptr": "*fp64", "value_
       dict(UPPER=True, RANK=False, IS_F64=True, ACC=tl.float64, N_PAD=256, BLOCK_T=1), 4)
 build("dvpo.kernels.distributional_gae", {"_kernel": "_gae_kernel", **{n: "*fp32" for n in (
       "r_ptr", "v_ptr", "mask_ptr", "adv_ptr", "ret_ptr")}}, dict(ACC=f32, BLOCK_B=1, BLOCK_M=32), 1)
+for red in (0, 1, 2):  # token-mean and the two sequence reductions; a bool mask, float weights, none
+    for mask_t, has_mask in (("*i1", True), ("*fp32", True), ("*bf16", False)):
+        build("dvpo.kernels.reduce_tokens", {"_kernel": "_reduce_tokens_kernel", "v_ptr": "*bf16", "m_ptr": mask_t,
+              "loss_ptr": "*fp32", "w_ptr": "*fp32"}, dict(HAS_MASK=has_mask, RED=red, BLOCK_R=16, BLOCK_S=256), 8)
 print("compiled")
 """
 
