@@ -190,6 +190,7 @@ def test_paired_interval_known_answer():
     assert excludes_zero(paired_interval([1.0, 1.1, 0.9, 1.0]))
     assert excludes_zero(paired_interval([-1.0, -1.1, -0.9]))    # clearly below 0 counts too
     assert not excludes_zero(paired_interval([-1.0, 0.5, 1.0])) and paired_interval([1.0]) is None
+    assert paired_interval([0.1, 0.1])[1:3] == (0.1, 0.1) and not excludes_zero(paired_interval([0.1, 0.1]))  # 2 seeds
     assert not excludes_zero(None)
 
 
@@ -224,6 +225,11 @@ tasks = ["math"]
 algos = ["dvpo"]
 noises = ["none", "flip:0.1"]
 variants = { recipe = { tail_targets = "recipe" } }
+[[block]]
+name = "later"
+tasks = ["science"]
+algos = ["dvpo", "ppo"]
+noises = ["none"]
 """)
     base = [0.50, 0.60, 0.55, 0.45]         # a seed effect shared by every algorithm (the SFT start)
     shift = {"dvpo": {"none": 0.0, "flip:0.1": 0.10}, "dvpo-recipe": {"none": 0.0, "flip:0.1": 0.0},
@@ -235,6 +241,7 @@ variants = { recipe = { tail_targets = "recipe" } }
     md = write_markdown(load_grid(str(grid_file)), _fake_rows(scores), str(tmp_path / "r.md"), csv_rows=0)
     text = open(md).read()
     assert "## all — math" in text                                  # both blocks in one table
+    assert "science" not in text                                    # a task not run yet: no empty tables
     assert "| dvpo-recipe |" in text and "| dvpo |" in text
     dvpo_row = next(l for l in text.splitlines() if l.startswith("| dvpo |"))
     none_cell, flip_cell = dvpo_row.split(" | ")[1:3]

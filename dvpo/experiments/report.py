@@ -140,7 +140,7 @@ def _groups(grid: Grid, rows: List[Dict]):
             noises += [n for n in b["noises"] if n not in noises]
         names = {b["name"] for b in blocks}
         sub = [r for r in rows if r["block"] in names and r["task"] == task]
-        if sub:
+        if any(r["status"] in FINISHED for r in sub):      # a task not run yet gets no empty tables
             yield (blocks[0]["name"] if len(blocks) == 1 else "all"), task, labels, noises, sub
 
 
@@ -160,8 +160,11 @@ def paired_interval(diffs: Sequence[float]) -> Optional[tuple]:
     return m, m - half, m + half, len(d)
 
 
+MIN_PAIRED_SEEDS = 3  # fewer paired seeds make no claim (two equal differences give a zero-width interval)
+
+
 def excludes_zero(ci: Optional[tuple]) -> bool:
-    return ci is not None and (ci[1] > 0 or ci[2] < 0)
+    return ci is not None and ci[3] >= MIN_PAIRED_SEEDS and (ci[1] > 0 or ci[2] < 0)
 
 
 def _paired(done: List[Dict], a: str, b: str, noise: str, key: str = "score_final") -> Optional[tuple]:
@@ -231,7 +234,7 @@ def _paired_table(labels, noises, sub) -> List[str]:
     lines.append("")
     noisy = [n for n in noises if n != "none"]
     for c in cands:
-        wins = [n for n in noisy if all(_paired(done, c, ref, n) is not None and _paired(done, c, ref, n)[1] > 0
+        wins = [n for n in noisy if all(excludes_zero(_paired(done, c, ref, n)) and _paired(done, c, ref, n)[1] > 0
                                         for ref in refs)]
         lines.append(f"- {c} above {', '.join(refs)} by more than the paired 95% interval in "
                      f"{len(wins)} of {len(noisy)} noisy cells" + (f" ({', '.join(wins)})" if wins else ""))
@@ -277,7 +280,8 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
         f"- runs: {len(done)} finished of {len(rows)}" + (f", {len(failed)} failed" if failed else ""),
         f"- results.csv: {csv_rows} rows (one per run)",
         "- cells: mean ± std over seeds (n seeds) of the final held-out evaluation under the true reward; "
-        "a column's best mean is bold only where its paired 95% interval against every other row excludes 0",
+        "a column's best mean is bold only where its paired 95% interval against every other row excludes 0 "
+        f"(with at least {MIN_PAIRED_SEEDS} paired seeds)",
         "",
     ]
     for block, task, labels, noises, sub in _groups(grid, rows):
