@@ -126,6 +126,20 @@ def test_smoke_grid_end_to_end(tmp_path, capsys):
     assert main(["experiment", "--grid", "smoke", "--out", str(out), "--report-only", "--no-plots"]) == 0
     assert len(_csv(out / "results.csv")[1]) == 8
 
+    # --full-eval: every final policy on the whole held-out split, cached per run
+    from dvpo.tasks import get_task
+    whole = len(get_task("math").heldout_set(1 << 30))
+    assert main(["experiment", "--grid", "smoke", "--out", str(out), "--report-only", "--no-plots", "--full-eval",
+                 "--no-progress"]) == 0
+    assert "8 runs evaluated now, 0 already" in capsys.readouterr().out
+    _, rows = _csv(out / "results.csv")
+    assert whole > 256 and all(int(r["n_full"]) == whole and 0.0 <= float(r["score_full"]) <= 1.0 for r in rows)
+    md = (out / "results.md").read_text()
+    assert f"on the whole held-out split ({whole} problems" in md and "difference (on the whole held-out split)" in md
+    assert main(["experiment", "--grid", "smoke", "--out", str(out), "--report-only", "--no-plots", "--full-eval",
+                 "--no-progress"]) == 0
+    assert "0 runs evaluated now, 8 already" in capsys.readouterr().out
+
 
 def test_failed_and_interrupted_runs(tmp_path, capsys):
     """A failing run is recorded without stopping the grid; a run cut short resumes from its checkpoint."""

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--report-only", action="store_true",
                         help="only rebuild results.csv, results.md and the plots from the finished runs")
     parser.add_argument("--sft-cache", default=None, help="SFT warm-start cache (default: OUT/sft_cache)")
+    parser.add_argument("--full-eval", action="store_true",
+                        help="evaluate every finished run's final policy on its task's whole held-out split "
+                             "(cached per run in full_eval.json); the tables then compare those scores")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -82,6 +85,12 @@ def run(args) -> int:
             pass
         res = run_grid(selected, out, jobs=args.jobs, sft_cache=args.sft_cache, progress=not args.no_progress)
         print(f"runs: {res['ok']} finished now, {res['skipped']} already finished, {res['failed']} failed")
+    if args.full_eval:
+        from .full_eval import evaluate_runs
+
+        ev = evaluate_runs(selected, out, progress=not args.no_progress)
+        print(f"full held-out evaluation: {ev['evaluated']} runs evaluated now, {ev['cached']} already, "
+              f"{ev['unfinished']} not finished")
     rep = __import__("dvpo.experiments.report", fromlist=["write_report"]).write_report(
         grid, specs, out, plots=not args.no_plots)
     print(f"{rep['finished']} of {rep['total']} runs finished")

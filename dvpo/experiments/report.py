@@ -10,6 +10,7 @@ import statistics
 from typing import Dict, List, Optional, Sequence
 
 from ..trainer.plots import tight_layout
+from . import full_eval
 from .grid import Grid, RunSpec, sanitize
 from .runner import FINISHED, read_summary
 
@@ -23,6 +24,8 @@ COLUMNS = [
     "score_sampled_initial", "cpu_sec_per_step_median", "error",
     # the distributional critic at the end of training (mean over the last 10% of steps)
     "value_spread_last10pct", "value_crossing_last10pct", "value_crossing_deep_last10pct",
+    # the final policy on the task's whole held-out split (dvpo experiment --full-eval)
+    "score_full", "score_sampled_full", "n_full",
 ]
 CRITIC_METRICS = ("value_spread", "value_crossing", "value_crossing_deep")
 
@@ -90,6 +93,10 @@ def collect(specs: Sequence[RunSpec], out: str) -> List[Dict]:
                 "score_sampled_initial": first.get(key + "_sampled"),
             })
             curve = [(r["step"], _num(r.get(key))) for r in evals if _num(r.get(key)) is not None]
+            full = full_eval.read(run_dir)
+            if full is not None and full.get("step") == summ.get("steps"):
+                row.update({"score_full": full.get(key), "score_sampled_full": full.get(key + "_sampled"),
+                            "n_full": full.get("n_eval")})
             steps = [r for r in metrics if "value_spread" in r]
             tail = steps[len(steps) - max(1, len(steps) // 10):] if steps else []
             for name in CRITIC_METRICS:
@@ -213,7 +220,7 @@ def _table(labels, noises, sub, final_key, initial_key) -> List[str]:
 BASELINES = ("ppo", "grpo", "robust-ppo")
 
 
-def _paired_table(labels, noises, sub) -> List[str]:
+def _paired_table(labels, noises, sub, key: str = "score_final") -> List[str]:
     """Each dvpo row minus each baseline, paired by seed: mean [95% interval] (n seeds), bold where the
     interval excludes 0; and, per dvpo row, the noisy cells where it is above every baseline so."""
     done = [r for r in sub if r["status"] in FINISHED]
@@ -221,21 +228,23 @@ def _paired_table(labels, noises, sub) -> List[str]:
     refs = [lab for lab in BASELINES if lab in labels]
     if not cands or not refs:
         return []
-    lines = ["Paired by seed (the same SFT start), final score difference: mean [95% interval] (seeds):", "",
+    what = "on the whole held-out split" if key == "score_full" else "the runs' own evaluation"
+    lines = [f"Paired by seed (the same SFT start), final score difference ({what}): mean [95% interval] "
+             "(seeds):", "",
              "| difference | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]
     for c in cands:
         for ref in refs:
             cells = []
             for n in noises:
-                ci = _paired(done, c, ref, n)
+                ci = _paired(done, c, ref, n, key)
                 text = "–" if ci is None else f"{ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}] ({ci[3]})"
                 cells.append(f"**{text}**" if excludes_zero(ci) else text)
             lines.append(f"| {c} − {ref} | " + " | ".join(cells) + " |")
     lines.append("")
     noisy = [n for n in noises if n != "none"]
     for c in cands:
-        wins = [n for n in noisy if all(excludes_zero(_paired(done, c, ref, n)) and _paired(done, c, ref, n)[1] > 0
-                                        for ref in refs)]
+        wins = [n for n in noisy if all(excludes_zero(_paired(done, c, ref, n, key))
+                                        and _paired(done, c, ref, n, key)[1] > 0 for ref in refs)]
         lines.append(f"- {c} above {', '.join(refs)} by more than the paired 95% interval in "
                      f"{len(wins)} of {len(noisy)} noisy cells" + (f" ({', '.join(wins)})" if wins else ""))
     lines.append("")
@@ -285,12 +294,22 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
         "",
     ]
     for block, task, labels, noises, sub in _groups(grid, rows):
-        lines += [f"## {block} — {task}", "", f"Final {metric_name(task)}:", ""]
+        fin = [r for r in sub if r["status"] in FINISHED]
+        whole = bool(fin) and all(_num(r.get("score_full")) is not None for r in fin)
+        key = "score_full" if whole else "score_final"
+        lines += [f"## {block} — {task}", ""]
+        if whole:
+            sizes = sorted({int(r["n_full"]) for r in fin})
+            lines += [f"Final {metric_name(task)} on the whole held-out split ({', '.join(map(str, sizes))} "
+                      "problems; `--full-eval`):", ""]
+            lines += _table(labels, noises, sub, "score_full", "score_initial")
+            lines += ["", "(SFT start: the runs' own first evaluation, on their n_eval problems.)", ""]
+        lines += [f"Final {metric_name(task)}, the runs' own evaluation:", ""]
         lines += _table(labels, noises, sub, "score_final", "score_initial")
         lines += ["", f"Final {metric_name(task, sampled=True)}:", ""]
         lines += _table(labels, noises, sub, "score_sampled_final", "score_sampled_initial")
         lines.append("")
-        lines += _paired_table(labels, noises, sub)
+        lines += _paired_table(labels, noises, sub, key)
         lines += _critic_table(labels, noises, sub)
     if done:
         lines += ["## Time", "", "| algorithm | median s/step (median over runs) | runs |", "|---|---|---|"]
