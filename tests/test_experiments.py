@@ -109,7 +109,8 @@ def test_smoke_grid_end_to_end(tmp_path, capsys):
     assert "| algorithm | none | flip:0.4 |" in md
     assert "SFT start (initial)" in md and "| dvpo |" in md and "| ppo |" in md
     assert "seeds: 2" in md and "(2)" in md
-    for name in ("acc_vs_noise_smoke_math.png", "curves_smoke_math_none.png", "curves_smoke_math_flip_0.4.png"):
+    for name in ("acc_vs_noise_smoke_math.png", "curves_smoke_math_none.png", "curves_smoke_math_flip_0.4.png",
+                 "paired_vs_ppo_smoke_math.png"):
         assert (out / name).stat().st_size > 1000, name
 
     # resumable: a second invocation skips every run

@@ -220,6 +220,12 @@ def _table(labels, noises, sub, final_key, initial_key) -> List[str]:
 BASELINES = ("ppo", "grpo", "robust-ppo")
 
 
+def _score_key(finished: List[Dict]) -> str:
+    """The score the comparison uses: the whole held-out split when every finished run has it."""
+    whole = bool(finished) and all(_num(r.get("score_full")) is not None for r in finished)
+    return "score_full" if whole else "score_final"
+
+
 def _paired_table(labels, noises, sub, key: str = "score_final") -> List[str]:
     """Each dvpo row minus each baseline, paired by seed: mean [95% interval] (n seeds), bold where the
     interval excludes 0; and, per dvpo row, the noisy cells where it is above every baseline so."""
@@ -295,8 +301,8 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
     ]
     for block, task, labels, noises, sub in _groups(grid, rows):
         fin = [r for r in sub if r["status"] in FINISHED]
-        whole = bool(fin) and all(_num(r.get("score_full")) is not None for r in fin)
-        key = "score_full" if whole else "score_final"
+        key = _score_key(fin)
+        whole = key == "score_full"
         lines += [f"## {block} — {task}", ""]
         if whole:
             sizes = sorted({int(r["n_full"]) for r in fin})
@@ -340,13 +346,38 @@ def write_plots(grid: Grid, rows: List[Dict], out: str) -> List[str]:
         done = [r for r in sub if r["status"] in FINISHED]
         if not done:
             continue
+        key = _score_key(done)
+        # every row minus ppo, paired by seed, with its 95% interval: the comparison the tables make
+        if "ppo" in labels and len(labels) > 1:
+            fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(noises) + 2.5), 4.0))
+            others = [lab for lab in labels if lab != "ppo"]
+            width = 0.6 / max(1, len(others))
+            for i, lab in enumerate(others):
+                xs, ms, lo, hi = [], [], [], []
+                for j, n in enumerate(noises):
+                    ci = _paired(done, lab, "ppo", n, key)
+                    if ci is not None:
+                        xs.append(j + (i - (len(others) - 1) / 2) * width)
+                        ms.append(ci[0])
+                        lo.append(ci[0] - ci[1])
+                        hi.append(ci[2] - ci[0])
+                if xs:
+                    ax.errorbar(xs, ms, yerr=[lo, hi], marker="o", capsize=3, linestyle="none", label=lab)
+            ax.axhline(0.0, color="k", lw=0.8)
+            ax.set_xticks(range(len(noises)))
+            ax.set_xticklabels(noises)
+            ax.set_xlim(-0.6, len(noises) - 0.4)
+            where = "whole held-out split" if key == "score_full" else "runs' own evaluation"
+            paths.append(_save(fig, ax, "reward noise model", f"final score minus ppo's ({where})",
+                               f"{grid.name}: {block} / {task}: paired by seed, mean and 95% interval",
+                               os.path.join(out, f"paired_vs_ppo_{sanitize(block)}_{sanitize(task)}.png")))
         # final accuracy vs noise model
         fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(noises) + 2.5), 4.0))
         width = 0.6 / max(1, len(labels))
         for i, lab in enumerate(labels):
             xs, ms, ss = [], [], []
             for j, n in enumerate(noises):
-                st = _stats(r["score_final"] for r in done if _label(r) == lab and r["noise"] == n)
+                st = _stats(r[key] for r in done if _label(r) == lab and r["noise"] == n)
                 if st is not None:
                     xs.append(j + (i - (len(labels) - 1) / 2) * width)
                     ms.append(st[0])
