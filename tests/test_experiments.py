@@ -137,6 +137,10 @@ def test_smoke_grid_end_to_end(tmp_path, capsys):
     assert whole > 256 and all(int(r["n_full"]) == whole and 0.0 <= float(r["score_full"]) <= 1.0 for r in rows)
     md = (out / "results.md").read_text()
     assert f"on the whole held-out split ({whole} problems" in md and "difference (on the whole held-out split)" in md
+    assert "(SFT start: the runs' own first evaluation" not in md              # the starts were scored too
+    assert all(0.0 <= float(r["score_initial_full"]) <= 1.0 for r in rows)
+    for seed in ("0", "1"):   # one warm start per seed, scored once
+        assert len({r["score_initial_full"] for r in rows if r["seed"] == seed}) == 1
     assert main(["experiment", "--grid", "smoke", "--out", str(out), "--report-only", "--no-plots", "--full-eval",
                  "--no-progress"]) == 0
     assert "0 runs evaluated now, 8 already" in capsys.readouterr().out

@@ -30,24 +30,31 @@ def read(run_dir: str) -> Optional[Dict]:
 
 
 def evaluate_runs(specs: Sequence[RunSpec], out: str, *, progress: bool = True, device: str = "cpu") -> Dict:
-    """Evaluate each finished run without a current full_eval.json (one made for its final step);
-    returns counts {"evaluated", "cached", "unfinished"}."""
+    """Evaluate each finished run without a current full_eval.json (one made for its final step), and
+    each SFT warm start those runs began from (once, cached in its own dir); returns counts
+    {"evaluated", "cached", "unfinished"} of the runs."""
     import torch
 
     from dvpo.trainer import evaluate_checkpoint
 
     todo, counts = [], {"evaluated": 0, "cached": 0, "unfinished": 0}
+    starts = {}  # the SFT warm starts of the finished runs (their whole-split score is the start row)
     for s in specs:
         run_dir = os.path.join(out, s.rel_dir)
         summ = read_summary(run_dir)
         if not summ or summ.get("status") not in FINISHED:
             counts["unfinished"] += 1
             continue
+        sft = summ.get("sft_dir")
+        if sft and os.path.isdir(sft) and read(sft) is None:
+            starts[sft] = summ.get("task", s.task)
         have = read(run_dir)
         if have is not None and have.get("step") == summ.get("steps"):
             counts["cached"] += 1
             continue
         todo.append(run_dir)
+    for sft, task in starts.items():
+        _write(sft, evaluate_checkpoint(sft, task=task, n_eval=WHOLE_SPLIT, device=device), {})
     if todo:
         from tqdm import tqdm
 
@@ -56,19 +63,23 @@ def evaluate_runs(specs: Sequence[RunSpec], out: str, *, progress: bool = True, 
         sizes: Dict[str, int] = {}
         try:
             for run_dir in tqdm(todo, desc="full held-out evaluation", unit="run", disable=not progress):
-                res = evaluate_checkpoint(run_dir, n_eval=WHOLE_SPLIT, device=device)
-                keep = {k: res[k] for k in ("heldout_acc", "heldout_reward", "heldout_acc_sampled",
-                                            "heldout_reward_sampled", "step", "task") if k in res}
-                if res["task"] not in sizes:
-                    from dvpo.tasks import get_task
-
-                    sizes[res["task"]] = len(get_task(res["task"]).heldout_set(WHOLE_SPLIT))
-                keep["n_eval"] = sizes[res["task"]]
-                tmp = os.path.join(run_dir, FILE + ".tmp")
-                with open(tmp, "w") as f:
-                    json.dump(keep, f, indent=1)
-                os.replace(tmp, os.path.join(run_dir, FILE))
+                _write(run_dir, evaluate_checkpoint(run_dir, n_eval=WHOLE_SPLIT, device=device), sizes)
                 counts["evaluated"] += 1
         finally:
             torch.set_num_threads(threads)
     return counts
+
+
+def _write(where: str, res: Dict, sizes: Dict[str, int]):
+    """Keep an evaluation's scores, with the number of problems it really had, in where/full_eval.json."""
+    from dvpo.tasks import get_task
+
+    keep = {k: res[k] for k in ("heldout_acc", "heldout_reward", "heldout_acc_sampled", "heldout_reward_sampled",
+                                "step", "task") if k in res}
+    if res["task"] not in sizes:
+        sizes[res["task"]] = len(get_task(res["task"]).heldout_set(WHOLE_SPLIT))
+    keep["n_eval"] = sizes[res["task"]]
+    tmp = os.path.join(where, FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(keep, f, indent=1)
+    os.replace(tmp, os.path.join(where, FILE))

@@ -25,7 +25,7 @@ COLUMNS = [
     # the distributional critic at the end of training (mean over the last 10% of steps)
     "value_spread_last10pct", "value_crossing_last10pct", "value_crossing_deep_last10pct",
     # the final policy on the task's whole held-out split (dvpo experiment --full-eval)
-    "score_full", "score_sampled_full", "n_full",
+    "score_full", "score_sampled_full", "n_full", "score_initial_full",
 ]
 CRITIC_METRICS = ("value_spread", "value_crossing", "value_crossing_deep")
 
@@ -95,8 +95,10 @@ def collect(specs: Sequence[RunSpec], out: str) -> List[Dict]:
             curve = [(r["step"], _num(r.get(key))) for r in evals if _num(r.get(key)) is not None]
             full = full_eval.read(run_dir)
             if full is not None and full.get("step") == summ.get("steps"):
+                start = full_eval.read(summ["sft_dir"]) if summ.get("sft_dir") else None
                 row.update({"score_full": full.get(key), "score_sampled_full": full.get(key + "_sampled"),
-                            "n_full": full.get("n_eval")})
+                            "n_full": full.get("n_eval"),
+                            "score_initial_full": None if start is None else start.get(key)})
             steps = [r for r in metrics if "value_spread" in r]
             tail = steps[len(steps) - max(1, len(steps) // 10):] if steps else []
             for name in CRITIC_METRICS:
@@ -308,8 +310,11 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
             sizes = sorted({int(r["n_full"]) for r in fin})
             lines += [f"Final {metric_name(task)} on the whole held-out split ({', '.join(map(str, sizes))} "
                       "problems; `--full-eval`):", ""]
-            lines += _table(labels, noises, sub, "score_full", "score_initial")
-            lines += ["", "(SFT start: the runs' own first evaluation, on their n_eval problems.)", ""]
+            start_whole = all(_num(r.get("score_initial_full")) is not None for r in fin)
+            lines += _table(labels, noises, sub, "score_full", "score_initial_full" if start_whole else "score_initial")
+            if not start_whole:
+                lines += ["", "(SFT start: the runs' own first evaluation, on their n_eval problems.)"]
+            lines.append("")
         lines += [f"Final {metric_name(task)}, the runs' own evaluation:", ""]
         lines += _table(labels, noises, sub, "score_final", "score_initial")
         lines += ["", f"Final {metric_name(task, sampled=True)}:", ""]
@@ -385,7 +390,9 @@ def write_plots(grid: Grid, rows: List[Dict], out: str) -> List[str]:
             if xs:
                 ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=lab,
                             linestyle="-" if len(noises) > 1 else "none")
-        init = [_stats({r["seed"]: r["score_initial"] for r in done if r["noise"] == n}.values()) for n in noises]
+        ikey = ("score_initial_full" if key == "score_full"
+                and all(_num(r.get("score_initial_full")) is not None for r in done) else "score_initial")
+        init = [_stats({r["seed"]: r[ikey] for r in done if r["noise"] == n}.values()) for n in noises]
         if any(s is not None for s in init):
             ax.plot([j for j, s in enumerate(init) if s is not None], [s[0] for s in init if s is not None],
                     "k:", marker="_", markersize=20, label="SFT start")
