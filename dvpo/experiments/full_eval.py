@@ -53,20 +53,19 @@ def evaluate_runs(specs: Sequence[RunSpec], out: str, *, progress: bool = True, 
             counts["cached"] += 1
             continue
         todo.append(run_dir)
-    for sft, task in starts.items():
-        _write(sft, evaluate_checkpoint(sft, task=task, n_eval=WHOLE_SPLIT, device=device), {})
-    if todo:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the runs evaluated themselves with their own --threads (1 in grids)
-        sizes: Dict[str, int] = {}
-        try:
-            for run_dir in tqdm(todo, desc="full held-out evaluation", unit="run", disable=not progress):
-                _write(run_dir, evaluate_checkpoint(run_dir, n_eval=WHOLE_SPLIT, device=device), sizes)
-                counts["evaluated"] += 1
-        finally:
-            torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runs evaluated themselves with their own --threads (1 in grids)
+    sizes: Dict[str, int] = {}
+    try:
+        for sft, task in starts.items():
+            _write(sft, evaluate_checkpoint(sft, task=task, n_eval=WHOLE_SPLIT, device=device), sizes)
+        for run_dir in tqdm(todo, desc="full held-out evaluation", unit="run", disable=not progress or not todo):
+            _write(run_dir, evaluate_checkpoint(run_dir, n_eval=WHOLE_SPLIT, device=device), sizes)
+            counts["evaluated"] += 1
+    finally:
+        torch.set_num_threads(threads)
     return counts
 
 
