@@ -228,6 +228,12 @@ def _score_key(finished: List[Dict]) -> str:
     return "score_full" if whole else "score_final"
 
 
+def _start_key(finished: List[Dict], key: str) -> str:
+    """The SFT start's score to show beside `key`: on the whole split too when every start has one."""
+    whole = key == "score_full" and all(_num(r.get("score_initial_full")) is not None for r in finished)
+    return "score_initial_full" if whole else "score_initial"
+
+
 def _paired_table(labels, noises, sub, key: str = "score_final") -> List[str]:
     """Each dvpo row minus each baseline, paired by seed: mean [95% interval] (n seeds), bold where the
     interval excludes 0; and, per dvpo row, the noisy cells where it is above every baseline so."""
@@ -251,8 +257,8 @@ def _paired_table(labels, noises, sub, key: str = "score_final") -> List[str]:
     lines.append("")
     noisy = [n for n in noises if n != "none"]
     for c in cands:
-        wins = [n for n in noisy if all(excludes_zero(_paired(done, c, ref, n, key))
-                                        and _paired(done, c, ref, n, key)[1] > 0 for ref in refs)]
+        above = {n: [_paired(done, c, ref, n, key) for ref in refs] for n in noisy}
+        wins = [n for n in noisy if all(excludes_zero(ci) and ci[1] > 0 for ci in above[n])]
         lines.append(f"- {c} above {', '.join(refs)} by more than the paired 95% interval in "
                      f"{len(wins)} of {len(noisy)} noisy cells" + (f" ({', '.join(wins)})" if wins else ""))
     lines.append("")
@@ -310,9 +316,9 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
             sizes = sorted({int(r["n_full"]) for r in fin})
             lines += [f"Final {metric_name(task)} on the whole held-out split ({', '.join(map(str, sizes))} "
                       "problems; `--full-eval`):", ""]
-            start_whole = all(_num(r.get("score_initial_full")) is not None for r in fin)
-            lines += _table(labels, noises, sub, "score_full", "score_initial_full" if start_whole else "score_initial")
-            if not start_whole:
+            start = _start_key(fin, key)
+            lines += _table(labels, noises, sub, "score_full", start)
+            if start != "score_initial_full":
                 lines += ["", "(SFT start: the runs' own first evaluation, on their n_eval problems.)"]
             lines.append("")
         lines += [f"Final {metric_name(task)}, the runs' own evaluation:", ""]
@@ -390,8 +396,7 @@ def write_plots(grid: Grid, rows: List[Dict], out: str) -> List[str]:
             if xs:
                 ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=lab,
                             linestyle="-" if len(noises) > 1 else "none")
-        ikey = ("score_initial_full" if key == "score_full"
-                and all(_num(r.get("score_initial_full")) is not None for r in done) else "score_initial")
+        ikey = _start_key(done, key)
         init = [_stats({r["seed"]: r[ikey] for r in done if r["noise"] == n}.values()) for n in noises]
         if any(s is not None for s in init):
             ax.plot([j for j, s in enumerate(init) if s is not None], [s[0] for s in init if s is not None],
