@@ -5,7 +5,10 @@
 // (docs/math.md). Everything is templated on the accumulation type (float or double).
 #pragma once
 
-#include <cstring>  // memcpy (bit casts; also callable in CUDA device code)
+#include <cstring>  // memcpy (bit casts; also callable in CUDA device code), strlen, memcmp
+#include <string>   // reduction_choices (host only)
+
+#include "terms.h"  // kReductions, kTokenMean, ... (generated from dvpo/config.py)
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DVPO_HD __host__ __device__ __forceinline__
@@ -274,7 +277,23 @@ DVPO_HD int sorted_tail_rank(int q, int n, int s, int e, bool upper) {
 namespace dvpo {
 namespace math {
 
-enum ReductionId { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2 };
+// The id (kTokenMean, ... in terms.h, generated from dvpo/config.py) of a reduction's name, -1 for
+// none. Host only: the bindings parse the op's `reduction` string with it.
+inline int reduction_id(const char* name, size_t len) {
+  for (int id = 0; id < kReductions; ++id)
+    if (std::strlen(kReductionNames[id]) == len && std::memcmp(kReductionNames[id], name, len) == 0) return id;
+  return -1;
+}
+
+// "a, b or c": the reductions' names for an error message.
+inline std::string reduction_choices() {
+  std::string s;
+  for (int id = 0; id < kReductions; ++id) {
+    if (id > 0) s += id + 1 < kReductions ? ", " : " or ";
+    s += kReductionNames[id];
+  }
+  return s;
+}
 
 DVPO_HD double reduction_den(double d) { return d > 0.0 ? d : 1.0; }
 

@@ -11,7 +11,11 @@ import torch
 # (the `terms` tensor's last dim) and named as the weights of CriticLossConfig.
 TERM_NAMES = ("qh", "risk", "cvar", "gain", "shift", "shape", "curv", "consist")
 
-REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "none")
+# The reductions of per-token losses to one number, in the order of their ids in every backend's
+# reduce_tokens kernel (csrc/terms.h is generated from this), and the public `reduction` choices:
+# those plus "none" (the per-token loss itself, no kernel).
+TOKEN_REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+REDUCTIONS = TOKEN_REDUCTIONS + ("none",)
 
 ALGORITHMS = ("auto", "pairwise", "sorted")
 

@@ -13,9 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
+from dvpo.config import TOKEN_REDUCTIONS
+
 from ._common import acc_dtype, device_guard, interpreting
 
-REDUCTIONS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
+# A reduction's id in the kernel is its place in dvpo.config.TOKEN_REDUCTIONS (as csrc/terms.h's).
+REDUCTIONS = {name: i for i, name in enumerate(TOKEN_REDUCTIONS)}
+_TOKEN_MEAN = tl.constexpr(REDUCTIONS["token-mean"])
+_SEQ_MEAN_TOKEN_MEAN = tl.constexpr(REDUCTIONS["seq-mean-token-mean"])
 
 
 @triton.jit
@@ -45,12 +50,12 @@ def _reduce_tokens_kernel(v_ptr, m_ptr, loss_ptr, w_ptr, R, S, HAS_MASK: tl.cons
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         rs, rw = _row_sums(v_ptr, m_ptr, rows, S, HAS_MASK, True, BLOCK_R, BLOCK_S, R)
-        if RED == 0:
+        if RED == _TOKEN_MEAN:
             num += rs
             den += rw
         else:
             real = rw > 0
-            if RED == 1:
+            if RED == _SEQ_MEAN_TOKEN_MEAN:
                 num += tl.where(real, rs / tl.where(real, rw, 1.0), 0.0)
             else:
                 num += tl.where(real, rs, 0.0)
@@ -60,12 +65,12 @@ def _reduce_tokens_kernel(v_ptr, m_ptr, loss_ptr, w_ptr, R, S, HAS_MASK: tl.cons
     tl.store(loss_ptr, (tl.sum(num, axis=0) / safe).to(loss_ptr.dtype.element_ty))
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        if RED == 0:
+        if RED == _TOKEN_MEAN:
             g = tl.zeros([BLOCK_R], dtype=tl.float64) + 1.0 / safe
         else:
             _, rw = _row_sums(v_ptr, m_ptr, rows, S, HAS_MASK, False, BLOCK_R, BLOCK_S, R)
             real = rw > 0
-            if RED == 1:
+            if RED == _SEQ_MEAN_TOKEN_MEAN:
                 g = tl.where(real, 1.0 / tl.where(real, rw, 1.0), 0.0) / safe
             else:
                 g = tl.where(real, 1.0, 0.0) / safe

@@ -137,14 +137,12 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     assert torch.allclose(xe.grad, xc.grad, rtol=1e-6, atol=1e-7)
 
 
-def test_bad_reduction_is_refused_by_every_backend_kernel():
-    from dvpo.backends import cpp
-    from dvpo.backends import reference as ref_backend
-
-    x = torch.randn(2, 3)
-    for module in (ref_backend, cpp):
-        with pytest.raises((ValueError, RuntimeError), match="reduction must be"):
-            module.reduce_tokens(x, None, "mean")
+@pytest.mark.parametrize("backend", backends.params(), indirect=True)
+def test_bad_reduction_is_refused_by_every_backend_kernel(backend):
+    x = torch.randn(2, 3, device=backend.device)
+    for bad in ("mean", "token-mean ", "none"):  # "none" is a public choice, but no kernel's
+        with pytest.raises((ValueError, RuntimeError), match="reduction must be .*seq-mean-token-sum"):
+            backend.kernels().reduce_tokens(x, None, bad)
 
 
 @pytest.mark.parametrize("backend", backends.params(("reference", "cpp")), indirect=True)

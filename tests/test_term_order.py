@@ -1,4 +1,5 @@
-"""The critic loss's term order has one source of truth: dvpo/config.py (TERM_NAMES, PARAM_NAMES).
+"""The critic loss's term order and the token reductions' ids have one source of truth: dvpo/config.py
+(TERM_NAMES, PARAM_NAMES, TOKEN_REDUCTIONS).
 
 - csrc/terms.h, which the C++ CPU and CUDA kernels include, is what tools/gen_terms_header.py
   writes from dvpo/config.py (regenerated here in memory and compared with the committed file);
@@ -18,7 +19,7 @@ import re
 
 import pytest
 
-from dvpo.config import PARAM_NAMES, TERM_NAMES
+from dvpo.config import PARAM_NAMES, TERM_NAMES, TOKEN_REDUCTIONS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -38,8 +39,8 @@ def _generator():
 # ------------------------------------------------------------------------ (1) the generated header
 
 def test_generator_reads_the_config_tuples():
-    terms, params = _generator().read_names()
-    assert terms == TERM_NAMES and params == PARAM_NAMES
+    terms, params, reductions = _generator().read_names()
+    assert terms == TERM_NAMES and params == PARAM_NAMES and reductions == TOKEN_REDUCTIONS
 
 
 def test_committed_header_is_up_to_date():
@@ -53,8 +54,12 @@ def test_header_indices_follow_the_config():
     defined = dict((name, int(v)) for name, v in re.findall(r"constexpr int (k\w+)\s*=\s*(\d+);", text))
     gen = _generator()
     want = {gen.constant(n): k for k, n in enumerate(PARAM_NAMES)}
-    want.update(kTerms=len(TERM_NAMES), kParams=len(PARAM_NAMES))
+    want.update({gen.constant(n): k for k, n in enumerate(TOKEN_REDUCTIONS)})
+    want.update(kTerms=len(TERM_NAMES), kParams=len(PARAM_NAMES), kReductions=len(TOKEN_REDUCTIONS))
     assert defined == want
+    assert defined["kSeqMeanTokenSum"] == TOKEN_REDUCTIONS.index("seq-mean-token-sum")
+    names = re.search(r"kReductionNames\[kReductions\] = \{(.*?)\};", text, re.S).group(1)
+    assert tuple(re.findall(r'"([^"]+)"', names)) == TOKEN_REDUCTIONS
     assert defined["kQH"] == 0 and defined["kConsist"] == len(TERM_NAMES) - 1
     assert "do not edit" in text.lower() and "#include" not in text  # generated; torch-free
 
@@ -166,6 +171,24 @@ def test_kernels_use_the_generated_names(rel):
     for name in ("kQH", "kCvar", "kShape", "kConsist", "kTerms"):
         if rel != "cuda/dvpo_cuda.h":
             assert re.search(rf"\b{name}\b", code), f"{rel} does not use {name}"
+
+
+def test_reduction_names_only_in_the_generated_header():
+    """The bindings parse `reduction` with math::reduction_id over terms.h's names; no other C++ source
+    spells a name or maps one to an id."""
+    found = [f"{p.relative_to(ROOT)}: {n}" for p in _sources() for n in TOKEN_REDUCTIONS if f'"{n}"' in p.read_text()]
+    assert not found, "reduction names outside csrc/terms.h:\n" + "\n".join(found)
+    for rel in ("cpu/reduce_tokens.cpp", "cuda/bindings.cpp"):
+        assert "math::reduction_id(" in (CSRC / rel).read_text(), f"{rel} does not parse with math::reduction_id"
+
+
+def test_triton_reduction_ids_are_the_config_order():
+    pytest.importorskip("triton")
+    mod = importlib.import_module("dvpo.kernels.reduce_tokens")
+    assert mod.REDUCTIONS == {n: k for k, n in enumerate(TOKEN_REDUCTIONS)}
+    for const, name in ((mod._TOKEN_MEAN, "token-mean"), (mod._SEQ_MEAN_TOKEN_MEAN, "seq-mean-token-mean")):
+        assert int(getattr(const, "value", const)) == TOKEN_REDUCTIONS.index(name)
+    assert not re.search(r"RED\s*==\s*\d", (ROOT / "kernels" / "reduce_tokens.py").read_text())
 
 
 def test_cuda_kernel_files_are_torch_free():

@@ -15,11 +15,10 @@ namespace {
 constexpr int64_t kChunk = 4096;  // token-mean partial sums: fixed chunks, whatever the thread count
 
 int parse_reduction(c10::string_view name) {
-  if (name == "token-mean") return math::kTokenMean;
-  if (name == "seq-mean-token-mean") return math::kSeqMeanTokenMean;
-  if (name == "seq-mean-token-sum") return math::kSeqMeanTokenSum;
-  TORCH_CHECK(false, "dvpo_C::reduce_tokens: reduction must be token-mean, seq-mean-token-mean or "
-                     "seq-mean-token-sum, got ", std::string(name));
+  const int id = math::reduction_id(name.data(), name.size());
+  TORCH_CHECK(id >= 0, "dvpo_C::reduce_tokens: reduction must be ", math::reduction_choices(), ", got ",
+              std::string(name));
+  return id;
 }
 
 // Sum of values and of mask weights over [lo, hi) in double (mask == nullptr: weight 1 each).
@@ -41,7 +40,7 @@ inline void partial_sums(const T* v, const W* w, int64_t lo, int64_t hi, double&
 template <typename T, typename W>
 void reduce(const T* v, const W* w, int64_t R, int64_t S, int red, T* loss, T* weights) {
   const int64_t n = R * S;
-  if (red == math::kTokenMean) {
+  if (red == kTokenMean) {
     const int64_t chunks = (n + kChunk - 1) / kChunk;
     std::vector<double> ps(chunks), pw(chunks);
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {

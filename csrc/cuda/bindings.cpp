@@ -24,7 +24,7 @@
 #include <type_traits>
 
 #include "dvpo_cuda.h"
-#include "dvpo_math.h"  // math::ReductionId
+#include "dvpo_math.h"  // math::reduction_id
 
 // An importable module with no Python functions: `import dvpo._cuda_C` loads the library and runs
 // the registrations below.
@@ -321,12 +321,9 @@ std::tuple<at::Tensor, at::Tensor> reduce_tokens_cuda(const at::Tensor& values, 
   const OpCall call("reduce_tokens", values, "values");
   TORCH_CHECK(values.dim() == 2, "dvpo_C::reduce_tokens: values [R, S] expected (a row per sequence), got ",
               values.sizes());
-  int red = -1;
-  if (reduction == "token-mean") red = math::kTokenMean;
-  if (reduction == "seq-mean-token-mean") red = math::kSeqMeanTokenMean;
-  if (reduction == "seq-mean-token-sum") red = math::kSeqMeanTokenSum;
-  TORCH_CHECK(red >= 0, "dvpo_C::reduce_tokens: reduction must be token-mean, seq-mean-token-mean or "
-                        "seq-mean-token-sum, got ", std::string(reduction));
+  const int red = math::reduction_id(reduction.data(), reduction.size());
+  TORCH_CHECK(red >= 0, "dvpo_C::reduce_tokens: reduction must be ", math::reduction_choices(), ", got ",
+              std::string(reduction));
   const at::Tensor mk = call.mask(mask, values.sizes());
   const at::Tensor loss = call.output({}), weights = call.output(values.sizes());
   const at::Tensor v = values.contiguous();

@@ -125,8 +125,8 @@ struct GaeParams {
 
 // ------------------------------------------------------------------------------ token reduction
 // values [R, S] (a row per sequence, already 0 at masked tokens) -> loss [] and weights [R, S] =
-// d loss / d values (docs/math.md, "Reductions"; math::ReductionId). The mask, optional, is read as it
-// comes: bool, or float weights in acc_t.
+// d loss / d values (docs/math.md, "Reductions"; the reduction ids are terms.h's kTokenMean, ...).
+// The mask, optional, is read as it comes: bool, or float weights in acc_t.
 template <typename scalar_t>
 struct ReduceTokensParams {
   using acc = acc_t<scalar_t>;

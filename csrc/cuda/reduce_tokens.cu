@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_tokens_kernel(const Red
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t n = p.rows * p.cols;
   double num = 0.0, den = 0.0;
-  if (p.reduction == math::kTokenMean) {
+  if (p.reduction == kTokenMean) {
     for (int64_t i = tid; i < n; i += kReduceThreads) {
       num += static_cast<double>(to_acc(p.values[i]));
       den += mask_at(p, i);
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_tokens_kernel(const Red
   }
   __syncthreads();
   const double total_den = s_total[1];
-  if (p.reduction == math::kTokenMean) {
+  if (p.reduction == kTokenMean) {
     const acc g = static_cast<acc>(math::reduction_weight(p.reduction, total_den, 0.0, 0.0));
     for (int64_t i = tid; i < n; i += kReduceThreads) p.weights[i] = g;
     return;

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
-from ..config import PARAM_NAMES, TERM_NAMES
+from ..config import PARAM_NAMES, TERM_NAMES, TOKEN_REDUCTIONS
 
 # Pair-tensor elements per chunk of tokens (bounds the fallback's peak memory to ~100 MB).
 _PAIRS_PER_CHUNK = 1 << 22
@@ -198,15 +198,12 @@ def distributional_gae(rewards, values, mask, gamma, lam):
     return ref.distributional_gae(rewards, values, mask, gamma=gamma, lam=lam)
 
 
-_REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-
-
 def reduce_tokens(values, mask, reduction):
     """The reduced value (as `dvpo.reference.reduce_tokens`) and its gradient w.r.t. every token's
     value, in closed form (docs/math.md, "Reductions"): 1 / W, or per row 1 / (w_r V) and 1 / V (0 in
     a row without a real token); a zero denominator counts as 1."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    if reduction not in TOKEN_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(TOKEN_REDUCTIONS)}, got {reduction!r}")
     acc = ref.acc_dtype(values.dtype)
     v = values.detach().to(acc)
     w = torch.ones_like(v) if mask is None else mask.detach().to(acc)
