@@ -48,7 +48,7 @@ def plot_run(out: str, rows: List[Dict], fan: Optional[Dict] = None) -> List[str
             axes[0].plot(x, _smooth([r["reward_noisy"] for r in steps], k), label="noisy reward (trained on)", alpha=0.8)
             axes[0].plot(x, _smooth([r["acc_train"] for r in steps], k), label="sampled accuracy", ls=":")
         axes[0].set_xlabel("step")
-        axes[0].set_title(f"training rewards (moving mean)")
+        axes[0].set_title("training rewards (moving mean)")
         axes[0].legend(fontsize=8)
         if evals:
             x = [r["step"] for r in evals]
