@@ -33,10 +33,15 @@ def test_builtin_grids_load_and_expand():
     assert len(steps) == 1                                                       # same budget per run
     abl_all = expand(load_grid("ablation"))
     abl = [s for s in abl_all if not s.variant.startswith("adv_")]
-    assert len(abl) == 6 * 3 and len(abl_all) == 8 * 3  # 6 cumulative term groups + 2 actor advantages
-    adv = {s.variant: s.config("/o", "/c") for s in abl_all if s.variant.startswith("adv_")}
+    # 6 cumulative term groups + 2 actor advantages on math; the 2 advantages x 2 noise cells on dialogue
+    assert len(abl) == 6 * 3 and len(abl_all) == 8 * 3 + 2 * 2 * 3
+    math_adv = [s for s in abl_all if s.variant.startswith("adv_") and s.task == "math"]
+    adv = {s.variant: s.config("/o", "/c") for s in math_adv}
     assert adv["adv_cvar25"].advantage == "cvar:0.25" and adv["adv_trim25"].advantage == "trim:0.25"
     assert {c.noise for c in adv.values()} == {"rm:0.8"} and {s.noise for s in abl} == {"rm:0.8"}
+    dial = [s.config("/o", "/c") for s in abl_all if s.task == "dialogue"]
+    assert {c.noise for c in dial} == {"flip:0.2", "flip:0.3"}
+    assert {c.advantage for c in dial} == {"cvar:0.25", "trim:0.25"}
     qr = next(s.config("/o", "/c") for s in abl if s.variant == "qr_only")
     assert qr.loss_qh == 1.0 and qr.loss_risk == qr.loss_consist == qr.loss_shape == 0.0
     full = next(s.config("/o", "/c") for s in abl if s.variant == "+consist")
