@@ -277,6 +277,14 @@ DVPO_HD int sorted_tail_rank(int q, int n, int s, int e, bool upper) {
 namespace dvpo {
 namespace math {
 
+// A token's mask weight: a bool mask read as it comes (no conversion pass), else float weights, else
+// 1 (no mask). At most one of `flags` and `weights` is set.
+template <typename T, typename I>
+DVPO_HD T mask_weight(const T* weights, const bool* flags, I i) {
+  if (flags) return flags[i] ? T(1) : T(0);
+  return weights ? weights[i] : T(1);
+}
+
 // The id (kTokenMean, ... in terms.h, generated from dvpo/config.py) of a reduction's name, -1 for
 // none. Host only: the bindings parse the op's `reduction` string with it.
 inline int reduction_id(const char* name, size_t len) {

@@ -84,6 +84,12 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def mask_arg(mask: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """A per-token mask as the kernels read it (token_block): bool as it comes (one byte a token, no
+    conversion pass), any other dtype as weights in the accumulation dtype; contiguous."""
+    return (mask if mask.dtype == torch.bool else mask.to(acc)).contiguous()
+
+
 def device_guard(t: torch.Tensor):
     """Launch on the tensor's GPU (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -156,7 +162,8 @@ def row_keys(x, valid, UPPER: tl.constexpr, IS_F64: tl.constexpr):
 @triton.jit
 def token_block(mask_ptr, T, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
     """(tok, tv, mw, keep) of this program's BLOCK_T tokens: indices, in range, the mask weights
-    (0 past T) and mw != 0 (masked tokens are never read)."""
+    (0 past T; a bool mask, read as it comes, gives 0 or 1) and mw != 0 (masked tokens are never
+    read)."""
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tv = tok < T
     if HAS_MASK:

@@ -48,7 +48,7 @@ from dvpo.config import PARAM_NAMES, TERM_NAMES
 from dvpo.reference import curvature_counts
 
 from . import _common
-from ._common import (SUM, acc_dtype, configs, curv_weights, device_guard, head_mean, pow2,
+from ._common import (SUM, acc_dtype, configs, curv_weights, device_guard, head_mean, mask_arg, pow2,
                       prune_tiles, row_keys2, tail_coef, tail_select, tail_stats, tile_config, tl_acc,
                       token_block)
 from .quantile_huber import qh_rows
@@ -326,7 +326,7 @@ KERNEL_WEIGHT_ORDER = tuple(a[len("w_"):-1] for a in _critic_loss_kernel.arg_nam
 
 def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize_kappa, params, select="auto"):
     """Launch: heads [T, H, N], target [T, M] (any strides; fp16/bf16/fp32/fp64), taus [N], risk_w [N],
-    mask [T] (a float weight) or None, params: the 12 kernel parameters (dvpo.config.PARAM_NAMES: the
+    mask [T] (bool, or float weights) or None, params: the 12 kernel parameters (dvpo.config.PARAM_NAMES: the
     8 term weights in TERM_NAMES order, tail_mode 0 recipe / 1 consistent, lo_scale, hi_scale,
     shift_expectile) -> (total [T], terms [T, 8], grad [T, H, N]) in fp32 (fp64 for fp64 inputs).
 
@@ -356,7 +356,7 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
     n_lo, n_hi = curvature_counts(N, alpha, beta) if N >= 3 else (1, 1)  # on the host, in double
     taus = taus.to(acc).contiguous()
     risk_w = risk_w.to(acc).contiguous()
-    mk = None if mask is None else mask.to(acc).contiguous()
+    mk = None if mask is None else mask_arg(mask, acc)
     a_lo_n, a_hi_n, a_lo_m, a_hi_m = alpha * N, beta * N, alpha * M, beta * M
     qh_scale = 1.0 / (N * M) / (kappa if normalize_kappa else 1.0)
     # consistent mode's target factors (host, double): y = v + scale sum_j part_j / (level M),

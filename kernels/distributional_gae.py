@@ -13,6 +13,7 @@ partial mean per quantile block and summed over the (few) blocks on the host (no
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -75,7 +76,7 @@ def distributional_gae(rewards, values, mask, gamma, lam):
     block_b = 4 if interpreting() else 1
     n_mb = triton.cdiv(M, block_m)
     adv = values.new_empty((n_mb, B, T), dtype=acc)
-    if not mask.is_floating_point():
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):  # bool is read as it comes
         mask = mask.to(acc)
     with device_guard(values):
         _gae_kernel[(triton.cdiv(B, block_b), n_mb)](

@@ -19,7 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import SUM, acc_dtype, configs, device_guard, prune_tiles, tile_config, tl_acc, token_block
+from ._common import (SUM, acc_dtype, configs, device_guard, mask_arg, prune_tiles, tile_config, tl_acc,
+                      token_block)
 
 # (BLOCK_T, BLOCK_N, BLOCK_M, num_warps): several tokens per program only for small rows.
 _GPU_CONFIGS = [tile_config(*c) for c in [
@@ -109,7 +110,7 @@ def _quantile_huber_kernel(pred_ptr, target_ptr, taus_ptr, w_ptr, mask_ptr, loss
 
 def quantile_huber(pred, target, taus, weights, mask, kappa, normalize_kappa):
     """Launch: pred [T, N], target [T, M] (any strides; fp16/bf16/fp32/fp64), taus [N], weights [N]
-    or None, mask [T] (a float weight) or None -> (loss [T], grad [T, N]) in fp32 (fp64 for fp64)."""
+    or None, mask [T] (bool, or float weights) or None -> (loss [T], grad [T, N]) in fp32 (fp64 for fp64)."""
     T, N = pred.shape
     M = target.shape[1]
     acc = acc_dtype(pred.dtype)
@@ -119,7 +120,7 @@ def quantile_huber(pred, target, taus, weights, mask, kappa, normalize_kappa):
         return loss, grad
     taus = taus.to(acc).contiguous()
     w = None if weights is None else weights.to(acc).contiguous()
-    mk = None if mask is None else mask.to(acc).contiguous()
+    mk = None if mask is None else mask_arg(mask, acc)
     scale = 1.0 / (N * M) / (kappa if normalize_kappa else 1.0)
 
     def grid(meta):

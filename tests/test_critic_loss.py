@@ -21,7 +21,7 @@ from dvpo.backends import reference as ref_backend
 from dvpo.config import PARAM_NAMES, TERM_NAMES, CriticLossConfig
 
 from . import backends
-from .utils import (REDUCTIONS, SIZES, TOL, assert_compiled_matches_eager, critic_inputs, grad, randn,
+from .utils import (REDUCTIONS, SIZES, TOL, assert_bool_mask_read_natively, assert_compiled_matches_eager, critic_inputs, grad, randn,
                     random_mask, rel_err, upstream_like, weighted_mask,
                     with_garbage_at_masked)
 
@@ -444,6 +444,20 @@ def _opcheck_cases(device, algorithms):
         (heads.clone().requires_grad_(), target, t.double(), w.double(), None, 1.0, 0.3, 0.2, False,
          [1.0, 0.5, 1.0, 0.0, 1.0, 2.0, 1.0, 0.3, 1.0, 0.6, 1.5, 0.3], alg[0]),
     ]
+
+
+@pytest.mark.parametrize("backend", backends.params(), indirect=True)
+@pytest.mark.parametrize("mode", MODES)
+def test_bool_mask_read_natively(backend, mode, monkeypatch):
+    heads, target = critic_inputs((7,), 3, 5, 6, device=backend.device)
+    heads[1] = float("nan")  # garbage at a masked token
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool, device=backend.device)
+    t = dvpo.taus(5, device=backend.device)
+    config = _config(mode)
+    args = (heads.requires_grad_(), target, t, ref.risk_weights(t, config.risk_gamma), mask, config.kappa,
+            config.alpha, config.beta, config.normalize_kappa, config.kernel_params(), backend.algorithms[-1])
+    assert_bool_mask_read_natively(library.critic_loss, args, 4, monkeypatch,
+                                   lambda: ops.critic_loss(heads, target, mask=mask, config=config))
 
 
 @pytest.mark.parametrize("backend", backends.params(), indirect=True)

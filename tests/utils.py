@@ -116,3 +116,30 @@ def with_garbage_at_masked(x, target, mask):
     dirty_x[mask == 0] = float("nan")
     dirty_t[mask == 0] = float("inf")
     return dirty_x, dirty_t
+
+
+def assert_bool_mask_read_natively(op, args, mask_index, monkeypatch, public_call):
+    """A bool mask is read by the kernel as it comes: the kernel-interface call `op(*args)` with the
+    bool mask at `args[mask_index]` gives bitwise the outputs of the same mask as 0/1 float weights,
+    torch.library.opcheck passes with it, and `public_call()` (the dvpo.ops function) hands it to the
+    `dvpo::` op unconverted, still bool (no conversion pass)."""
+    import dvpo.library as library
+
+    mask = args[mask_index]
+    assert mask.dtype == torch.bool and (~mask).any() and mask.any()
+    as_float = list(args)
+    as_float[mask_index] = mask.to(torch.float32)
+    for got, want in zip(op(*args), op(*as_float)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    torch.library.opcheck(op, tuple(args))
+    seen = []
+    name = op._name.split("::")[-1] if hasattr(op, "_name") else op.__name__
+    real = getattr(library, name)
+
+    def spy(*a, **k):
+        seen.append(a[mask_index].dtype if a[mask_index] is not None else None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(library, name, spy)
+    public_call()
+    assert seen and seen[0] == torch.bool, f"dvpo.ops passed the mask to dvpo::{name} as {seen}"

@@ -47,6 +47,22 @@ inline const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
+// A per-token mask as the kernels read it (math::mask_weight): bool as it comes, contiguous (no
+// conversion pass), any other dtype as weights in the accumulation dtype.
+inline std::optional<at::Tensor> mask_arg(const std::optional<at::Tensor>& m, at::ScalarType acc) {
+  if (!m.has_value()) return std::nullopt;
+  return m->scalar_type() == at::kBool ? m->contiguous() : as_acc(*m, acc);
+}
+
+template <typename T>
+inline const T* mask_weights(const std::optional<at::Tensor>& mk) {
+  return mk.has_value() && mk->scalar_type() != at::kBool ? mk->data_ptr<T>() : nullptr;
+}
+
+inline const bool* mask_flags(const std::optional<at::Tensor>& mk) {
+  return mk.has_value() && mk->scalar_type() == at::kBool ? mk->data_ptr<bool>() : nullptr;
+}
+
 inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "dvpo_C::", op, ": ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "dvpo_C::", op, ": ", name,
@@ -72,6 +88,8 @@ inline void check_mask(const std::optional<at::Tensor>& mask, int64_t tokens, co
   TORCH_CHECK(mask->device().is_cpu(), "dvpo_C::", op, ": mask must be a CPU tensor");
   TORCH_CHECK(mask->dim() == 1 && mask->size(0) == tokens, "dvpo_C::", op, ": mask must have shape [",
               tokens, "] (one weight per token), got ", mask->sizes());
+  TORCH_CHECK(mask->scalar_type() == at::kBool || at::isFloatingType(mask->scalar_type()), "dvpo_C::", op,
+              ": mask must be bool or floating point, got ", mask->scalar_type());
 }
 
 // algorithm = "auto" | "pairwise" | "sorted".

@@ -22,7 +22,8 @@ struct GAEArgs {
   int64_t B, Tn, M, blocks;
   const T* rewards;  // [B, T]
   const T* values;   // [B, T, M]
-  const T* mask;     // [B, T]
+  const T* mask;           // [B, T] weights (nonzero = real token), or null when
+  const bool* mask_flags;  // [B, T] the mask is bool, read as it comes (math::mask_weight)
   T gamma, gamma_lam;
   T* partial;  // [B, blocks, T] sums of A over each block of quantiles
   T* returns;  // [B, T, M]
@@ -37,7 +38,8 @@ DVPO_INLINE void gae_tasks(const GAEArgs<T>& a, T* next_v, T* next_a, int64_t be
     T* part = a.partial + (b * a.blocks + blk) * a.Tn;
     for (int64_t t = a.Tn - 1; t >= 0; --t) {
       const int64_t bt = b * a.Tn + t;
-      if (a.mask[bt] == T(0)) {  // padding: outputs 0, the recursion skips it, values never read
+      // padding: outputs 0, the recursion skips it, values never read
+      if (math::mask_weight(a.mask, a.mask_flags, bt) == T(0)) {
         T* ret = a.returns + bt * a.M + j0;
 #pragma omp simd
         for (int64_t j = 0; j < w; ++j) ret[j] = T(0);
@@ -88,8 +90,11 @@ std::tuple<at::Tensor, at::Tensor> distributional_gae(const at::Tensor& rewards,
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == values.size(0) && mask.size(1) == values.size(1),
               "dvpo_C::distributional_gae: mask [B, T] expected, got ", mask.sizes());
   TORCH_CHECK(mask.device().is_cpu(), "dvpo_C::distributional_gae: mask must be a CPU tensor");
+  TORCH_CHECK(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()),
+              "dvpo_C::distributional_gae: mask must be bool or floating point, got ", mask.scalar_type());
   const auto acc = acc_type(values.scalar_type());
-  const at::Tensor v = as_acc(values, acc), r = as_acc(rewards, acc), mk = as_acc(mask, acc);
+  const at::Tensor v = as_acc(values, acc), r = as_acc(rewards, acc);
+  const std::optional<at::Tensor> mk = mask_arg(mask, acc);
   const int64_t B = v.size(0), Tn = v.size(1), M = v.size(2);
   // every element is written by the kernel (padding included): no zero-fill pass
   at::Tensor adv = at::empty({B, Tn}, v.options());
@@ -100,17 +105,10 @@ std::tuple<at::Tensor, at::Tensor> distributional_gae(const at::Tensor& rewards,
   const Isa isa = active_isa();
   AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_distributional_gae_cpu", [&] {
     using T = scalar_t;
-    GAEArgs<T> args{B,
-                    Tn,
-                    M,
-                    blocks,
-                    r.data_ptr<T>(),
-                    v.data_ptr<T>(),
-                    mk.data_ptr<T>(),
-                    static_cast<T>(gamma),
-                    static_cast<T>(gamma * lam),
-                    partial.data_ptr<T>(),
-                    ret.data_ptr<T>()};
+    GAEArgs<T> args{.B = B, .Tn = Tn, .M = M, .blocks = blocks, .rewards = r.data_ptr<T>(), .values = v.data_ptr<T>(),
+                    .mask = mask_weights<T>(mk), .mask_flags = mask_flags(mk), .gamma = static_cast<T>(gamma),
+                    .gamma_lam = static_cast<T>(gamma * lam), .partial = partial.data_ptr<T>(),
+                    .returns = ret.data_ptr<T>()};
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, Tn * std::min(M, kQuantileBlock)));
     at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
       std::vector<T> nv(kQuantileBlock), na(kQuantileBlock);

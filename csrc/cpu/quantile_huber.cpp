@@ -23,7 +23,8 @@ struct QHArgs {
   int64_t N, M;
   const T* pred;    // [T, N]
   const T* target;  // [T, M]
-  const T* mask;    // [T] or null
+  const T* mask;    // [T] weights, or null
+  const bool* mask_flags;  // [T] bool mask, or null (math::mask_weight)
   const T* weights;  // [N] or null
   const T* wpos;  // [N] |tau_i|
   const T* wneg;  // [N] |tau_i - 1|
@@ -43,7 +44,7 @@ struct QHScratch {
 template <typename T, Isa isa>
 DVPO_INLINE void qh_token(const QHArgs<T>& a, const QHScratch<T>& s, int64_t tok) {
   const int64_t N = a.N, M = a.M;
-  const T mw = a.mask ? a.mask[tok] : T(1);
+  const T mw = math::mask_weight(a.mask, a.mask_flags, tok);
   if (mw == T(0)) {  // masked: loss and grad 0, the inputs are never read
     a.loss[tok] = T(0);
     T* g = a.grad + tok * N;
@@ -108,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
 
   const auto acc = acc_type(pred.scalar_type());
   const at::Tensor p = as_acc(pred, acc), z = as_acc(target, acc), t = as_acc(taus, acc);
-  const std::optional<at::Tensor> w = as_acc(weights, acc), mk = as_acc(mask, acc);
+  const std::optional<at::Tensor> w = as_acc(weights, acc), mk = mask_arg(mask, acc);
   const int64_t T_ = p.size(0), N = p.size(1), M = z.size(1);
   // every element is written by the kernel (masked tokens included): no zero-fill pass
   at::Tensor loss = at::empty({T_}, p.options());
@@ -120,10 +121,12 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
   AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_quantile_huber_cpu", [&] {
     using T = scalar_t;
     const QuantileWeightRows<T> qw(t);
-    QHArgs<T> args{N, M, p.data_ptr<T>(), z.data_ptr<T>(), ptr_or_null<T>(mk), ptr_or_null<T>(w), qw.pos.data(),
-                   qw.neg.data(), static_cast<T>(kappa), math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M),
-                                                                           static_cast<T>(kappa), normalize_kappa),
-                   sorted, loss.data_ptr<T>(), grad.data_ptr<T>()};
+    QHArgs<T> args{.N = N, .M = M, .pred = p.data_ptr<T>(), .target = z.data_ptr<T>(),
+                   .mask = mask_weights<T>(mk), .mask_flags = mask_flags(mk), .weights = ptr_or_null<T>(w),
+                   .wpos = qw.pos.data(), .wneg = qw.neg.data(), .kappa = static_cast<T>(kappa),
+                   .scale = math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M), static_cast<T>(kappa),
+                                              normalize_kappa),
+                   .sorted = sorted, .loss = loss.data_ptr<T>(), .grad = grad.data_ptr<T>()};
     const auto fn = qh_chunk_for<T>(isa);
     const size_t bytes = 2 * Arena::bytes<T>(N) + (sorted ? merge_scratch_bytes<T>(N, M) : 0);
     parallel_tokens(T_, sorted ? 16 * (N + M) : N * M, bytes, [&](Arena& arena, int64_t begin, int64_t end) {

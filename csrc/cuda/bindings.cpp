@@ -3,8 +3,9 @@
 //
 // The only torch-aware file of the CUDA backend, compiled by the host compiler. One helper,
 // OpCall, does what every op needs before its launch (checks, contiguous inputs, the per-quantile
-// vectors and the mask in the accumulation dtype, outputs, the dtype instantiation, the workspace
-// a launcher asks for, the launch on the current stream); each op adds its shapes and its Params.
+// vectors in the accumulation dtype, the mask: bool as it comes, else weights in the accumulation
+// dtype, outputs, the dtype instantiation, the workspace a launcher asks for, the launch on the
+// current stream); each op adds its shapes and its Params.
 // `algorithm`: "sorted" runs the sorted pair algorithm (csrc/cuda/sorted.cuh) for the quantile
 // Huber sums, "auto" and "pairwise" the pairwise one (no GPU cost model for "auto" yet).
 #include <Python.h>
@@ -49,10 +50,20 @@ T* out(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());
 }
 
+// Points an op's Params at a mask from OpCall::mask: its flags when bool, else its weights in acc_t.
+template <typename Params>
+void set_mask(Params& prm, const at::Tensor& mk) {
+  if (mk.defined() && mk.scalar_type() == at::kBool) {
+    prm.mask_bool = in<bool>(mk);
+  } else {
+    prm.mask = in<typename Params::acc>(mk);
+  }
+}
+
 // The torch side of one op call, shared by the four ops: device and dtype checks against the op's
-// main input (the one the outputs follow), contiguous inputs, the small vectors (taus, weights, the
-// mask) in the accumulation dtype, the outputs, the device guard, the dtype instantiation and the
-// launch with the workspace the launcher asks for, on the current stream.
+// main input (the one the outputs follow), contiguous inputs, the small vectors (taus, weights) in
+// the accumulation dtype, the mask (bool as it comes), the outputs, the device guard, the dtype
+// instantiation and the launch with the workspace the launcher asks for, on the current stream.
 class OpCall {
  public:
   OpCall(const char* op, const at::Tensor& main, const char* name)
@@ -154,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber_cuda(const at::Tensor& pred, c
   const int64_t T = pred.size(0);
   const at::Tensor p = pred.contiguous(), z = call.input(target, "target");
   const at::Tensor t = call.vector(taus, "taus", pred.size(1)), w = call.vector(weights, "weights", pred.size(1));
-  const at::Tensor mk = call.vector(mask, "mask", T);
+  const at::Tensor mk = call.mask(mask, {T});
   const at::Tensor loss = call.output({T}), grad = call.output({T, pred.size(1)});
   if (T == 0) return {loss, grad};
   const int n = call.size(pred.size(1), "N"), m = call.size(target.size(1), "M");
@@ -166,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber_cuda(const at::Tensor& pred, c
     prm.target = in<scalar_t>(z);
     prm.taus = in<accT>(t);
     prm.weights = in<accT>(w);
-    prm.mask = in<accT>(mk);
+    set_mask(prm, mk);
     prm.loss = out<accT>(loss);
     prm.grad = out<accT>(grad);
     prm.tokens = T;
@@ -242,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
   const int64_t T = heads.size(0), N = heads.size(2);
   const at::Tensor hd = heads.contiguous(), z = call.input(target, "target");
   const at::Tensor t = call.vector(taus, "taus", N), rw = call.vector(risk_weights, "risk_weights", N);
-  const at::Tensor mk = call.vector(mask, "mask", T);
+  const at::Tensor mk = call.mask(mask, {T});
   const at::Tensor total = call.output({T}), terms = call.output({T, kTerms}), grad = call.output(heads.sizes());
   if (T == 0) return {total, terms, grad};
   const int h = call.size(heads.size(1), "H"), n = call.size(N, "N"), m = call.size(target.size(1), "M");
@@ -254,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
     prm.target = in<scalar_t>(z);
     prm.taus = in<accT>(t);
     prm.risk_weights = in<accT>(rw);
-    prm.mask = in<accT>(mk);
+    set_mask(prm, mk);
     prm.total = out<accT>(total);
     prm.terms = out<accT>(terms);
     prm.grad = out<accT>(grad);
@@ -290,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> distributional_gae_cuda(const at::Tensor& rew
               "dvpo_C::distributional_gae: mask [B, T] expected, got ", mask.sizes());
   // [B, T] per-token vectors, converted as flat ones
   const at::Tensor r = call.vector(rewards.reshape({-1}), "rewards", B * T);
-  const at::Tensor mk = call.vector(mask.reshape({-1}), "mask", B * T);
+  const at::Tensor mk = call.mask(mask, {B, T});
   const at::Tensor adv = call.output({B, T}), ret = call.output({B, T, M});
   const int m = call.size(M, "M");
   if (B == 0 || T == 0) return {adv, ret};
@@ -301,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> distributional_gae_cuda(const at::Tensor& rew
     GaeParams<scalar_t> prm;
     prm.rewards = in<accT>(r);
     prm.values = in<scalar_t>(v);
-    prm.mask = in<accT>(mk);
+    set_mask(prm, mk);
     prm.adv = out<accT>(adv);
     prm.ret = out<accT>(ret);
     prm.batch = B;
@@ -332,8 +343,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_tokens_cuda(const at::Tensor& values, 
     using accT = acc_t<scalar_t>;
     ReduceTokensParams<scalar_t> prm;
     prm.values = in<scalar_t>(v);
-    if (mk.defined() && mk.scalar_type() == at::kBool) prm.mask_bool = in<bool>(mk);
-    if (mk.defined() && mk.scalar_type() != at::kBool) prm.mask = in<accT>(mk);
+    set_mask(prm, mk);
     prm.loss = out<accT>(loss);
     prm.weights = out<accT>(weights);
     prm.rows = values.size(0);

@@ -125,7 +125,7 @@ __device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_
        tok += static_cast<int64_t>(gridDim.x) * warps) {
     acc* grad = p.grad + tok * hn;
     acc* terms_out = p.terms + tok * kTerms;
-    const acc mw = p.mask ? p.mask[tok] : acc(1);
+    const acc mw = math::mask_weight(p.mask, p.mask_bool, tok);
     if (mw == acc(0)) {  // masked: every output exactly 0, inputs never read
       for (int64_t e = lane; e < hn; e += 32) grad[e] = acc(0);
       if (lane < kTerms) terms_out[lane] = acc(0);

@@ -43,7 +43,8 @@ struct QuantileHuberParams {
   const scalar_t* target = nullptr;  // [T, M]
   const acc* taus = nullptr;         // [N]
   const acc* weights = nullptr;      // [N] or nullptr (all 1)
-  const acc* mask = nullptr;         // [T] per-token weight, or nullptr (all 1)
+  const acc* mask = nullptr;         // [T] per-token weight, or
+  const bool* mask_bool = nullptr;   // [T] a bool mask (math::mask_weight; both null: all 1)
   acc* loss = nullptr;               // [T] out
   acc* grad = nullptr;               // [T, N] out
   int64_t tokens = 0;
@@ -88,7 +89,8 @@ struct CriticLossParams {
   const scalar_t* target = nullptr;  // [T, M]
   const acc* taus = nullptr;         // [N]
   const acc* risk_weights = nullptr; // [N]
-  const acc* mask = nullptr;         // [T] or nullptr
+  const acc* mask = nullptr;         // [T] per-token weight, or
+  const bool* mask_bool = nullptr;   // [T] a bool mask (math::mask_weight; both null: all 1)
   acc* total = nullptr;              // [T] out
   acc* terms = nullptr;              // [T, kTerms] out
   acc* grad = nullptr;               // [T, H, N] out
@@ -113,7 +115,8 @@ struct GaeParams {
   using acc = acc_t<scalar_t>;
   const acc* rewards = nullptr;     // [B, T]
   const scalar_t* values = nullptr; // [B, T, M]
-  const acc* mask = nullptr;        // [B, T], nonzero = real token
+  const acc* mask = nullptr;        // [B, T], nonzero = real token, or
+  const bool* mask_bool = nullptr;  // [B, T] a bool mask (one of the two is set)
   acc* adv = nullptr;               // [B, T] out
   acc* ret = nullptr;               // [B, T, M] out
   int64_t batch = 0;

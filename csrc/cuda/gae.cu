@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(32 * kMaxChunks)
   const acc gamma = static_cast<acc>(p.gamma);
   const acc gl = static_cast<acc>(p.gamma * p.lam);
   const acc* rew = p.rewards + b * T;
-  const acc* msk = p.mask + b * T;
+  const acc* msk = p.mask ? p.mask + b * T : nullptr;
+  const bool* mskb = p.mask_bool ? p.mask_bool + b * T : nullptr;
   const scalar_t* val = p.values + b * T * M + (valid ? j : 0);
 
   // Loads of steps t, t-1, ..., t-kUnroll+1 (those >= t_begin), issued before any use.
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(32 * kMaxChunks)
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t s = t - u;
       const bool in = s >= t_begin;
-      mk[u] = in ? msk[s] : acc(0);
+      mk[u] = in ? math::mask_weight(msk, mskb, s) : acc(0);
       r[u] = in ? rew[s] : acc(0);
       v[u] = (in && valid) ? to_acc(val[s * M]) : acc(0);
     }
@@ -147,14 +148,16 @@ __global__ void __launch_bounds__(32 * kMaxChunks)
 
 // adv[b, t] = (sum over tiles of the partial sums, in tile order) / M, 0 at padding.
 template <typename acc>
-__global__ void gae_mean_kernel(const acc* __restrict__ partial, const acc* __restrict__ mask, acc* __restrict__ adv,
-                                int64_t rows, int tiles, int m) {
+__global__ void gae_mean_kernel(const acc* __restrict__ partial, const acc* __restrict__ mask,
+                                const bool* __restrict__ mask_bool, acc* __restrict__ adv, int64_t rows, int tiles,
+                                int m) {
   const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (q >= rows) return;
+  const bool real = math::mask_weight(mask, mask_bool, q) != acc(0);
   acc s = 0;
-  if (mask[q] != acc(0))
+  if (real)
     for (int t = 0; t < tiles; ++t) s += partial[q * tiles + t];
-  adv[q] = mask[q] != acc(0) ? s / acc(m) : acc(0);
+  adv[q] = real ? s / acc(m) : acc(0);
 }
 
 }  // namespace
@@ -185,8 +188,8 @@ cudaError_t launch_distributional_gae(const GaeParams<scalar_t>& p, cudaStream_t
   const int threads = 256;
   const int64_t mean_blocks = (rows + threads - 1) / threads;
   if (mean_blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  detail::gae_mean_kernel<acc><<<static_cast<unsigned>(mean_blocks), threads, 0, stream>>>(partial, p.mask, p.adv,
-                                                                                          rows, tiles, p.m);
+  detail::gae_mean_kernel<acc><<<static_cast<unsigned>(mean_blocks), threads, 0, stream>>>(
+      partial, p.mask, p.mask_bool, p.adv, rows, tiles, p.m);
   return cudaGetLastError();
 }
 

@@ -55,7 +55,7 @@ __device__ __forceinline__ void QuantileHuberOp::run(const QuantileHuberParams<s
   for (int64_t tok = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); tok < p.tokens;
        tok += static_cast<int64_t>(gridDim.x) * warps) {
     acc* grad = p.grad + tok * n;
-    const acc mw = p.mask ? p.mask[tok] : acc(1);
+    const acc mw = math::mask_weight(p.mask, p.mask_bool, tok);
     if (mw == acc(0)) {  // masked: outputs exactly 0, inputs never read
       for (int i = lane; i < n; i += 32) grad[i] = acc(0);
       if (lane == 0) p.loss[tok] = acc(0);

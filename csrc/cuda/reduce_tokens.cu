@@ -16,8 +16,7 @@ constexpr int kReduceWarps = kReduceThreads / 32;
 
 template <typename scalar_t>
 __device__ __forceinline__ double mask_at(const ReduceTokensParams<scalar_t>& p, int64_t i) {
-  if (p.mask_bool != nullptr) return p.mask_bool[i] ? 1.0 : 0.0;
-  return p.mask != nullptr ? static_cast<double>(p.mask[i]) : 1.0;
+  return static_cast<double>(math::mask_weight(p.mask, p.mask_bool, i));
 }
 
 // Sums of a row's values (when `values`) and mask weights over the warp's lanes, on every lane.
