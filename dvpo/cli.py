@@ -292,7 +292,13 @@ def main(argv=None) -> int:
     if extra:                         # reported by the command's parser: "dvpo train: error: ..."
         getattr(args, "_parser", parser).error(_unknown_options(getattr(args, "_parser", parser), extra))
     quiet_transformers(import_now=args.command in _USES_TRANSFORMERS)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except BrokenPipeError:
+        # the reader went away (`dvpo experiment --list | head`): stop quietly, as other tools do;
+        # stdout goes to /dev/null so the interpreter's final flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ default; transformers' own progress bars and logs stay out of the CLI's output."
 
 import argparse
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -244,3 +246,11 @@ def test_demo_prints_median_and_p90_step_time(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--out", str(out), "--steps", "10", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "0.40 s/step median, 2.50 s 90th percentile, 3.00 s max" in text
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`dvpo experiment --list | head -1`: the closed pipe ends the command without a traceback."""
+    cmd = (f"{sys.executable} -m dvpo.cli experiment --grid main --out {tmp_path / 'x'} --list | head -1")
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("grid main"), out.stdout
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr[-2000:]
