@@ -34,13 +34,13 @@ def test_builtin_grids_load_and_expand():
     abl_all = expand(load_grid("ablation"))
     abl = [s for s in abl_all if not s.variant.startswith("adv_")]
     # 6 cumulative term groups + 2 actor advantages on math; the 2 advantages x 2 noise cells on dialogue
-    assert len(abl) == 6 * 3 and len(abl_all) == 8 * 3 + 2 * 2 * 3
+    assert len(abl) == 6 * 3 and len(abl_all) == 8 * 3 + 2 * 2 * 5 + 2 * 5
     math_adv = [s for s in abl_all if s.variant.startswith("adv_") and s.task == "math"]
     adv = {s.variant: s.config("/o", "/c") for s in math_adv}
     assert adv["adv_cvar25"].advantage == "cvar:0.25" and adv["adv_trim25"].advantage == "trim:0.25"
     assert {c.noise for c in adv.values()} == {"rm:0.8"} and {s.noise for s in abl} == {"rm:0.8"}
     dial = [s.config("/o", "/c") for s in abl_all if s.task == "dialogue"]
-    assert {c.noise for c in dial} == {"flip:0.2", "flip:0.3"}
+    assert {c.noise for c in dial} == {"flip:0.2", "flip:0.3", "rm:0.8", "missing:0.6"}
     assert {c.advantage for c in dial} == {"cvar:0.25", "trim:0.25"}
     qr = next(s.config("/o", "/c") for s in abl if s.variant == "qr_only")
     assert qr.loss_qh == 1.0 and qr.loss_risk == qr.loss_consist == qr.loss_shape == 0.0
@@ -114,6 +114,7 @@ def test_smoke_grid_end_to_end(tmp_path, capsys):
     assert "| algorithm | none | flip:0.4 |" in md
     assert "SFT start (initial)" in md and "| dvpo |" in md and "| ppo |" in md
     assert "seeds: 2" in md and "(2)" in md
+    assert "- grid file: `dvpo/experiments/grids/smoke.toml`" in md  # the repo's path, not this machine's
     for name in ("acc_vs_noise_smoke_math.png", "curves_smoke_math_none.png", "curves_smoke_math_flip_0.4.png",
                  "paired_vs_ppo_smoke_math.png"):
         assert (out / name).stat().st_size > 1000, name

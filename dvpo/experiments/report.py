@@ -288,6 +288,14 @@ def _critic_table(labels, noises, sub) -> List[str]:
     return lines
 
 
+def _shown_path(path: str) -> str:
+    """A built-in grid as its path in the repository (e.g. dvpo/experiments/grids/main.toml), not this
+    machine's."""
+    pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+    full = os.path.abspath(path)
+    return os.path.relpath(full, pkg) if full.startswith(os.path.join(pkg, "dvpo") + os.sep) else path
+
+
 def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> str:
     done = [r for r in rows if r["status"] in FINISHED]
     failed = [r for r in rows if r["status"] == "failed"]
@@ -297,7 +305,7 @@ def write_markdown(grid: Grid, rows: List[Dict], path: str, csv_rows: int) -> st
     if grid.description:
         lines += [grid.description, ""]
     lines += [
-        f"- grid file: `{grid.path}`",
+        f"- grid file: `{_shown_path(grid.path)}`",
         f"- seeds: {len(seeds)} ({', '.join(map(str, seeds))}); each seed's runs start from the same SFT warm start",
         f"- RL steps per run: {', '.join(map(str, steps)) if steps else '–'}",
         f"- runs: {len(done)} finished of {len(rows)}" + (f", {len(failed)} failed" if failed else ""),
