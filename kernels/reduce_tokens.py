@@ -9,13 +9,12 @@ the result is the same at every call. A second sweep writes the weights (re-read
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from dvpo.config import TOKEN_REDUCTIONS
 
-from ._common import acc_dtype, device_guard, interpreting
+from ._common import acc_dtype, device_guard, interpreting, mask_arg
 
 # A reduction's id in the kernel is its place in dvpo.config.TOKEN_REDUCTIONS (as csrc/terms.h's).
 REDUCTIONS = {name: i for i, name in enumerate(TOKEN_REDUCTIONS)}
@@ -90,7 +89,7 @@ def reduce_tokens(values, mask, reduction):
     R, S = values.shape
     acc = acc_dtype(values.dtype)
     v = values.contiguous()
-    m = None if mask is None else (mask if mask.dtype == torch.bool or mask.dtype == acc else mask.to(acc)).contiguous()
+    m = None if mask is None else mask_arg(mask, acc)
     loss = v.new_empty((), dtype=acc)
     weights = v.new_empty((R, S), dtype=acc)
     if R * S == 0:

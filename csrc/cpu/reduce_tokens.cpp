@@ -92,9 +92,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_tokens(const at::Tensor& values, const
   }
   const auto acc = acc_type(values.scalar_type());
   const at::Tensor v = as_acc(values, acc);
-  // a bool mask is read as it is; float weights in the accumulation dtype
-  const std::optional<at::Tensor> w =
-      !mask.has_value() ? std::nullopt : std::optional<at::Tensor>(bool_mask ? mask->contiguous() : as_acc(*mask, acc));
+  const std::optional<at::Tensor> w = mask_arg(mask, acc);  // bool as it is, else weights in acc
   at::Tensor loss = at::empty({}, v.options());
   at::Tensor weights = at::empty(v.sizes(), v.options());
   const int64_t R = v.size(0), S = v.size(1);
