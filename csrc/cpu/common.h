@@ -59,7 +59,7 @@ inline const T* mask_weights(const std::optional<at::Tensor>& mk) {
   return mk.has_value() && mk->scalar_type() != at::kBool ? mk->data_ptr<T>() : nullptr;
 }
 
-inline const bool* mask_flags(const std::optional<at::Tensor>& mk) {
+inline const bool* mask_bools(const std::optional<at::Tensor>& mk) {
   return mk.has_value() && mk->scalar_type() == at::kBool ? mk->data_ptr<bool>() : nullptr;
 }
 
@@ -83,13 +83,18 @@ inline void check_pred_target(const at::Tensor& pred, const char* pred_name, int
   TORCH_CHECK(sizes_ok, "dvpo_C::", op, ": ", pred_dim == 3 ? "H, N" : "N", " and M must be >= 1");
 }
 
+// A mask is bool (read as it comes) or floating-point weights.
+inline void check_mask_dtype(const at::Tensor& mask, const char* op) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()), "dvpo_C::", op,
+              ": mask must be bool or floating point, got ", mask.scalar_type());
+}
+
 inline void check_mask(const std::optional<at::Tensor>& mask, int64_t tokens, const char* op) {
   if (!mask.has_value()) return;
   TORCH_CHECK(mask->device().is_cpu(), "dvpo_C::", op, ": mask must be a CPU tensor");
   TORCH_CHECK(mask->dim() == 1 && mask->size(0) == tokens, "dvpo_C::", op, ": mask must have shape [",
               tokens, "] (one weight per token), got ", mask->sizes());
-  TORCH_CHECK(mask->scalar_type() == at::kBool || at::isFloatingType(mask->scalar_type()), "dvpo_C::", op,
-              ": mask must be bool or floating point, got ", mask->scalar_type());
+  check_mask_dtype(*mask, op);
 }
 
 // algorithm = "auto" | "pairwise" | "sorted".

@@ -31,7 +31,7 @@ struct CriticArgs {
   const T* heads;   // [T, H, N]
   const T* target;  // [T, M]
   const T* mask;    // [T] weights, or null
-  const bool* mask_flags;  // [T] bool mask, or null (math::mask_weight)
+  const bool* mask_bool;  // [T] bool mask, or null (math::mask_weight)
   const T* wpos;  // [N] |tau_i|
   const T* wneg;  // [N] |tau_i - 1|
   const T* risk_w;  // [N]
@@ -118,7 +118,7 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
   const int64_t H = a.H, N = a.N, M = a.M;
   T* out_terms = a.terms + tok * kTerms;
   T* out_grad = a.grad + tok * H * N;
-  const T mw = math::mask_weight(a.mask, a.mask_flags, tok);
+  const T mw = math::mask_weight(a.mask, a.mask_bool, tok);
   if (mw == T(0)) {  // masked: outputs 0, the inputs are never read
     a.total[tok] = T(0);
     for (int t = 0; t < kTerms; ++t) out_terms[t] = T(0);
@@ -424,7 +424,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
     const T beta_m = static_cast<T>(beta * static_cast<double>(M));
     const int n = static_cast<int>(N), m = static_cast<int>(M);
     CriticArgs<T> args{.H = H, .N = N, .M = M, .heads = hc.data_ptr<T>(), .target = z.data_ptr<T>(),
-                       .mask = mask_weights<T>(mk), .mask_flags = mask_flags(mk), .wpos = qw.pos.data(), .wneg = qw.neg.data(),
+                       .mask = mask_weights<T>(mk), .mask_bool = mask_bools(mk), .wpos = qw.pos.data(),
+                       .wneg = qw.neg.data(),
                        .risk_w = rw.data_ptr<T>(), .kappa = kap,
                        .qh_scale = math::qh_scale<T>(n, m, kap, normalize_kappa),
                        .alpha_n = alpha_n, .beta_n = beta_n, .alpha_m = alpha_m, .beta_m = beta_m,

@@ -23,7 +23,7 @@ struct GAEArgs {
   const T* rewards;  // [B, T]
   const T* values;   // [B, T, M]
   const T* mask;           // [B, T] weights (nonzero = real token), or null when
-  const bool* mask_flags;  // [B, T] the mask is bool, read as it comes (math::mask_weight)
+  const bool* mask_bool;  // [B, T] the mask is bool, read as it comes (math::mask_weight)
   T gamma, gamma_lam;
   T* partial;  // [B, blocks, T] sums of A over each block of quantiles
   T* returns;  // [B, T, M]
@@ -39,7 +39,7 @@ DVPO_INLINE void gae_tasks(const GAEArgs<T>& a, T* next_v, T* next_a, int64_t be
     for (int64_t t = a.Tn - 1; t >= 0; --t) {
       const int64_t bt = b * a.Tn + t;
       // padding: outputs 0, the recursion skips it, values never read
-      if (math::mask_weight(a.mask, a.mask_flags, bt) == T(0)) {
+      if (math::mask_weight(a.mask, a.mask_bool, bt) == T(0)) {
         T* ret = a.returns + bt * a.M + j0;
 #pragma omp simd
         for (int64_t j = 0; j < w; ++j) ret[j] = T(0);
@@ -90,8 +90,7 @@ std::tuple<at::Tensor, at::Tensor> distributional_gae(const at::Tensor& rewards,
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == values.size(0) && mask.size(1) == values.size(1),
               "dvpo_C::distributional_gae: mask [B, T] expected, got ", mask.sizes());
   TORCH_CHECK(mask.device().is_cpu(), "dvpo_C::distributional_gae: mask must be a CPU tensor");
-  TORCH_CHECK(mask.scalar_type() == at::kBool || at::isFloatingType(mask.scalar_type()),
-              "dvpo_C::distributional_gae: mask must be bool or floating point, got ", mask.scalar_type());
+  check_mask_dtype(mask, "distributional_gae");
   const auto acc = acc_type(values.scalar_type());
   const at::Tensor v = as_acc(values, acc), r = as_acc(rewards, acc);
   const std::optional<at::Tensor> mk = mask_arg(mask, acc);
@@ -106,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> distributional_gae(const at::Tensor& rewards,
   AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_distributional_gae_cpu", [&] {
     using T = scalar_t;
     GAEArgs<T> args{.B = B, .Tn = Tn, .M = M, .blocks = blocks, .rewards = r.data_ptr<T>(), .values = v.data_ptr<T>(),
-                    .mask = mask_weights<T>(mk), .mask_flags = mask_flags(mk), .gamma = static_cast<T>(gamma),
+                    .mask = mask_weights<T>(mk), .mask_bool = mask_bools(mk), .gamma = static_cast<T>(gamma),
                     .gamma_lam = static_cast<T>(gamma * lam), .partial = partial.data_ptr<T>(),
                     .returns = ret.data_ptr<T>()};
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, Tn * std::min(M, kQuantileBlock)));

@@ -24,7 +24,7 @@ struct QHArgs {
   const T* pred;    // [T, N]
   const T* target;  // [T, M]
   const T* mask;    // [T] weights, or null
-  const bool* mask_flags;  // [T] bool mask, or null (math::mask_weight)
+  const bool* mask_bool;  // [T] bool mask, or null (math::mask_weight)
   const T* weights;  // [N] or null
   const T* wpos;  // [N] |tau_i|
   const T* wneg;  // [N] |tau_i - 1|
@@ -44,7 +44,7 @@ struct QHScratch {
 template <typename T, Isa isa>
 DVPO_INLINE void qh_token(const QHArgs<T>& a, const QHScratch<T>& s, int64_t tok) {
   const int64_t N = a.N, M = a.M;
-  const T mw = math::mask_weight(a.mask, a.mask_flags, tok);
+  const T mw = math::mask_weight(a.mask, a.mask_bool, tok);
   if (mw == T(0)) {  // masked: loss and grad 0, the inputs are never read
     a.loss[tok] = T(0);
     T* g = a.grad + tok * N;
@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
     using T = scalar_t;
     const QuantileWeightRows<T> qw(t);
     QHArgs<T> args{.N = N, .M = M, .pred = p.data_ptr<T>(), .target = z.data_ptr<T>(),
-                   .mask = mask_weights<T>(mk), .mask_flags = mask_flags(mk), .weights = ptr_or_null<T>(w),
+                   .mask = mask_weights<T>(mk), .mask_bool = mask_bools(mk), .weights = ptr_or_null<T>(w),
                    .wpos = qw.pos.data(), .wneg = qw.neg.data(), .kappa = static_cast<T>(kappa),
                    .scale = math::qh_scale<T>(static_cast<int>(N), static_cast<int>(M), static_cast<T>(kappa),
                                               normalize_kappa),

@@ -87,8 +87,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_tokens(const at::Tensor& values, const
     TORCH_CHECK(mask->device().is_cpu(), "dvpo_C::reduce_tokens: mask must be a CPU tensor");
     TORCH_CHECK(mask->sizes() == values.sizes(), "dvpo_C::reduce_tokens: mask must have the shape of values ",
                 values.sizes(), ", got ", mask->sizes());
-    TORCH_CHECK(bool_mask || at::isFloatingType(mask->scalar_type()),
-                "dvpo_C::reduce_tokens: mask must be bool or floating point, got ", mask->scalar_type());
+    check_mask_dtype(*mask, "reduce_tokens");
   }
   const auto acc = acc_type(values.scalar_type());
   const at::Tensor v = as_acc(values, acc);
