@@ -3,7 +3,7 @@
 // target rows staged in the warp's scratch (converted to acc_t, 16-byte vector loads when aligned),
 // the N x M pairs by qh_pairs (pairwise.cuh), the token's loss by a shuffle reduction. No atomics;
 // never an [N, M] buffer. With `sorted` (algorithm="sorted") the atoms' sums come from qh_sorted
-// (sorted.cuh) instead: O((N + M) log M) per token.
+// (sorted.cuh) instead: both rows sorted, then merges in O(N + M) per token.
 #include "common.cuh"
 #include "pairwise.cuh"
 #include "sorted.cuh"
@@ -20,7 +20,7 @@ struct QhLayout {
     th = 0;
     z = align16(sizeof(acc_t) * n);
     srt = z + align16(sizeof(acc_t) * m);
-    bytes = srt + (sorted ? SortedQhLayout<acc_t>(m).bytes : 0);
+    bytes = srt + (sorted ? SortedQhLayout<acc_t>(n, m, true).bytes : 0);
   }
 };
 
@@ -73,7 +73,7 @@ __device__ __forceinline__ void QuantileHuberOp::run(const QuantileHuberParams<s
       grad[i] = mw * (-scale * wi * dsum_i);
     };
     if (kSorted)
-      qh_sorted<acc, !kShared>(th, p.taus, n, z, m, k, base + lay.srt, lane, emit);
+      qh_sorted<acc, !kShared>(th, p.taus, n, z, m, k, base + lay.srt, nullptr, lane, emit);
     else
       qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
     part = warp_sum(part);

@@ -1,15 +1,16 @@
 // The sorted quantile Huber sum of one token, by one warp (algorithm="sorted"; docs/architecture.md,
 // "Pair algorithms"). Torch-free.
 //
-// The targets are sorted once per token in the warp's scratch (sort_row, common.cuh); prefix sums of
-// the centred sorted targets y = z - c and of y^2 are built in double (one fixed-order pass per lane
-// over a contiguous chunk, then the 32 chunk totals added in lane order). For each atom theta (one
-// lane per atom) three binary searches over the sorted targets find the boundaries of the four
-// ranges of u = z - theta (u < -k, -k <= u < 0, 0 <= u <= k, u > k), tested on u itself as the
-// pairwise kernel does (z - theta is monotone in z, so the ranges are contiguous), and
-// math::qh_from_regions turns the ranges' counts and sums into the atom's loss and derivative sums,
-// in double. O((N + M) log M) per token instead of O(N M). A token with a non-finite value runs
-// pairwise, so that inf and NaN propagate exactly as in the pairwise formula.
+// Both rows are sorted once per token in the warp's scratch (sort_row, common.cuh): the targets,
+// whose prefix sums of y = z - c and y^2 are then built in double (one fixed-order pass per lane over
+// a contiguous chunk, then the 32 chunk totals added in lane order), and the atoms theta (the critic
+// loss hands over the row it sorts for its tails anyway). The boundaries of the four ranges of
+// u = z - theta (u < -k, -k <= u < 0, 0 <= u <= k, u > k), tested on u itself as the pairwise kernel
+// does, are ascending in the sorted atom order, so each of the three boundary rows is one merge of
+// the two sorted rows, cut into 32 equal pieces along its diagonals (merge path: one binary search
+// per lane, then (N + M) / 32 steps) instead of a binary search per atom. math::qh_from_regions turns
+// the ranges' counts and sums into each atom's loss and derivative sums, in double. A token with a
+// non-finite value runs pairwise, so that inf and NaN propagate exactly as in the pairwise formula.
 #pragma once
 
 #include "common.cuh"
@@ -24,37 +25,62 @@ __device__ __forceinline__ bool finite_bits(double x) {
   return (static_cast<unsigned long long>(__double_as_longlong(x)) & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
 }
 
-// Scratch of the sorted algorithm for m targets: the sorted values, the two prefix sums (m + 1
-// doubles each), the 2 x 32 lane totals, and the sort's keys and indices.
+// Scratch of the sorted algorithm for n atoms and m targets: the sorted targets, the two prefix
+// sums (m + 1 doubles each), the 2 x 32 lane totals, the targets' sort, the atoms' sort (unless the
+// caller brings the atoms sorted) and the three boundary rows.
 template <typename acc_t>
 struct SortedQhLayout {
-  size_t zs, p1, p2, tot, row, bytes;
-  __host__ __device__ SortedQhLayout(int m) {
+  size_t zs, p1, p2, tot, row, atoms, bnd, bytes;
+  __host__ __device__ SortedQhLayout(int n, int m, bool own_atom_sort) {
     zs = 0;
     p1 = zs + align16(sizeof(acc_t) * m);
     p2 = p1 + align16(sizeof(double) * (m + 1));
     tot = p2 + align16(sizeof(double) * (m + 1));
     row = tot + align16(sizeof(double) * 64);
-    bytes = row + sorted_row_bytes<acc_t>(m);
+    atoms = row + sorted_row_bytes<acc_t>(m);
+    bnd = atoms + (own_atom_sort ? sorted_row_bytes<acc_t>(n) : 0);
+    bytes = bnd + align16(sizeof(int) * 3 * static_cast<size_t>(n));
   }
 };
 
-// #{j : pred(zs[j])} for a predicate true on a prefix of the sorted targets.
+// b[p] = #{j : pred(zs[j], t_p)} for every atom p of the ascending order t_p = th[idx[p]], where
+// pred(z, t) holds on a prefix of the ascending targets, a longer one for a larger t (fl(z - t) is
+// monotone in both), so the counts are those of a binary search per atom. They are the steps of the
+// merge of the two rows in which target j comes before atom p iff pred(zs[j], t_p): lane l takes the
+// steps [l L, (l + 1) L) of the N + M, finds where the merge stands at its first step by a binary
+// search along that diagonal, then walks: each step passes a target or records an atom's count, so
+// every atom is recorded by exactly one lane. Lanes must __syncwarp before reading b.
 template <typename acc_t, typename Pred>
-__device__ __forceinline__ int count_prefix(const acc_t* zs, int m, Pred pred) {
-  int lo = 0, hi = m;
+__device__ __forceinline__ void merge_counts(const acc_t* th, const int* idx, int n, const acc_t* zs, int m,
+                                             Pred pred, int* b, int lane) {
+  const int steps = n + m, len = (steps + 31) / 32;
+  const int d0 = lane * len < steps ? lane * len : steps, d1 = d0 + len < steps ? d0 + len : steps;
+  // The targets passed before step d0: the largest j in [max(0, d0 - n), min(d0, m)] whose target
+  // j - 1 comes before atom d0 - j (true at the lower end: j = 0, or all n atoms recorded).
+  int lo = d0 > n ? d0 - n : 0, hi = d0 < m ? d0 : m;
   while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (pred(zs[mid])) lo = mid + 1; else hi = mid;
+    const int j = (lo + hi + 1) >> 1;
+    if (pred(zs[j - 1], th[idx[d0 - j]])) lo = j; else hi = j - 1;
   }
-  return lo;
+  int j = lo, p = d0 - lo;
+  acc_t t = p < n ? th[idx[p]] : acc_t(0);
+  for (int d = d0; d < d1 && p < n; ++d) {
+    if (j < m && pred(zs[j], t)) {
+      ++j;
+    } else {
+      b[p] = j;
+      if (++p < n) t = th[idx[p]];
+    }
+  }
 }
 
 // The same contract as qh_pairs (pairwise.cuh): emit(i, loss_i, dsum_i) once per atom, by one lane;
-// every lane must call it. `scratch` holds SortedQhLayout<acc_t>(m).bytes.
+// every lane must call it. `scratch` holds SortedQhLayout<acc_t>(n, m, atoms == nullptr).bytes;
+// `atoms`, when given, is th already sorted by sort_row.
 template <typename acc_t, bool kCompact = false, typename Emit>
 __device__ __forceinline__ void qh_sorted(const acc_t* th, const acc_t* __restrict__ taus, int n, const acc_t* z,
-                                          int m, acc_t k, char* scratch, int lane, Emit& emit) {
+                                          int m, acc_t k, char* scratch, const SortedRow<acc_t>* atoms, int lane,
+                                          Emit& emit) {
   bool finite = true;
   for (int i = lane; i < n; i += 32) finite = finite && finite_bits(th[i]);
   for (int j = lane; j < m; j += 32) finite = finite && finite_bits(z[j]);
@@ -62,15 +88,23 @@ __device__ __forceinline__ void qh_sorted(const acc_t* th, const acc_t* __restri
     qh_pairs<acc_t, kCompact>(th, taus, n, z, m, k, lane, emit);
     return;
   }
-  const SortedQhLayout<acc_t> lay(m);
+  const SortedQhLayout<acc_t> lay(n, m, atoms == nullptr);
   acc_t* zs = reinterpret_cast<acc_t*>(scratch + lay.zs);
   double* p1 = reinterpret_cast<double*>(scratch + lay.p1);
   double* p2 = reinterpret_cast<double*>(scratch + lay.p2);
   double* tot = reinterpret_cast<double*>(scratch + lay.tot);
+  int* bnd = reinterpret_cast<int*>(scratch + lay.bnd);
   SortedRow<acc_t> row(scratch + lay.row, m);
   sort_row(z, row, lane);
   for (int j = lane; j < m; j += 32) zs[j] = z[row.idx[j]];
-  __syncwarp();
+  SortedRow<acc_t> own(scratch + lay.atoms, n);
+  if (atoms == nullptr) {
+    sort_row(th, own, lane);  // ends with __syncwarp: zs is complete too
+    atoms = &own;
+  } else {
+    __syncwarp();
+  }
+  const int* idx = atoms->idx;
   const double c = static_cast<double>(zs[m / 2]);  // any centre; the median keeps |y| small
   const int chunk = (m + 31) / 32;
   const int lo = lane * chunk < m ? lane * chunk : m, hi = lo + chunk < m ? lo + chunk : m;
@@ -82,6 +116,9 @@ __device__ __forceinline__ void qh_sorted(const acc_t* th, const acc_t* __restri
   }
   tot[lane] = s1;
   tot[32 + lane] = s2;
+  merge_counts(th, idx, n, zs, m, [k](acc_t zj, acc_t t) { return zj - t < -k; }, bnd, lane);
+  merge_counts(th, idx, n, zs, m, [](acc_t zj, acc_t t) { return zj - t < acc_t(0); }, bnd + n, lane);
+  merge_counts(th, idx, n, zs, m, [k](acc_t zj, acc_t t) { return zj - t <= k; }, bnd + 2 * n, lane);
   __syncwarp();
   s1 = 0;
   s2 = 0;
@@ -102,11 +139,9 @@ __device__ __forceinline__ void qh_sorted(const acc_t* th, const acc_t* __restri
   }
   __syncwarp();
   const double kd = static_cast<double>(k);
-  for (int i = lane; i < n; i += 32) {
-    const acc_t t = th[i];
-    const int b1 = count_prefix(zs, m, [&](acc_t zj) { return zj - t < -k; });
-    const int b2 = count_prefix(zs, m, [&](acc_t zj) { return zj - t < acc_t(0); });
-    const int b3 = count_prefix(zs, m, [&](acc_t zj) { return zj - t <= k; });
+  for (int q = lane; q < n; q += 32) {  // sorted position q holds atom i
+    const int i = idx[q];
+    const int b1 = bnd[q], b2 = bnd[n + q], b3 = bnd[2 * n + q];
     math::QHRegions<double> r;
     r.n1 = b1;
     r.s1 = p1[b1];
@@ -119,8 +154,8 @@ __device__ __forceinline__ void qh_sorted(const acc_t* th, const acc_t* __restri
     r.n4 = m - b3;
     r.s4 = p1[m] - p1[b3];
     double loss, dsum;
-    math::qh_from_regions<double>(r, static_cast<double>(t) - c, math::quantile_weights<double>(taus[i]), kd, loss,
-                                  dsum);
+    math::qh_from_regions<double>(r, static_cast<double>(th[i]) - c, math::quantile_weights<double>(taus[i]), kd,
+                                  loss, dsum);
     emit(i, static_cast<acc_t>(loss), static_cast<acc_t>(dsum));
   }
 }
