@@ -48,17 +48,11 @@ def _tokens(lead) -> int:
     return math.prod(lead)
 
 
-def _mask_arg(mask, acc):
-    """The kernels' mask: bool as it comes (they read it natively: no conversion pass), float as
-    per-token weights in the accumulation dtype."""
-    if mask is None or mask.dtype == torch.bool:
-        return mask
-    return mask.to(acc)
-
-
-def _flat_mask(mask, acc):
-    """The per-token mask of the loss ops, [tokens]."""
-    return None if mask is None else _mask_arg(mask.reshape(-1), acc)
+def _flat_mask(mask):
+    """The per-token mask of the loss ops, [tokens], in the dtype it came in: every backend reads a
+    bool mask natively and converts float weights to its accumulation dtype itself, so a conversion
+    here would be a second pass over the mask (a kernel launch on a GPU)."""
+    return None if mask is None else mask.reshape(-1)
 
 
 def _reduce(per_token: Tensor, mask: Optional[Tensor], reduction: str) -> Tensor:
@@ -208,7 +202,7 @@ def quantile_huber(pred: Tensor, target: Tensor, taus: Optional[Tensor] = None, 
     tokens = _tokens(lead)
     with _private_gradients():
         loss, _ = library.quantile_huber(pred.reshape(tokens, n), target.detach().reshape(tokens, m), t, weights,
-                                         _flat_mask(mask, acc), float(kappa), bool(normalize_kappa), algorithm)
+                                         _flat_mask(mask), float(kappa), bool(normalize_kappa), algorithm)
     return _reduce(loss.reshape(lead), mask, reduction)
 
 
@@ -315,7 +309,7 @@ def critic_loss(theta: Tensor, target: Tensor, taus: Optional[Tensor] = None, *,
     tokens = _tokens(lead)
     with _private_gradients():
         total, terms, _ = library.critic_loss(
-            heads.reshape(tokens, h, n), target.detach().reshape(tokens, m), t, risk_w, _flat_mask(mask, acc),
+            heads.reshape(tokens, h, n), target.detach().reshape(tokens, m), t, risk_w, _flat_mask(mask),
             float(config.kappa), float(config.alpha), float(config.beta), bool(config.normalize_kappa),
             config.kernel_params(), algorithm)
     terms = terms.reshape(lead + (len(TERM_NAMES),))
@@ -369,5 +363,5 @@ def distributional_gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: 
     check.unit_interval("gamma", gamma)
     check.unit_interval("lam", lam)
     acc = ref.acc_dtype(values.dtype)
-    return library.distributional_gae(rewards.detach().to(acc), values.detach(), _mask_arg(mask, acc),
+    return library.distributional_gae(rewards.detach().to(acc), values.detach(), mask,
                                       float(gamma), float(lam))

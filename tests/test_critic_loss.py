@@ -21,7 +21,7 @@ from dvpo.backends import reference as ref_backend
 from dvpo.config import PARAM_NAMES, TERM_NAMES, CriticLossConfig
 
 from . import backends
-from .utils import (REDUCTIONS, SIZES, TOL, assert_bool_mask_read_natively, assert_compiled_matches_eager, critic_inputs, grad, randn,
+from .utils import (REDUCTIONS, SIZES, TOL, assert_mask_read_natively, assert_compiled_matches_eager, critic_inputs, grad, randn,
                     random_mask, rel_err, upstream_like, weighted_mask,
                     with_garbage_at_masked)
 
@@ -448,7 +448,7 @@ def _opcheck_cases(device, algorithms):
 
 @pytest.mark.parametrize("backend", backends.params(), indirect=True)
 @pytest.mark.parametrize("mode", MODES)
-def test_bool_mask_read_natively(backend, mode, monkeypatch):
+def test_mask_read_natively(backend, mode, monkeypatch):
     heads, target = critic_inputs((7,), 3, 5, 6, device=backend.device)
     heads[1] = float("nan")  # garbage at a masked token
     mask = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool, device=backend.device)
@@ -456,8 +456,8 @@ def test_bool_mask_read_natively(backend, mode, monkeypatch):
     config = _config(mode)
     args = (heads.requires_grad_(), target, t, ref.risk_weights(t, config.risk_gamma), mask, config.kappa,
             config.alpha, config.beta, config.normalize_kappa, config.kernel_params(), backend.algorithms[-1])
-    assert_bool_mask_read_natively(library.critic_loss, args, 4, monkeypatch,
-                                   lambda: ops.critic_loss(heads, target, mask=mask, config=config))
+    assert_mask_read_natively(library.critic_loss, args, 4, monkeypatch,
+                                   lambda m: ops.critic_loss(heads, target, mask=m, config=config))
 
 
 @pytest.mark.parametrize("backend", backends.params(), indirect=True)

@@ -12,7 +12,7 @@ from dvpo import reference as ref
 from dvpo.backends import reference as ref_backend
 
 from . import backends
-from .utils import TOL, assert_bool_mask_read_natively, randn, random_mask, rel_err
+from .utils import TOL, assert_mask_read_natively, randn, random_mask, rel_err
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # (B, T, M): T = 1100 and 5000 span many chunks of the CUDA scan; M = 257 and 600 long value rows.
@@ -74,10 +74,10 @@ def test_bool_mask_non_contiguous_and_kernel_interface(backend):
 
 
 @pytest.mark.parametrize("backend", backends.params(), indirect=True)
-def test_bool_mask_read_natively(backend, monkeypatch):
+def test_mask_read_natively(backend, monkeypatch):
     rewards, values, mask = _inputs(3, 9, 5, torch.float32, backend.device, mask_dtype=torch.bool)
-    assert_bool_mask_read_natively(library.distributional_gae, (rewards, values, mask, 0.97, 0.9), 2, monkeypatch,
-                                   lambda: ops.distributional_gae(rewards, values, mask, gamma=0.97, lam=0.9))
+    assert_mask_read_natively(library.distributional_gae, (rewards, values, mask, 0.97, 0.9), 2, monkeypatch,
+                                   lambda m: ops.distributional_gae(rewards, values, m, gamma=0.97, lam=0.9))
 
 
 @pytest.mark.parametrize("backend", backends.params(), indirect=True)

@@ -14,7 +14,7 @@ from dvpo import reference as ref
 from dvpo.backends import reference as ref_backend
 
 from . import backends
-from .utils import (REDUCTIONS, SIZES, TOL, assert_bool_mask_read_natively, assert_compiled_matches_eager, grad,
+from .utils import (REDUCTIONS, SIZES, TOL, assert_mask_read_natively, assert_compiled_matches_eager, grad,
                     randn, random_mask, rel_err, upstream_like, weighted_mask, with_garbage_at_masked)
 
 # (N, M): every pair of SIZES on a GPU; on CPU every size of SIZES as N and as M (fewer pairs on the
@@ -107,14 +107,14 @@ def test_kernel_interface_matches_reference_backend(backend):
 
 
 @pytest.mark.parametrize("backend", backends.params(), indirect=True)
-def test_bool_mask_read_natively(backend, monkeypatch):
+def test_mask_read_natively(backend, monkeypatch):
     dev = backend.device
     pred, target = randn((7, 5), device=dev), randn((7, 6), device=dev)
     pred[1] = float("nan")  # garbage at a masked token
     taus, mask = dvpo.taus(5, device=dev), torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool, device=dev)
     args = (pred.requires_grad_(), target, taus, None, mask, 1.0, False, backend.algorithms[-1])
-    assert_bool_mask_read_natively(library.quantile_huber, args, 4, monkeypatch,
-                                   lambda: ops.quantile_huber(pred, target, mask=mask))
+    assert_mask_read_natively(library.quantile_huber, args, 4, monkeypatch,
+                                   lambda m: ops.quantile_huber(pred, target, mask=m))
 
 
 @pytest.mark.parametrize("backend", backends.params(), indirect=True)

@@ -118,20 +118,35 @@ def with_garbage_at_masked(x, target, mask):
     return dirty_x, dirty_t
 
 
-def assert_bool_mask_read_natively(op, args, mask_index, monkeypatch, public_call):
-    """A bool mask is read by the kernel as it comes: the kernel-interface call `op(*args)` with the
-    bool mask at `args[mask_index]` gives bitwise the outputs of the same mask as 0/1 float weights,
-    torch.library.opcheck passes with it, and `public_call()` (the dvpo.ops function) hands it to the
-    `dvpo::` op unconverted, still bool (no conversion pass)."""
+def assert_mask_read_natively(op, args, mask_index, monkeypatch, public_call):
+    """Masks reach the kernel as they come, with no conversion pass in dvpo.ops: the kernel-interface
+    call `op(*args)` with the bool mask at `args[mask_index]` gives bitwise the outputs of the same mask
+    as 0/1 float weights, and float weights in any float dtype bitwise those of the same weights in
+    fp32 (the values are exact in every dtype; the backend converts them to its accumulation dtype);
+    torch.library.opcheck passes with both; and `public_call(mask)` (the dvpo.ops function) hands
+    either to the `dvpo::` op in its own dtype."""
     import dvpo.library as library
 
     mask = args[mask_index]
     assert mask.dtype == torch.bool and (~mask).any() and mask.any()
-    as_float = list(args)
-    as_float[mask_index] = mask.to(torch.float32)
-    for got, want in zip(op(*args), op(*as_float)):
+    # weights 0 (masked), 1, 1.25, 1.5: exact in bf16, fp16, fp32 and fp64
+    steps = torch.arange(mask.numel(), device=mask.device).reshape(mask.shape) % 3
+    weights = mask.to(torch.float32) * (1 + 0.25 * steps)
+
+    def call(m):
+        a = list(args)
+        a[mask_index] = m
+        return op(*a)
+
+    for got, want in zip(call(mask), call(mask.to(torch.float32))):
         assert got.dtype == want.dtype and torch.equal(got, want)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        for got, want in zip(call(weights.to(dtype)), call(weights)):
+            assert got.dtype == want.dtype and torch.equal(got, want), f"{dtype} weights"
     torch.library.opcheck(op, tuple(args))
+    as_half = list(args)
+    as_half[mask_index] = weights.to(torch.float16)
+    torch.library.opcheck(op, tuple(as_half))
     seen = []
     name = op._name.split("::")[-1] if hasattr(op, "_name") else op.__name__
     real = getattr(library, name)
@@ -141,5 +156,7 @@ def assert_bool_mask_read_natively(op, args, mask_index, monkeypatch, public_cal
         return real(*a, **k)
 
     monkeypatch.setattr(library, name, spy)
-    public_call()
-    assert seen and seen[0] == torch.bool, f"dvpo.ops passed the mask to dvpo::{name} as {seen}"
+    for m in (mask, weights.to(torch.float64), weights.to(torch.bfloat16)):
+        seen.clear()
+        public_call(m)
+        assert seen and seen[0] == m.dtype, f"dvpo.ops passed a {m.dtype} mask to dvpo::{name} as {seen}"
