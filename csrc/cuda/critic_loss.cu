@@ -7,7 +7,7 @@
 //   g[N]   d total / d theta, accumulated term by term,
 //   z[M]   the targets,
 //   ts     theta sorted by (value, index): keys and atom indices over N padded to a power of two
-//          (common.cuh, sort_row; only used when a tail term is on),
+//          (common.cuh, sort_row; used when a tail term is on, and by the sorted pair pass),
 //   zs     the same for z (recipe mode only; no room is reserved otherwise).
 // Phases, separated by __syncwarp():
 //   1. qh and risk (the quantile Huber and its risk-weighted form) in one pair pass (qh_pairs,
@@ -41,7 +41,7 @@
 // Terms whose weight is 0 are skipped and reported as 0. Every sum is a fixed-order per-lane loop
 // plus a shuffle butterfly: no atomics, bitwise deterministic. With `sorted` (algorithm="sorted")
 // phase 1 runs qh_sorted (sorted.cuh) instead of qh_pairs, with the same per-atom results; theta is
-// then sorted before phase 1 (when a tail term is on), and the merges and the tails share that order.
+// then sorted into ts before phase 1, and the merges and the tails share that order.
 #include "common.cuh"
 #include "pairwise.cuh"
 #include "sorted.cuh"
@@ -56,31 +56,24 @@ namespace {
 template <typename acc_t>
 struct CriticLayout {
   size_t th, g, z, ts, zs, qs, bytes;
-  __host__ __device__ CriticLayout(int n, int m, bool target_sort, bool sorted_pairs, bool tails) {
+  __host__ __device__ CriticLayout(int n, int m, bool target_sort, bool sorted_pairs) {
     th = 0;
     g = th + align16(sizeof(acc_t) * n);
     z = g + align16(sizeof(acc_t) * n);
     ts = z + align16(sizeof(acc_t) * m);
     zs = ts + sorted_row_bytes<acc_t>(n);
     qs = zs + (target_sort ? sorted_row_bytes<acc_t>(m) : 0);
-    bytes = qs + (sorted_pairs ? SortedQhLayout<acc_t>(n, m, !tails).bytes : 0);  // tails: theta sorted in ts
+    bytes = qs + (sorted_pairs ? SortedQhLayout<acc_t>(n, m, false).bytes : 0);  // theta sorted in ts
   }
 };
 
 constexpr int kTailRecipe = 0, kTailConsistent = 1;
 
-// Whether a tail term is on: theta is then sorted once, before the pair pass, and the sorted
-// algorithm's merges use that order (its scratch has no atom sort of its own).
-template <typename scalar_t>
-__host__ __device__ inline bool tails_on(const CriticLossParams<scalar_t>& p) {
-  return p.weights[kCvar] != 0.0 || p.weights[kGain] != 0.0 || p.weights[kShape] != 0.0;
-}
-
 // The op for launch_warp_op (common.cuh).
 struct CriticLossOp {
   template <typename scalar_t>
   static size_t scratch_bytes(const CriticLossParams<scalar_t>& p) {
-    return CriticLayout<acc_t<scalar_t>>(p.n, p.m, p.tail_mode != kTailConsistent, p.sorted, tails_on(p)).bytes;
+    return CriticLayout<acc_t<scalar_t>>(p.n, p.m, p.tail_mode != kTailConsistent, p.sorted).bytes;
   }
   template <typename scalar_t>
   static bool valid(const CriticLossParams<scalar_t>& p) {
@@ -99,7 +92,7 @@ __device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_
   const int warps = blockDim.x >> 5;
   const int H = p.h, n = p.n, m = p.m;
   const bool consistent = p.tail_mode == kTailConsistent;
-  const CriticLayout<acc> lay(n, m, !consistent, p.sorted, tails_on(p));
+  const CriticLayout<acc> lay(n, m, !consistent, p.sorted);
   char* base = warp_scratch<kShared>(p.workspace, per_token);
   acc* th = reinterpret_cast<acc*>(base + lay.th);
   acc* g = reinterpret_cast<acc*>(base + lay.g);
@@ -116,8 +109,8 @@ __device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_
   const bool need_lo = w[kCvar] != acc(0) || w[kShape] != acc(0);
   const bool need_hi = w[kGain] != acc(0) || w[kShape] != acc(0);
   const bool need_var = w[kShape] != acc(0);
-  // theta sorted before the pair pass for the merges (the layout's choice: tails_on, not need_lo/hi)
-  const bool presort = kSorted && do_pairs && tails_on(p);
+  // The sorted pair pass sorts theta into ts for its merges; the tails then reuse that order.
+  const bool presort = kSorted && do_pairs;
   const bool do_consist = H > 1 && w[kConsist] != acc(0);
   const bool do_curv = n >= 3 && w[kCurv] != acc(0);
   const acc alpha_n = static_cast<acc>(p.alpha * n), beta_n = static_cast<acc>(p.beta * n);
@@ -161,11 +154,9 @@ __device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_
         r_part += rwi * loss_i;
         g[i] = -scale * dsum_i * (w[kQH] + w[kRisk] * rwi);
       };
-      if (presort) {
-        sort_row(th, trow, lane);  // phase 2's order, here for the merges
+      if (kSorted) {
+        sort_row(th, trow, lane);
         qh_sorted<acc, !kShared>(th, p.taus, n, z, m, k, base + lay.qs, &trow, lane, emit);
-      } else if (kSorted) {
-        qh_sorted<acc, !kShared>(th, p.taus, n, z, m, k, base + lay.qs, nullptr, lane, emit);
       } else {
         qh_pairs<acc, !kShared>(th, p.taus, n, z, m, k, lane, emit);
       }

@@ -116,6 +116,7 @@ __device__ __forceinline__ void qh_sorted(const acc_t* th, const acc_t* __restri
   }
   tot[lane] = s1;
   tot[32 + lane] = s2;
+  // b1 = #{u < -k}, b2 = #{u < 0}, b3 = #{u <= k}, u = z - theta
   merge_counts(th, idx, n, zs, m, [k](acc_t zj, acc_t t) { return zj - t < -k; }, bnd, lane);
   merge_counts(th, idx, n, zs, m, [](acc_t zj, acc_t t) { return zj - t < acc_t(0); }, bnd + n, lane);
   merge_counts(th, idx, n, zs, m, [k](acc_t zj, acc_t t) { return zj - t <= k; }, bnd + 2 * n, lane);
