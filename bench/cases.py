@@ -173,10 +173,10 @@ class OpSpec:
 
     def min_bytes(self, s: Shape, dtype: torch.dtype, mode: str = "fwd+bwd") -> int:
         """Bytes an op must at least read and write in `mode` (the memory floor), from the shapes and
-        dtypes: the forward reads its inputs and writes the per-token values and the gradient it
-        stores for the backward (fp32 for fp32/bf16/fp16 inputs: the kernels' accumulation dtype);
-        the backward reads that stored gradient and the upstream gradient and writes the input's
-        gradient (input dtype)."""
+        dtypes: the forward reads its inputs and writes the per-token values (accumulation dtype)
+        and the gradient it stores for the backward (input dtype, dvpo/opspec.py); the backward
+        reads that stored gradient and the upstream gradient and writes the input's gradient (input
+        dtype)."""
         e = torch.tensor([], dtype=dtype).element_size()
         a = 8 if dtype == torch.float64 else 4  # accumulation dtype
         t = s.tokens
@@ -189,8 +189,8 @@ class OpSpec:
             rows, reads, values = s.N, s.N * e, a
         else:  # critic_loss: heads, target -> per-token loss and the terms
             rows, reads, values = s.H * s.N, s.H * s.N * e + s.M * e, a + N_TERMS * a
-        fwd = t * (reads + values + rows * a)
-        bwd = t * (rows * a + a + rows * e)
+        fwd = t * (reads + values + rows * e)
+        bwd = t * (rows * e + a + rows * e)
         return {"fwd": fwd, "bwd": bwd}.get(mode, fwd + bwd)
 
     def work(self, s: Shape) -> int:

@@ -44,6 +44,10 @@ def _with_signature(fn, spec: OpSpec):
     return fn
 
 
+def _out_dtype(out, first: Tensor) -> torch.dtype:
+    return first.dtype if out.dtype == "input" else acc_dtype(first.dtype)
+
+
 def _real(spec: OpSpec):
     def impl(*args):
         return getattr(dispatch.select(spec.name, args[0].device), spec.name)(*args)
@@ -53,9 +57,8 @@ def _real(spec: OpSpec):
 def _fake(spec: OpSpec):
     def fake(*args):
         first = args[0]
-        acc = acc_dtype(first.dtype)
         named = dict(zip(spec.arg_names, args))
-        return tuple(first.new_empty(out.shape(named), dtype=acc) for out in spec.outputs)
+        return tuple(first.new_empty(out.shape(named), dtype=_out_dtype(out, first)) for out in spec.outputs)
     return _with_signature(fake, spec)
 
 
@@ -87,7 +90,6 @@ def _graph_is_kept() -> bool:
 def _save_grad(ctx, inputs, output):
     """Every differentiable op: the last output is d(first output)/d(first input)."""
     ctx.save_for_backward(output[-1])
-    ctx.input_dtype = inputs[0].dtype
     ctx.private = getattr(_state, "private", False)
     ctx.mark_non_differentiable(*output[1:])
 
@@ -103,14 +105,13 @@ def _scale_grad(ctx, upstream: Tensor) -> Tensor:
     gradient again (its caller dropped the output, see private_gradients, and the graph is freed
     after this backward; eager mode, since under tracing AOTAutograd plans the buffers itself), and
     not at all when the upstream gradient is all ones."""
-    (grad,) = ctx.saved_tensors
+    (grad,) = ctx.saved_tensors  # the loss ops': in the input's dtype (opspec, Out.dtype)
     reused = not ctx.private or type(grad) is not Tensor or _graph_is_kept()
     if _is_one(upstream):
-        grad = grad.clone() if reused and grad.dtype == ctx.input_dtype else grad
-    else:
-        scale = upstream.reshape(upstream.shape + (1,) * (grad.dim() - upstream.dim())).to(grad.dtype)
-        grad = grad * scale if reused else grad.mul_(scale)
-    return grad if grad.dtype == ctx.input_dtype else grad.to(ctx.input_dtype)
+        return grad.clone() if reused else grad
+    # The multiply runs in fp32 for 16-bit gradients (torch's op math) and rounds once.
+    scale = upstream.reshape(upstream.shape + (1,) * (grad.dim() - upstream.dim()))
+    return (grad * scale).to(grad.dtype) if reused else grad.mul_(scale)
 
 
 def _backward(spec: OpSpec):

@@ -12,8 +12,12 @@ interface is spelled out:
   (csrc/cpu/bindings.cpp, read back from `torch.ops.dvpo_C`), the `reference` and `triton` backends'
   Python signatures, and the fake outputs against a real call.
 
-Outputs are in the accumulation dtype of the first argument (fp64 for fp64, else fp32); the last
-output of a differentiable op is the gradient of its first output w.r.t. the first argument.
+Outputs are in the accumulation dtype of the first argument (fp64 for fp64, else fp32). The last
+output of a differentiable op is the gradient of its first output w.r.t. the first argument; the loss
+ops' and cvar's [T, N]-shaped gradients are in the first argument's own dtype (`Out.dtype` "input"):
+bf16 heads get a bf16 gradient, so storing it and the backward's pass over it move half the bytes,
+and the backward needs no cast. (reduce_tokens' gradient, one weight per token of its fp32 input,
+stays in the accumulation dtype.)
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ class Out:
     dims: Optional[int] = None
     extra: Tuple[int, ...] = ()
     text: str = ""  # the shape for the docs: "[T]"
+    dtype: str = "acc"  # "acc": the accumulation dtype of the first argument; "input": its own dtype
+
+    def __post_init__(self):
+        if self.dtype not in ("acc", "input"):
+            raise ValueError(f"Out.dtype must be 'acc' or 'input', got {self.dtype!r} for output {self.name}")
 
     def shape(self, args: Dict[str, object]) -> Tuple[int, ...]:
         lead = tuple(args[self.like].shape)
@@ -92,12 +101,12 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
         (Arg("pred", "Tensor", "[T,N]"), Arg("target", "Tensor", "[T,M]"), Arg("taus", "Tensor", "[N]"),
          Arg("weights", "Tensor?", "[N]"), Arg("mask", "Tensor?", "[T]"), Arg("kappa", "float"),
          Arg("normalize_kappa", "bool"), Arg("algorithm", "str")),
-        (Out("loss", "pred", 1, text="[T]"), Out("grad", "pred", text="[T,N]")),
+        (Out("loss", "pred", 1, text="[T]"), Out("grad", "pred", text="[T,N]", dtype="input")),
         True, "quantile Huber loss per token and its gradient w.r.t. pred"),
     OpSpec(
         "cvar",
         (Arg("x", "Tensor", "[T,N]"), Arg("level", "float"), Arg("upper", "bool")),
-        (Out("value", "x", 1, text="[T]"), Out("coef", "x", text="[T,N]")),
+        (Out("value", "x", 1, text="[T]"), Out("coef", "x", text="[T,N]", dtype="input")),
         True, "CVaR per token and its coefficients (= its gradient w.r.t. x)"),
     OpSpec(
         "critic_loss",
@@ -106,7 +115,7 @@ OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (
          Arg("alpha", "float"), Arg("beta", "float"), Arg("normalize_kappa", "bool"),
          Arg("params", "float[]", f"[{len(PARAM_NAMES)}]"), Arg("algorithm", "str")),
         (Out("total", "heads", 1, text="[T]"), Out("terms", "heads", 1, (len(TERM_NAMES),), f"[T,{len(TERM_NAMES)}]"),
-         Out("grad", "heads", text="[T,H,N]")),
+         Out("grad", "heads", text="[T,H,N]", dtype="input")),
         True, "the fused critic loss per token, its unweighted terms, and the gradient w.r.t. heads"),
     OpSpec(
         "distributional_gae",

@@ -287,7 +287,7 @@ def _critic_loss_kernel(
                     d = tl.load(h_ptr, mask=ok, other=0.0).to(ACC) - th
                     s_cons += tl.reduce(d * d, 1, SUM)
                     gh = g + (cons_coef * mw)[:, None] * d
-                tl.store(g_ptr, tl.where(keep2, gh, 0.0), mask=st_ok)
+                tl.store(g_ptr, tl.where(keep2, gh, 0.0).to(grad_ptr.dtype.element_ty), mask=st_ok)
                 h_ptr += s_hh
                 g_ptr += N
 
@@ -313,7 +313,7 @@ def _critic_loss_kernel(
             st_ok = tv[:, None] & (offs < N)[None, :]
             g_ptr = g_row + offs[None, :]
             for _ in range(H):
-                tl.store(g_ptr, tl.full([BLOCK_T, BLOCK_N], 0, ACC), mask=st_ok)
+                tl.store(g_ptr, tl.full([BLOCK_T, BLOCK_N], 0, grad_ptr.dtype.element_ty), mask=st_ok)
                 g_ptr += N
         tl.store(total_ptr + tok, zero, mask=tv)
         for k in range(_N_TERMS):
@@ -328,7 +328,7 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
     """Launch: heads [T, H, N], target [T, M] (any strides; fp16/bf16/fp32/fp64), taus [N], risk_w [N],
     mask [T] (bool, or float weights) or None, params: the 12 kernel parameters (dvpo.config.PARAM_NAMES: the
     8 term weights in TERM_NAMES order, tail_mode 0 recipe / 1 consistent, lo_scale, hi_scale,
-    shift_expectile) -> (total [T], terms [T, 8], grad [T, H, N]) in fp32 (fp64 for fp64 inputs).
+    shift_expectile) -> (total [T], terms [T, 8]) in fp32 (fp64 for fp64 inputs), grad [T, H, N] in heads' dtype.
 
     `select`: how the CVaR thresholds are found: "rank" (rank counting), "bisect" (bisection
     select) or "auto" (rank counting for rows of at most RANK_SELECT_MAX padded atoms)."""
@@ -347,7 +347,7 @@ def critic_loss(heads, target, taus, risk_w, mask, kappa, alpha, beta, normalize
     acc = acc_dtype(heads.dtype)
     total = heads.new_empty((T,), dtype=acc)
     terms = heads.new_empty((T, N_TERMS), dtype=acc)
-    grad = heads.new_empty((T, H, N), dtype=acc)
+    grad = heads.new_empty((T, H, N))  # in heads' dtype: the stores round once
     if T == 0:
         return total, terms, grad
     do = {name: w[name] != 0 for name in TERM_NAMES}

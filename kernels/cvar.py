@@ -60,11 +60,11 @@ def _cvar_kernel(x_ptr, value_ptr, coef_ptr, T, N, K, s_t, s_n, a_n_: tl.float64
     value, _, _ = tail_stats(x, key, t, L, a_n, UPPER, IS_F64, 0)
     c, _ = tail_coef(key, t, L, a_n, L * 0)
     tl.store(value_ptr + tok, value, mask=tv)
-    tl.store(coef_ptr + tok[:, None] * N + offs[None, :], c, mask=ok)
+    tl.store(coef_ptr + tok[:, None] * N + offs[None, :], c.to(coef_ptr.dtype.element_ty), mask=ok)
 
 
 def cvar(x, level, upper, select="auto"):
-    """Launch: x [T, N] (any strides) -> (value [T], coef [T, N]) in fp32 (fp64 for fp64 x).
+    """Launch: x [T, N] (any strides) -> (value [T] in fp32 (fp64 for fp64 x), coef [T, N] in x's dtype).
 
     `select`: "rank" (rank counting), "bisect" (bisection select) or "auto" (rank counting for rows
     of at most RANK_SELECT_MAX padded atoms, which is also the faster choice on the GPU there)."""
@@ -73,7 +73,7 @@ def cvar(x, level, upper, select="auto"):
         raise ValueError(f"the Triton CVaR kernel holds a row in registers: N must be <= {_common.MAX_ROW}, got {N}")
     acc = acc_dtype(x.dtype)
     value = x.new_empty((T,), dtype=acc)
-    coef = x.new_empty((T, N), dtype=acc)
+    coef = x.new_empty((T, N))  # in x's dtype: the store rounds once
     if T == 0:
         return value, coef
     a_n = float(level) * N

@@ -98,24 +98,25 @@ def _quantile_huber_kernel(pred_ptr, target_ptr, taus_ptr, w_ptr, mask_ptr, loss
                 w = tl.where(valid, 1.0, 0.0).to(ACC)
             total += tl.reduce(S * w[None, :], 1, SUM)
             g = tl.where(keep[:, None], -(G * w[None, :]) * g_scale, 0.0)
-            tl.store(g_row + offs[None, :], g, mask=tv[:, None] & valid[None, :])
+            tl.store(g_row + offs[None, :], g.to(grad_ptr.dtype.element_ty), mask=tv[:, None] & valid[None, :])
         tl.store(loss_ptr + tok, tl.where(keep, total * scale * mw, 0.0), mask=tv)
     else:
         for n0 in range(0, N, BLOCK_N):
             offs = n0 + rows
-            tl.store(g_row + offs[None, :], tl.full([BLOCK_T, BLOCK_N], 0, ACC),
+            tl.store(g_row + offs[None, :], tl.full([BLOCK_T, BLOCK_N], 0, grad_ptr.dtype.element_ty),
                      mask=tv[:, None] & (offs < N)[None, :])
         tl.store(loss_ptr + tok, tl.full([BLOCK_T], 0, ACC), mask=tv)
 
 
 def quantile_huber(pred, target, taus, weights, mask, kappa, normalize_kappa):
     """Launch: pred [T, N], target [T, M] (any strides; fp16/bf16/fp32/fp64), taus [N], weights [N]
-    or None, mask [T] (bool, or float weights) or None -> (loss [T], grad [T, N]) in fp32 (fp64 for fp64)."""
+    or None, mask [T] (bool, or float weights) or None -> (loss [T] in fp32 (fp64 for fp64), grad [T, N] in
+    pred's dtype)."""
     T, N = pred.shape
     M = target.shape[1]
     acc = acc_dtype(pred.dtype)
     loss = pred.new_empty((T,), dtype=acc)
-    grad = pred.new_empty((T, N), dtype=acc)
+    grad = pred.new_empty((T, N))  # in pred's dtype: the stores round once
     if T == 0:
         return loss, grad
     taus = taus.to(acc).contiguous()

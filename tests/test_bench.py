@@ -132,12 +132,12 @@ def test_outputs_plots_and_markdown(no_compile_result):
 
 def test_min_bytes_by_mode():
     """The memory floor's byte counts, from shapes and dtypes: the forward reads the inputs and writes
-    the per-token values and the stored fp32 gradient; the backward reads that gradient (and the
-    upstream one) and writes the input's gradient."""
+    the per-token values (fp32) and the stored gradient (input dtype); the backward reads that
+    gradient (and the upstream one) and writes the input's gradient."""
     spec = C.SPECS["critic_loss"]
     s = C.Shape(10, N=4, M=6, H=3)
-    fwd = 10 * (3 * 4 * 2 + 6 * 2 + 4 + C.N_TERMS * 4 + 3 * 4 * 4)  # bf16 in, fp32 values and gradient
-    bwd = 10 * (3 * 4 * 4 + 4 + 3 * 4 * 2)
+    fwd = 10 * (3 * 4 * 2 + 6 * 2 + 4 + C.N_TERMS * 4 + 3 * 4 * 2)  # bf16 in, fp32 values, bf16 gradient
+    bwd = 10 * (3 * 4 * 2 + 4 + 3 * 4 * 2)
     assert spec.min_bytes(s, torch.bfloat16, "fwd") == fwd
     assert spec.min_bytes(s, torch.bfloat16, "bwd") == bwd
     assert spec.min_bytes(s, torch.bfloat16, "fwd+bwd") == fwd + bwd

@@ -24,6 +24,8 @@ from dvpo.config import PARAM_NAMES, TERM_NAMES
 from dvpo.dispatch import use_backend
 from dvpo.opspec import OPS, Arg, OpSpec, Out, forwarder
 
+from . import backends
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PY_BACKENDS = ("reference", "triton")
 
@@ -107,6 +109,26 @@ def _example_args(name, dtype=torch.float32):
     if name == "reduce_tokens":
         return (r(3, t), (torch.arange(3 * t).reshape(3, t) % 4 != 1), "seq-mean-token-mean")
     return (r(2, t), r(2, t, m), (torch.arange(2 * t).reshape(2, t) % 3 != 0).to(dtype), 0.99, 0.9)
+
+
+@pytest.mark.parametrize("backend", backends.params(), indirect=True)
+def test_every_backend_returns_the_opspec_dtypes(backend):
+    """Each backend's kernel-interface functions return the shapes and dtypes the fake outputs
+    declare: per-token values in the accumulation dtype, the loss ops' gradients in the input dtype
+    (Out.dtype), for fp64, fp32 and both 16-bit inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    kernels = backend.kernels()
+    for name in sorted(OPS):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+            args = [a.to(backend.device) if isinstance(a, torch.Tensor) else a for a in _example_args(name, dtype)]
+            got = getattr(kernels, name)(*args)
+            with FakeTensorMode() as mode:
+                fake = getattr(library, name)(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                for a in args])
+            for g, f, out in zip(got, fake, OPS[name].outputs):
+                assert (tuple(g.shape), g.dtype) == (tuple(f.shape), f.dtype), f"{name}.{out.name} for {dtype}"
+            want = {"input": dtype, "acc": torch.float64 if dtype == torch.float64 else torch.float32}
+            assert [f.dtype for f in fake] == [want[out.dtype] for out in OPS[name].outputs], name
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16))

@@ -240,18 +240,21 @@ crit = {n: "*fp32" for n in ("taus_ptr", "riskw_ptr", "mask_ptr", "total_ptr", "
 # both tail modes (recipe 0, consistent 1: no target select, so RANK_M is off as the launcher sets it)
 for mode, rank, npad, bt in ((0, False, 256, 1), (0, True, 32, 4), (1, False, 256, 1), (1, True, 32, 4)):
     build("dvpo.kernels.critic_loss", dict(crit, _kernel="_critic_loss_kernel", heads_ptr="*bf16", target_ptr="*bf16",
+                                           grad_ptr="*bf16",  # the gradient in the input dtype
                                            mask_ptr="*i1" if rank else "*fp32"),  # bool masks as they come
           dict(TAIL_MODE=mode, HAS_MASK=True, **flags, RANK_N=rank, RANK_M=rank and mode == 0, IS_F64=False,
                ACC=f32, N_PAD=npad, M_PAD=npad, BLOCK_T=bt, BLOCK_N=16 if rank else 32, BLOCK_M=32 if rank else 64), 4)
 build("dvpo.kernels.critic_loss", dict({n: "*fp64" for n in crit}, _kernel="_critic_loss_kernel", heads_ptr="*fp64",
       target_ptr="*fp64"), dict(TAIL_MODE=1, HAS_MASK=False, **flags, RANK_N=False, RANK_M=False, IS_F64=True,
       ACC=tl.float64, N_PAD=64, M_PAD=64, BLOCK_T=1, BLOCK_N=32, BLOCK_M=32), 4)
-for mask_t in ("*fp32", "*i1"):  # float weights, a bool mask
+for mask_t, in_t in (("*fp32", "*fp32"), ("*i1", "*bf16")):  # float weights, a bool mask; bf16 in and grad
     build("dvpo.kernels.quantile_huber", {"_kernel": "_quantile_huber_kernel", **{n: "*fp32" for n in (
-          "pred_ptr", "target_ptr", "taus_ptr", "w_ptr", "loss_ptr", "grad_ptr")}, "mask_ptr": mask_t},
-          dict(HAS_W=True, HAS_MASK=True, ACC=f32, BLOCK_T=1, BLOCK_N=32, BLOCK_M=64), 4)
+          "taus_ptr", "w_ptr", "loss_ptr")}, **{n: in_t for n in ("pred_ptr", "target_ptr", "grad_ptr")},
+          "mask_ptr": mask_t}, dict(HAS_W=True, HAS_MASK=True, ACC=f32, BLOCK_T=1, BLOCK_N=32, BLOCK_M=64), 4)
 build("dvpo.kernels.cvar", {"_kernel": "_cvar_kernel", "x_ptr": "*fp64", "value_ptr": "*fp64", "coef_ptr": "*fp64"},
       dict(UPPER=True, RANK=False, IS_F64=True, ACC=tl.float64, N_PAD=256, BLOCK_T=1), 4)
+build("dvpo.kernels.cvar", {"_kernel": "_cvar_kernel", "x_ptr": "*fp16", "value_ptr": "*fp32", "coef_ptr": "*fp16"},
+      dict(UPPER=False, RANK=True, IS_F64=False, ACC=f32, N_PAD=32, BLOCK_T=4), 4)
 for mask_t in ("*fp32", "*i1"):
     build("dvpo.kernels.distributional_gae", {"_kernel": "_gae_kernel", **{n: "*fp32" for n in (
           "r_ptr", "v_ptr", "adv_ptr", "ret_ptr")}, "mask_ptr": mask_t}, dict(ACC=f32, BLOCK_B=1, BLOCK_M=32), 1)

@@ -42,6 +42,13 @@ inline std::optional<at::Tensor> as_acc(const std::optional<at::Tensor>& t, at::
   return as_acc(*t, acc);
 }
 
+// A loss op's gradient in its input's dtype (dvpo/opspec.py, Out.dtype "input"). The CPU kernels
+// compute in the accumulation dtype on an accumulation-dtype copy of 16-bit inputs, so a 16-bit
+// gradient is rounded once here; fp32 and fp64 pass through.
+inline at::Tensor grad_in_input_dtype(const at::Tensor& grad, const at::Tensor& input) {
+  return grad.scalar_type() == input.scalar_type() ? grad : grad.to(input.scalar_type());
+}
+
 template <typename T>
 inline const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;

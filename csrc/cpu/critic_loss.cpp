@@ -409,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
   at::Tensor total = at::empty({T_}, hc.options());
   at::Tensor terms = at::empty({T_, kTerms}, hc.options());
   at::Tensor grad = at::empty({T_, H, N}, hc.options());
-  if (T_ == 0) return {total, terms, grad};
+  if (T_ == 0) return {total, terms, grad_in_input_dtype(grad, heads)};
   const bool need_qh = weights[kQH] != 0 || weights[kRisk] != 0;
   const bool sorted = need_qh && use_sorted(algo, N, M);
   const Isa isa = active_isa();
@@ -457,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss(
       fn(args, s, begin, end);
     });
   });
-  return {total, terms, grad};
+  return {total, terms, grad_in_input_dtype(grad, heads)};
 }
 
 }  // namespace cpu

@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> cvar(const at::Tensor& x, double level, bool 
   const int64_t T_ = xc.size(0), N = xc.size(1);
   at::Tensor value = at::empty({T_}, xc.options());  // every element is written by the kernel
   at::Tensor coef = at::empty({T_, N}, xc.options());
-  if (T_ == 0) return {value, coef};
+  if (T_ == 0) return {value, grad_in_input_dtype(coef, x)};
   const Isa isa = active_isa();
   AT_DISPATCH_FLOATING_TYPES(acc, "dvpo_cvar_cpu", [&] {
     using T = scalar_t;
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> cvar(const at::Tensor& x, double level, bool 
       run_cvar_chunk<T>(isa, args, keys.data(), begin, end);
     });
   });
-  return {value, coef};
+  return {value, grad_in_input_dtype(coef, x)};
 }
 
 }  // namespace cpu

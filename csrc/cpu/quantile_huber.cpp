@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
   // every element is written by the kernel (masked tokens included): no zero-fill pass
   at::Tensor loss = at::empty({T_}, p.options());
   at::Tensor grad = at::empty({T_, N}, p.options());
-  if (T_ == 0) return {loss, grad};
+  if (T_ == 0) return {loss, grad_in_input_dtype(grad, pred)};
   const bool sorted = use_sorted(algo, N, M);
   const Isa isa = active_isa();
 
@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber(const at::Tensor& pred, const 
       fn(args, s, begin, end);
     });
   });
-  return {loss, grad};
+  return {loss, grad_in_input_dtype(grad, pred)};
 }
 
 }  // namespace cpu

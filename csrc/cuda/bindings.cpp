@@ -87,6 +87,8 @@ class OpCall {
   }
 
   at::Tensor output(at::IntArrayRef sizes) const { return at::empty(sizes, main_.options().dtype(acc_)); }
+  // A gradient output: in the main input's dtype (dvpo/opspec.py, Out.dtype "input").
+  at::Tensor grad_output(at::IntArrayRef sizes) const { return at::empty(sizes, main_.options()); }
 
   // A mask shaped `sizes`, read by the kernel as it comes when bool, else as contiguous weights in
   // the accumulation dtype (undefined when absent).
@@ -166,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber_cuda(const at::Tensor& pred, c
   const at::Tensor p = pred.contiguous(), z = call.input(target, "target");
   const at::Tensor t = call.vector(taus, "taus", pred.size(1)), w = call.vector(weights, "weights", pred.size(1));
   const at::Tensor mk = call.mask(mask, {T});
-  const at::Tensor loss = call.output({T}), grad = call.output({T, pred.size(1)});
+  const at::Tensor loss = call.output({T}), grad = call.grad_output({T, pred.size(1)});
   if (T == 0) return {loss, grad};
   const int n = call.size(pred.size(1), "N"), m = call.size(target.size(1), "M");
   call.dispatch([&](auto tag) {
@@ -179,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> quantile_huber_cuda(const at::Tensor& pred, c
     prm.weights = in<accT>(w);
     set_mask(prm, mk);
     prm.loss = out<accT>(loss);
-    prm.grad = out<accT>(grad);
+    prm.grad = out<scalar_t>(grad);
     prm.tokens = T;
     prm.n = n;
     prm.m = m;
@@ -198,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> cvar_cuda(const at::Tensor& x, double level, 
   TORCH_CHECK(x.dim() == 2, "dvpo_C::cvar: x [T, N] expected, got ", x.sizes());
   TORCH_CHECK(level > 0.0 && level <= 1.0, "dvpo_C::cvar: level must be in (0, 1], got ", level);
   const int64_t T = x.size(0);
-  const at::Tensor value = call.output({T}), coef = call.output({T, x.size(1)});
+  const at::Tensor value = call.output({T}), coef = call.grad_output({T, x.size(1)});
   if (T == 0) return {value, coef};
   const int n = call.size(x.size(1), "N");
   const at::Tensor xc = x.contiguous();
@@ -208,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> cvar_cuda(const at::Tensor& x, double level, 
     CvarParams<scalar_t> prm;
     prm.x = in<scalar_t>(xc);
     prm.value = out<accT>(value);
-    prm.coef = out<accT>(coef);
+    prm.coef = out<scalar_t>(coef);
     prm.tokens = T;
     prm.n = n;
     prm.level = level;
@@ -254,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
   const at::Tensor hd = heads.contiguous(), z = call.input(target, "target");
   const at::Tensor t = call.vector(taus, "taus", N), rw = call.vector(risk_weights, "risk_weights", N);
   const at::Tensor mk = call.mask(mask, {T});
-  const at::Tensor total = call.output({T}), terms = call.output({T, kTerms}), grad = call.output(heads.sizes());
+  const at::Tensor total = call.output({T}), terms = call.output({T, kTerms}), grad = call.grad_output(heads.sizes());
   if (T == 0) return {total, terms, grad};
   const int h = call.size(heads.size(1), "H"), n = call.size(N, "N"), m = call.size(target.size(1), "M");
   call.dispatch([&](auto tag) {
@@ -268,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> critic_loss_cuda(
     set_mask(prm, mk);
     prm.total = out<accT>(total);
     prm.terms = out<accT>(terms);
-    prm.grad = out<accT>(grad);
+    prm.grad = out<scalar_t>(grad);
     prm.tokens = T;
     prm.h = h;
     prm.n = n;

@@ -35,6 +35,15 @@ __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// An accumulator value stored as scalar_t (gradients are written in the input dtype), rounded to
+// nearest.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t from_acc(acc_t<scalar_t> x) { return x; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
 __device__ __forceinline__ float dmin(float a, float b) { return fminf(a, b); }
 __device__ __forceinline__ double dmin(double a, double b) { return fmin(a, b); }
 __device__ __forceinline__ float dmax(float a, float b) { return fmaxf(a, b); }

@@ -126,11 +126,11 @@ __device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_
 
   for (int64_t tok = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); tok < p.tokens;
        tok += static_cast<int64_t>(gridDim.x) * warps) {
-    acc* grad = p.grad + tok * hn;
+    scalar_t* grad = p.grad + tok * hn;
     acc* terms_out = p.terms + tok * kTerms;
     const acc mw = math::mask_weight(p.mask, p.mask_bool, tok);
     if (mw == acc(0)) {  // masked: every output exactly 0, inputs never read
-      for (int64_t e = lane; e < hn; e += 32) grad[e] = acc(0);
+      for (int64_t e = lane; e < hn; e += 32) grad[e] = from_acc<scalar_t>(acc(0));
       if (lane < kTerms) terms_out[lane] = acc(0);
       if (lane == 0) p.total[tok] = acc(0);
       continue;
@@ -292,14 +292,14 @@ __device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_
         for (int hh = 0; hh < H; ++hh) {
           const acc c = to_acc(heads[static_cast<int64_t>(hh) * n + i]) - ti;
           c_part += c * c;
-          grad[static_cast<int64_t>(hh) * n + i] = mw * (gi + consist_grad * c);
+          grad[static_cast<int64_t>(hh) * n + i] = from_acc<scalar_t>(mw * (gi + consist_grad * c));
         }
       }
       term[kConsist] = warp_sum(c_part) * acc(2.0 / (H - 1));
     } else {
       for (int i = lane; i < n; i += 32) {
         const acc gi = mw * (g[i] * inv_h);
-        for (int hh = 0; hh < H; ++hh) grad[static_cast<int64_t>(hh) * n + i] = gi;
+        for (int hh = 0; hh < H; ++hh) grad[static_cast<int64_t>(hh) * n + i] = from_acc<scalar_t>(gi);
       }
     }
     if (lane == 0) {

@@ -55,8 +55,8 @@ __device__ __forceinline__ void CvarOp::run(const CvarParams<scalar_t>& p, const
     sort_row(x, row, lane);
     const Tail<acc> tail = sorted_tail(row, level_n, p.upper);
     const TailStats<acc> st = tail_stats(x, row, tail, false, false, lane);
-    acc* coef = p.coef + tok * n;
-    for_each_coef<acc>(x, n, tail, lane, [&](int e, acc c) { coef[e] = c; });
+    scalar_t* coef = p.coef + tok * n;
+    for_each_coef<acc>(x, n, tail, lane, [&](int e, acc c) { coef[e] = from_acc<scalar_t>(c); });
     if (lane == 0) p.value[tok] = st.value;
   }
 }

@@ -4,8 +4,8 @@
 //
 // Every op works on flattened, contiguous tensors, tokens first (the kernel interface of
 // dvpo/backends/reference.py). `scalar_t` is the input dtype (float, double, __half,
-// __nv_bfloat16); per-token values and gradients are written in the accumulation type
-// acc_t<scalar_t> (double for double, else float). Small per-quantile vectors (taus, weights,
+// __nv_bfloat16); per-token values are written in the accumulation type acc_t<scalar_t> (double
+// for double, else float), gradients in scalar_t (dvpo/opspec.py: the gradient is in the input dtype). Small per-quantile vectors (taus, weights,
 // risk weights) and the mask arrive already converted to acc_t. Each launcher enqueues its
 // kernels on `stream` and returns the launch status; it never synchronizes.
 //
@@ -46,7 +46,7 @@ struct QuantileHuberParams {
   const acc* mask = nullptr;         // [T] per-token weight, or
   const bool* mask_bool = nullptr;   // [T] a bool mask (math::mask_weight; both null: all 1)
   acc* loss = nullptr;               // [T] out
-  acc* grad = nullptr;               // [T, N] out
+  scalar_t* grad = nullptr;          // [T, N] out
   int64_t tokens = 0;
   int n = 0, m = 0;
   double kappa = 1.0;
@@ -63,7 +63,7 @@ struct CvarParams {
   using acc = acc_t<scalar_t>;
   const scalar_t* x = nullptr;  // [T, N]
   acc* value = nullptr;         // [T] out
-  acc* coef = nullptr;          // [T, N] out
+  scalar_t* coef = nullptr;     // [T, N] out
   int64_t tokens = 0;
   int n = 0;
   double level = 0.1;
@@ -93,7 +93,7 @@ struct CriticLossParams {
   const bool* mask_bool = nullptr;   // [T] a bool mask (math::mask_weight; both null: all 1)
   acc* total = nullptr;              // [T] out
   acc* terms = nullptr;              // [T, kTerms] out
-  acc* grad = nullptr;               // [T, H, N] out
+  scalar_t* grad = nullptr;          // [T, H, N] out
   int64_t tokens = 0;
   int h = 1, n = 0, m = 0;
   double kappa = 1.0, alpha = 0.1, beta = 0.1;

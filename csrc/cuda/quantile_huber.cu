@@ -54,10 +54,10 @@ __device__ __forceinline__ void QuantileHuberOp::run(const QuantileHuberParams<s
 
   for (int64_t tok = static_cast<int64_t>(blockIdx.x) * warps + (threadIdx.x >> 5); tok < p.tokens;
        tok += static_cast<int64_t>(gridDim.x) * warps) {
-    acc* grad = p.grad + tok * n;
+    scalar_t* grad = p.grad + tok * n;
     const acc mw = math::mask_weight(p.mask, p.mask_bool, tok);
     if (mw == acc(0)) {  // masked: outputs exactly 0, inputs never read
-      for (int i = lane; i < n; i += 32) grad[i] = acc(0);
+      for (int i = lane; i < n; i += 32) grad[i] = from_acc<scalar_t>(acc(0));
       if (lane == 0) p.loss[tok] = acc(0);
       continue;
     }
@@ -70,7 +70,7 @@ __device__ __forceinline__ void QuantileHuberOp::run(const QuantileHuberParams<s
     auto emit = [&](int i, acc loss_i, acc dsum_i) {
       const acc wi = w ? w[i] : acc(1);
       part += wi * loss_i;
-      grad[i] = mw * (-scale * wi * dsum_i);
+      grad[i] = from_acc<scalar_t>(mw * (-scale * wi * dsum_i));
     };
     if (kSorted)
       qh_sorted<acc, !kShared>(th, p.taus, n, z, m, k, base + lay.srt, nullptr, lane, emit);

@@ -4,7 +4,8 @@ Every backend module implements the interface of dvpo/opspec.py (one table: the 
 op, their types and its outputs) on flattened tensors (tokens first), returning per-token values
 *and* the gradient w.r.t. the first argument, computed in the forward pass (targets are detached,
 so the backward only scales the stored gradient). Outputs are in the accumulation dtype (fp64 for
-fp64 inputs, else fp32); masked tokens give 0 (the mask is a per-token weight; the loss and
+fp64 inputs, else fp32), the loss ops' gradients in the input dtype (computed in the accumulation
+dtype and rounded once at the end); masked tokens give 0 (the mask is a per-token weight; the loss and
 gradient are multiplied by it). Here the gradients are the closed forms of docs/math.md, written
 out in PyTorch (custom-op kernels run below autograd, so autograd cannot be used); tests check them
 against autograd of `dvpo.reference`. The pair tensor is built in token chunks of bounded size, so
@@ -67,14 +68,15 @@ def quantile_huber(pred, target, taus, weights, mask, kappa, normalize_kappa, al
     z = ref._zero_masked(target.to(acc), mask, 1)
     w = None if weights is None else weights.to(acc)
     loss, grad = _qh_loss_grad(theta, z, taus.to(acc), kappa, w, normalize_kappa)
-    return _finish(loss, grad, mask, 1)
+    loss, grad = _finish(loss, grad, mask, 1)
+    return loss, grad.to(pred.dtype)
 
 
 def cvar(x, level, upper):
     acc = ref.acc_dtype(x.dtype)
-    x = x.to(acc)
-    coef = ref.cvar_coefficients(x, level, upper)
-    return (coef * x).sum(-1), coef
+    xa = x.to(acc)
+    coef = ref.cvar_coefficients(xa, level, upper)
+    return (coef * xa).sum(-1), coef.to(x.dtype)
 
 
 def _tail(x, level, upper):
@@ -191,7 +193,7 @@ def critic_loss(heads, target, taus, risk_weights, mask, kappa, alpha, beta, nor
     total, grad = _finish(total, grad, mask, 2)
     if mask is not None:
         terms = ref.apply_mask(terms, mask.unsqueeze(-1))
-    return total, terms, grad
+    return total, terms, grad.to(heads.dtype)
 
 
 def distributional_gae(rewards, values, mask, gamma, lam):
