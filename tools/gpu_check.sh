@@ -57,10 +57,11 @@ log "trainer rc=$?"
 tail -8 "$OUT/train.log" | tee -a "$OUT/summary.log"
 
 log "GPU benchmark"
-# SIGINT: the harness stops after the current case and still writes its JSON.
+# SIGINT: the harness stops after the current case and still writes its JSON. The crossover sweep
+# times the CUDA pairwise and sorted (merge-path) kernels side by side: the data for a CUDA `auto` rule.
 # shellcheck disable=SC2086
 timeout -s INT "${GPU_BENCH_S:-150}" $PY bench/run.py --device cuda --out "$OUT" --no-plots --no-progress \
-  ${GPU_BENCH_ARGS:---ops critic_loss,quantile_huber,cvar,distributional_gae --dtypes fp32,bf16 --sweeps tokens --compile-shapes headline --no-e2e} >"$OUT/bench.log" 2>&1
+  ${GPU_BENCH_ARGS:---ops critic_loss,quantile_huber,cvar,distributional_gae --dtypes fp32,bf16 --sweeps tokens,crossover --crossover 100,200,500,1000 --compile-shapes headline --no-e2e} >"$OUT/bench.log" 2>&1
 log "GPU benchmark rc=$?"
 tail -30 "$OUT/bench.log" | tee -a "$OUT/summary.log"
 log "done"
