@@ -39,7 +39,11 @@ ROW_KEYS = {
     "floor_kind": (str, type(None)), "bytes_moved": (int, type(None)), "gb_per_s": (float, type(None)),
     "mem_floor_ratio": (float, type(None)), "speedup_vs_eager": (float, type(None)),
     "speedup_vs_compile": (float, type(None)), "compile_s": (float, type(None)), "warnings": (list,),
+    "graph_replay_ms": (float, type(None)),
 }
+# On a GPU, the kernel backends' cases up to this many tokens are also timed by CUDA-graph replay
+# (the whole call, `graph_replay_ms` on its row): there the launch overhead is most of the time.
+GRAPH_MAX_TOKENS = 16384
 E2E_ROW_KEYS = {
     "backend": (str,), "algorithm": (str, type(None)), "dtype": (str,), "shape": (dict,), "status": (str,),
     "reason": (str, type(None)), "step_ms": (float, type(None)), "step_min_ms": (float, type(None)),
@@ -157,7 +161,7 @@ def _row(op, backend, algorithm, dtype, shape: C.Shape, sweeps, mode, status, re
         "peak_mem_bytes": None if mem is None else int(mem), "tokens_per_s": None, "pairs_per_s": None,
         "floor_fraction": None, "floor_kind": None, "bytes_moved": None, "gb_per_s": None, "mem_floor_ratio": None,
         "speedup_vs_eager": None, "speedup_vs_compile": None,
-        "compile_s": _f(compile_s), "warnings": [],
+        "compile_s": _f(compile_s), "warnings": [], "graph_replay_ms": None,
     }
     if timing is not None:
         row.update(median_ms=_f(timing.median_ms), min_ms=_f(timing.min_ms), max_ms=_f(timing.max_ms),
@@ -403,7 +407,8 @@ def run_micro(cfg: BenchConfig, device: torch.device, plan: C.SweepPlan, floor: 
             for backend, alg in impls:
                 old = done.get((op, backend, alg, dt, tuple(shape.to_dict().values())), {})
                 if all(m in old for m in modes):  # --resume: measured already (ok or skipped)
-                    kept = [dict(old[m], sweeps=list(shape_sweeps)) for m in modes]
+                    # rows of a file written before graph_replay_ms existed get it as null
+                    kept = [{"graph_replay_ms": None, **old[m], "sweeps": list(shape_sweeps)} for m in modes]
                     rows.extend(kept)
                     _note_slow(slow, (op, backend, alg, dt), spec, shape, kept, policy)
                     progress.done()
@@ -503,11 +508,14 @@ def _run_impl(cfg, device, spec: C.OpSpec, shape: C.Shape, sweeps, dt, dtype, ba
         finally:
             for name in spec.grad_args:
                 inputs[name].grad = None
+        graph_ms, graph_note = _graph_replay(timer, phases, setup, kernel_backend, shape)
+        for name in spec.grad_args:
+            inputs[name].grad = None
     by_mode = {"fwd": (meas.phases[0], meas.phase_mem[0])}
     if len(meas.phases) == 2:
         by_mode["bwd"] = (meas.phases[1], meas.phase_mem[1])
         by_mode["fwd+bwd"] = (meas.total, meas.total_mem)
-    notes = []
+    notes = [graph_note] if graph_note else []
     for w in caught:
         msg = f"{w.category.__name__}: {w.message}"[:300]
         if msg not in notes and len(notes) < 5:
@@ -517,10 +525,24 @@ def _run_impl(cfg, device, spec: C.OpSpec, shape: C.Shape, sweeps, dt, dtype, ba
         timing, mem = by_mode[mode]
         row = _row(op, backend, alg, dt, shape, sweeps, mode, "ok", None, timing, mem, compile_s)
         row["warnings"] = list(notes)
+        if mode == ("fwd+bwd" if len(meas.phases) == 2 else "fwd"):  # the replay is the whole call
+            row["graph_replay_ms"] = _f(graph_ms)
         _add_throughput(row, spec, shape, dtype, floor)
         rows.append(row)
     _note_slow(slow, key, spec, shape, rows, policy)
     return rows
+
+
+def _graph_replay(timer, phases, setup, kernel_backend, shape: C.Shape):
+    """(ms, note): the whole call timed by CUDA-graph replay, for a kernel backend on a GPU at up to
+    GRAPH_MAX_TOKENS tokens; (None, None) elsewhere, (None, why) when the capture fails (a result,
+    not a crash: the row keeps its eager timing)."""
+    if not isinstance(timer, TM.CudaTimer) or kernel_backend is None or shape.tokens > GRAPH_MAX_TOKENS:
+        return None, None
+    try:
+        return timer.graph_replay(phases, setup), None
+    except Exception as exc:  # noqa: BLE001
+        return None, f"CUDA graph replay failed: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _note_slow(slow, key, spec: C.OpSpec, shape: C.Shape, rows: List[dict], policy) -> None:

@@ -211,7 +211,7 @@ def crossover_table(result: dict) -> str:
 
 def token_sweep_table(result: dict, op: str = "critic_loss") -> str:
     """The token sweep of `op` (fwd+bwd, fp32): median ms, GB/s and time over the memory floor per
-    implementation and token count."""
+    implementation and token count, and on a GPU the CUDA-graph replay time of small shapes."""
     rows = _ok_rows(result, op, "tokens", "fwd+bwd")
     if not rows:
         return ""
@@ -219,15 +219,18 @@ def token_sweep_table(result: dict, op: str = "critic_loss") -> str:
     impls = sorted({(r["backend"], r.get("algorithm")) for r in rows},
                    key=lambda k: _impl_key({"backend": k[0], "algorithm": k[1]}))
     cell = {(r["backend"], r.get("algorithm"), r["shape"]["tokens"]): r for r in rows}
-    lines = [f"**{op} token sweep, fwd+bwd fp32: median ms (GB/s, time / memory floor)**", "",
+    graphs = any(r.get("graph_replay_ms") for r in rows)
+    lines = [f"**{op} token sweep, fwd+bwd fp32: median ms (GB/s, time / memory floor"
+             + ("; ms per CUDA-graph replay" if graphs else "") + ")**", "",
              "| tokens | " + " | ".join(impl_label({"backend": b, "algorithm": a}) for b, a in impls) + " |",
              "| ---: | " + " | ".join("---:" for _ in impls) + " |"]
     for t in tokens:
         cells = []
         for b, a in impls:
             r = cell.get((b, a, t))
+            graph = f"; graph {fmt_ms(r['graph_replay_ms'])}" if r is not None and r.get("graph_replay_ms") else ""
             cells.append("-" if r is None else f"{fmt_ms(r['median_ms'])} ({fmt_gbps(r.get('gb_per_s'))}, "
-                                               f"{fmt_x(r.get('mem_floor_ratio'))})")
+                                               f"{fmt_x(r.get('mem_floor_ratio'))}{graph})")
         lines.append(f"| {t:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

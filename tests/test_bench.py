@@ -301,6 +301,70 @@ def test_gpu_timer_and_memory_paths_with_fake_cuda(monkeypatch):
     assert len(clock.elapsed()) == 2
 
 
+def test_graph_replay_timing_with_fake_cuda(monkeypatch):
+    """The CUDA-graph replay timing of small shapes, through fake streams, graphs and events on CPU
+    tensors (control flow only: warm-up on a side stream, one capture, timed replays; a GPU run
+    measures for real), and the harness's rule for when it runs and what a failed capture gives."""
+    import contextlib
+    import time as _time
+
+    from dvpo.bench import harness as H
+    from dvpo.bench import timing as TM
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = _time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3 + 1.0  # 1 ms a sample at least: positive on any clock
+
+    class FakeStream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    replays = {"n": 0}
+
+    class FakeGraph:
+        def replay(self):
+            replays["n"] += 1
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    timer = TM.CudaTimer(TM.TimingPolicy(0.0, 0.0, 2, 3, 5.0, 0), torch.device("cpu"))
+    x = torch.randn(16, 8, requires_grad=True)
+    calls = {"n": 0}
+    setup, phases = C.phase_fns(C.SPECS["cvar"], C.eager("cvar"), {"x": x}, True)
+
+    def counted(state):
+        calls["n"] += 1
+        return phases[0](state)
+    ms = timer.graph_replay([counted, phases[1]], setup, replays=4, samples=3)
+    assert ms > 0 and calls["n"] == 4  # 3 warm-up calls and the captured one
+    assert replays["n"] == 1 + 4 * 3  # one after the capture, then the timed ones
+    small, large = C.Shape(H.GRAPH_MAX_TOKENS, N=8), C.Shape(H.GRAPH_MAX_TOKENS + 1, N=8)
+    assert H._graph_replay(timer, phases, setup, "cpp", small)[0] > 0
+    assert H._graph_replay(timer, phases, setup, "cpp", large) == (None, None)
+    assert H._graph_replay(timer, phases, setup, None, small) == (None, None)  # eager / compile baselines
+    assert H._graph_replay(TM.CpuTimer(timer.policy), phases, setup, "cpp", small) == (None, None)
+
+    def fails(state):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    ms, note = H._graph_replay(timer, [fails], setup, "cpp", small)
+    assert ms is None and note.startswith("CUDA graph replay failed: RuntimeError: operation not permitted")
+
+
 def test_resume_reuses_measurements(tmp_path, monkeypatch):
     _tiny_plan(monkeypatch)
     kw = dict(out=str(tmp_path), ops=["cvar"], backends=["eager", "reference"], compile=False, e2e=False,
