@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -256,29 +257,30 @@ def test_cli_entry_points(tmp_path):
     assert "measurements planned" in proc.stdout
 
 
+class _FakeEvent:
+    """A CUDA event stand-in on the host clock, for the GPU timing paths' control flow on CPU."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
+
+    def synchronize(self):
+        pass
+
+
 def test_gpu_timer_and_memory_paths_with_fake_cuda(monkeypatch):
     """The CUDA-event timer, the CUDA memory probe and the e2e segment clock, driven through fake
     events on CPU tensors (control flow and bookkeeping only; a GPU run measures for real)."""
-    import time as _time
-
     from dvpo.bench import e2e
     from dvpo.bench import timing as TM
 
-    class FakeEvent:
-        def __init__(self, enable_timing=False):
-            self.t = None
-
-        def record(self, stream=None):
-            self.t = _time.perf_counter()
-
-        def elapsed_time(self, other):
-            return (other.t - self.t) * 1e3
-
-        def synchronize(self):
-            pass
-
     allocated = {"now": 0}
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["now"] + 4096)
@@ -306,20 +308,9 @@ def test_graph_replay_timing_with_fake_cuda(monkeypatch):
     tensors (control flow only: warm-up on a side stream, one capture, timed replays; a GPU run
     measures for real), and the harness's rule for when it runs and what a failed capture gives."""
     import contextlib
-    import time as _time
 
     from dvpo.bench import harness as H
     from dvpo.bench import timing as TM
-
-    class FakeEvent:
-        def __init__(self, enable_timing=False):
-            self.t = None
-
-        def record(self, stream=None):
-            self.t = _time.perf_counter()
-
-        def elapsed_time(self, other):
-            return (other.t - self.t) * 1e3 + 1.0  # 1 ms a sample at least: positive on any clock
 
     class FakeStream:
         def __init__(self, device=None):
@@ -334,7 +325,7 @@ def test_graph_replay_timing_with_fake_cuda(monkeypatch):
         def replay(self):
             replays["n"] += 1
 
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
