@@ -505,12 +505,11 @@ def _run_impl(cfg, device, spec: C.OpSpec, shape: C.Shape, sweeps, dt, dtype, ba
                            f"{type(exc).__name__}: {str(exc)[:200]}")
             return skip_all(f"{'out of memory: ' if oom else ''}{type(exc).__name__}: {str(exc)[:300]}",
                             "skipped" if oom else "error")
+        else:
+            graph_ms, graph_note = _graph_replay(timer, phases, setup, kernel_backend, shape)  # never raises
         finally:
             for name in spec.grad_args:
                 inputs[name].grad = None
-        graph_ms, graph_note = _graph_replay(timer, phases, setup, kernel_backend, shape)
-        for name in spec.grad_args:
-            inputs[name].grad = None
     by_mode = {"fwd": (meas.phases[0], meas.phase_mem[0])}
     if len(meas.phases) == 2:
         by_mode["bwd"] = (meas.phases[1], meas.phase_mem[1])

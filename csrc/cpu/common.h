@@ -46,7 +46,7 @@ inline std::optional<at::Tensor> as_acc(const std::optional<at::Tensor>& t, at::
 // compute in the accumulation dtype on an accumulation-dtype copy of 16-bit inputs, so a 16-bit
 // gradient is rounded once here; fp32 and fp64 pass through.
 inline at::Tensor grad_in_input_dtype(const at::Tensor& grad, const at::Tensor& input) {
-  return grad.scalar_type() == input.scalar_type() ? grad : grad.to(input.scalar_type());
+  return grad.to(input.scalar_type());  // the same tensor when the dtypes already match
 }
 
 template <typename T>

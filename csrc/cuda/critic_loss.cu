@@ -154,7 +154,7 @@ __device__ __forceinline__ void CriticLossOp::run(const CriticLossParams<scalar_
         r_part += rwi * loss_i;
         g[i] = -scale * dsum_i * (w[kQH] + w[kRisk] * rwi);
       };
-      if (kSorted) {
+      if (presort) {
         sort_row(th, trow, lane);
         qh_sorted<acc, !kShared>(th, p.taus, n, z, m, k, base + lay.qs, &trow, lane, emit);
       } else {
