@@ -31,6 +31,14 @@ _INTERP_CONFIGS = [tile_config(8, 16, 32, 1)]
 
 
 @triton.jit
+def _huber_clamp(u, kappa):
+    """clamp(u, -kappa, kappa), NaN for a NaN u (a NaN target or atom must reach the gradient; the
+    default min/max return the other operand)."""
+    nan = tl.PropagateNan.ALL
+    return tl.minimum(tl.maximum(u, -kappa, propagate_nan=nan), kappa, propagate_nan=nan)
+
+
+@triton.jit
 def qh_rows(theta, tau, z_base, s_zm, M, kappa, tok_ok, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
     """For a [BLOCK_T, BLOCK_N] tile of quantiles (taus `tau` [BLOCK_N]) against each token's M
     targets (row pointers z_base [BLOCK_T], loaded where tok_ok): the per-quantile sums
@@ -47,7 +55,7 @@ def qh_rows(theta, tau, z_base, s_zm, M, kappa, tok_ok, BLOCK_M: tl.constexpr, A
     for m0 in range(0, m_full, BLOCK_M):
         z = tl.load(z_row + (m0 + cols)[None, :].to(tl.int64) * s_zm, mask=row_ok, other=0.0).to(ACC)
         u = z[:, None, :] - th
-        c = tl.minimum(tl.maximum(u, -kappa), kappa)
+        c = _huber_clamp(u, kappa)
         asym = tl.where(u < 0, t_lo, t_hi)
         acc_l += asym * (c * (u - 0.5 * c))
         acc_g += asym * c
@@ -56,7 +64,7 @@ def qh_rows(theta, tau, z_base, s_zm, M, kappa, tok_ok, BLOCK_M: tl.constexpr, A
         z = tl.load(z_row + (m_full + cols)[None, :].to(tl.int64) * s_zm, mask=row_ok & col_ok[None, :],
                     other=0.0).to(ACC)
         u = z[:, None, :] - th
-        c = tl.minimum(tl.maximum(u, -kappa), kappa)
+        c = _huber_clamp(u, kappa)
         asym = tl.where(col_ok[None, None, :], tl.where(u < 0, t_lo, t_hi), 0.0)
         acc_l += asym * (c * (u - 0.5 * c))
         acc_g += asym * c

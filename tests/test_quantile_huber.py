@@ -118,6 +118,33 @@ def test_mask_read_natively(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", backends.params(), indirect=True)
+def test_non_finite_values_at_real_tokens_propagate_as_the_reference(backend):
+    """A NaN target (a NaN gradient at every atom), an infinite target (an infinite loss, a finite
+    gradient), an infinite atom, and an atom equal to a target's infinity (a NaN pair: a NaN gradient
+    at that atom): the per-token loss and the gradient are non-finite exactly where the float64
+    reference backend's are (its analytic gradient: autograd through the Huber branches would also
+    give NaN for an infinite target), and match it elsewhere. N = 40 covers a full and a remainder
+    block of the vectorized pair passes."""
+    dev = backend.device
+    pred, target = randn((5, 40), device=dev), randn((5, 65), device=dev)
+    target[0, 5] = float("nan")
+    target[1, 7] = float("inf")
+    pred[2, 3] = -float("inf")
+    pred[3, 33], target[3, 9] = float("inf"), float("inf")
+    taus = dvpo.taus(40, dtype=torch.float64, device=dev)
+    want = ref_backend.quantile_huber(pred.double(), target.double(), taus, None, None, 0.5, False)
+    assert (~want[1].isfinite()).sum() == 41  # row 0, and atom 33 of row 3
+    for algorithm in backend.algorithms:
+        got = backend.kernels().quantile_huber(pred, target, taus.to(pred.dtype), None, None, 0.5, False,
+                                               algorithm)
+        for x, y, what in zip(got, want, ("loss", "grad")):
+            x, y = x.double().cpu(), y.cpu()
+            fin = y.isfinite()
+            assert torch.equal(x.isfinite(), fin), (algorithm, what, (~x.isfinite()).nonzero().tolist())
+            assert rel_err(x[fin], y[fin]) < TOL[torch.float32], (algorithm, what)
+
+
+@pytest.mark.parametrize("backend", backends.params(), indirect=True)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_masked_gives_zero_loss_and_zero_finite_grads(backend, reduction):
     pred, target = randn((3, 4, 7), device=backend.device), randn((3, 4, 5), device=backend.device)

@@ -49,6 +49,21 @@ __device__ __forceinline__ double dmin(double a, double b) { return fmin(a, b); 
 __device__ __forceinline__ float dmax(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double dmax(double a, double b) { return fmax(a, b); }
 
+// clamp(u, -k, k) keeping a NaN u NaN, as the reference does: a NaN target or atom must reach the
+// gradient, and fminf/fmaxf return the other operand. One min.NaN and one max.NaN on sm_80+ (the
+// cost of fminf/fmaxf); selects elsewhere (doubles, older targets, the host emulation).
+__device__ __forceinline__ float clamp_nan(float u, float k) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(u), "f"(-k));
+  asm("min.NaN.f32 %0, %0, %1;" : "+f"(r) : "f"(k));
+  return r;
+#else
+  return u > k ? k : (u < -k ? -k : u);
+#endif
+}
+__device__ __forceinline__ double clamp_nan(double u, double k) { return u > k ? k : (u < -k ? -k : u); }
+
 // a / b correctly rounded even under --use_fast_math (means are computed as torch does: a
 // sequential sum divided by the count, so relu decisions at exact ties agree with the reference).
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }

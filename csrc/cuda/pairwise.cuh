@@ -27,7 +27,7 @@ constexpr int kMaxR = 8;  // atoms per lane per chunk
 
 template <typename acc_t>
 __device__ __forceinline__ void qh_pair(acc_t u, acc_t k, acc_t& hs, acc_t& hg, acc_t& cs, acc_t& ca) {
-  const acc_t c = dmin(dmax(u, -k), k);
+  const acc_t c = clamp_nan(u, k);
   const acc_t t = fma(acc_t(-0.5), c, u);
   hs = fma(c, t, hs);
   hg = fma(c, dabs(t), hg);
