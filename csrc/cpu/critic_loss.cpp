@@ -165,13 +165,10 @@ DVPO_INLINE void critic_token(const CriticArgs<T>& a, const CriticScratch<T>& s,
     if (a.sorted) {
       zs = kern::qh_merge_sums<T>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.merge, s.L, s.D);
     } else {
-      kern::qh_pairwise_sums<T, kern::atom_block<T>(isa)>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.L, s.D);
+      kern::qh_pairwise_sums<T, isa>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.L, s.D);
     }
-    double lq = 0, lr = 0;
-    for (int64_t i = 0; i < N; ++i) {
-      lq += static_cast<double>(s.L[i]);
-      lr += static_cast<double>(a.risk_w[i]) * static_cast<double>(s.L[i]);
-    }
+    double lq, lr;
+    kern::sums_double<T>(s.L, a.risk_w, N, lq, lr);
     term[kQH] = a.w[kQH] != T(0) ? static_cast<T>(lq * static_cast<double>(a.qh_scale)) : T(0);
     term[kRisk] = a.w[kRisk] != T(0) ? static_cast<T>(lr * static_cast<double>(a.qh_scale)) : T(0);
     const T g0 = -a.qh_scale * a.w[kQH], g1 = -a.qh_scale * a.w[kRisk];

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "../dvpo_math.h"
+#include "qh_avx512.h"
 #include "simd.h"
 
 namespace dvpo {
@@ -49,6 +50,31 @@ DVPO_INLINE double sum_double(const T* x, int64_t n) {
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(x[i]);
   return acc;
+}
+
+// sum_i x_i and sum_i w_i x_i in double (w may be null: then only the first), as 8 interleaved
+// partial sums combined in a fixed order: the same order on every ISA, and it vectorizes (one
+// running sum is a chain of dependent adds, about 4 cycles an element).
+template <typename T>
+DVPO_INLINE void sums_double(const T* x, const T* w, int64_t n, double& sx, double& swx) {
+  constexpr int kL = 8;
+  double a[kL] = {}, b[kL] = {};
+  int64_t i = 0;
+  for (; i + kL <= n; i += kL) {
+#pragma omp simd
+    for (int r = 0; r < kL; ++r) {
+      const double xv = static_cast<double>(x[i + r]);
+      a[r] += xv;
+      if (w) b[r] += static_cast<double>(w[i + r]) * xv;
+    }
+  }
+  for (int r = 0; i + r < n; ++r) {
+    const double xv = static_cast<double>(x[i + r]);
+    a[r] += xv;
+    if (w) b[r] += static_cast<double>(w[i + r]) * xv;
+  }
+  sx = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+  swx = ((b[0] + b[4]) + (b[2] + b[6])) + ((b[1] + b[5]) + (b[3] + b[7]));
 }
 
 // Order keys of x (math::order_key of x + 0, so -0 and +0 get the same key).
@@ -117,12 +143,11 @@ DVPO_INLINE void qh_pairwise_sums_targets(const T* theta, int64_t n, const T* z,
 
 // The same sums for a block of B atoms (th, wpos, wneg: B values each), vectorized over the atoms:
 // each target is broadcast against the block, every accumulator is a lane of its own (no
-// horizontal reductions, a long inner loop). The float lanes are flushed into double every kChunk
+// horizontal reductions, a long inner loop). The float lanes are flushed into double every kQhChunk
 // targets, so the rounding error does not grow with M.
 template <typename T, int B>
 DVPO_INLINE void qh_atom_block(const T* th, const T* wpos, const T* wneg, const T* z, int64_t m, T k, T* L,
                                T* D) {
-  constexpr int64_t kChunk = 64;
   const T nk = -k;
   T t[B], p[B], q[B];
   double lacc[B], dacc[B];
@@ -133,8 +158,8 @@ DVPO_INLINE void qh_atom_block(const T* th, const T* wpos, const T* wneg, const 
     lacc[r] = 0;
     dacc[r] = 0;
   }
-  for (int64_t j0 = 0; j0 < m; j0 += kChunk) {
-    const int64_t j1 = std::min(m, j0 + kChunk);
+  for (int64_t j0 = 0; j0 < m; j0 += kQhChunk) {
+    const int64_t j1 = std::min(m, j0 + kQhChunk);
     T l[B], d[B];
     for (int r = 0; r < B; ++r) l[r] = d[r] = T(0);
     for (int64_t j = j0; j < j1; ++j) {
@@ -166,13 +191,43 @@ constexpr int atom_block(Isa isa) {
 // target-vectorized form no longer matters).
 constexpr int64_t kAtomVecMaxTargets = 1024;
 
-// L[i], D[i] for i in [0, n) (see qh_pairwise_sums_targets). With at least B atoms and not too many
-// targets, blocks of B atoms vectorized over the atoms (the last, partial block padded with copies
-// of the last atom, whose results are dropped); otherwise vectorized over the targets.
+// D[i] = NaN for every atom with a NaN pair u_ij = z_j - theta_i (z_j or theta_i NaN, or both the
+// same infinity), as math::qh_pair_fused's clamp gives; the AVX-512 clamp (VRANGE) returns k for a
+// NaN u instead. L needs no fix-up: its u - g / 2 is NaN there in both forms.
+template <typename T>
+DVPO_INLINE void qh_nan_derivatives(const T* theta, int64_t n, const T* z, int64_t m, T* D) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  bool z_nan = false, z_pinf = false, z_ninf = false;
+  for (int64_t j = 0; j < m; ++j) {
+    z_nan |= z[j] != z[j];
+    z_pinf |= z[j] == inf;
+    z_ninf |= z[j] == -inf;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T t = theta[i];
+    if (z_nan || t != t || (t == inf && z_pinf) || (t == -inf && z_ninf)) D[i] = std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+// L[i], D[i] for i in [0, n) (see qh_pairwise_sums_targets), with the variant's form: with at least
+// one block of B = atom_block(isa) atoms (one vector on avx512) and not too many targets, blocks
+// vectorized over the atoms (the avx512 variant: qh_pairwise_sums_avx512, with intrinsics; the
+// others: qh_atom_block, the last, partial block padded with copies of the last atom, whose results
+// are dropped); otherwise vectorized over the targets.
 // wpos/wneg hold |tau_i| and |tau_i - 1| (math::quantile_weights).
-template <typename T, int B>
+template <typename T, Isa isa>
 DVPO_INLINE void qh_pairwise_sums(const T* theta, int64_t n, const T* z, int64_t m, const T* wpos,
                                   const T* wneg, T k, T* L, T* D) {
+  constexpr int B = atom_block<T>(isa);
+#if DVPO_X86_MULTIVERSION
+  if constexpr (isa == Isa::avx512) {
+    if (n >= B / 2 && m <= kAtomVecMaxTargets) {
+      qh_pairwise_sums_avx512<T>(theta, n, z, m, wpos, wneg, k, L, D);
+      if (!all_finite(z, m) || !all_finite(theta, n)) qh_nan_derivatives<T>(theta, n, z, m, D);
+      return;
+    }
+  }
+#endif
   if (n < B || m > kAtomVecMaxTargets) {
     qh_pairwise_sums_targets<T>(theta, n, z, m, wpos, wneg, k, L, D);
     return;
@@ -691,19 +746,20 @@ DVPO_INLINE void qh_regions_to_sums(const T* theta, int64_t n, const int32_t* b1
 // Whether algorithm="auto" runs the sorted quantile Huber for N atoms and M targets per token.
 // Cost model in ns per token (fp32, AVX-512 variant, one thread):
 //   pairwise ~ kPairNs N M + kPairAtomNs N,   sorted ~ kSortNs M + kSearchNs N + kFixedNs,
-// fitted (least squares on relative error) to both kernels (the merge-path sorted algorithm,
-// csrc/cpu/merge_path.h) timed on 42 shapes, N in {32, 100, 200, 300, 500, 1000} x M in
-// {32, 100, 200, 300, 500, 1000, 2000}, quantile Huber alone and the fused critic loss (fits within
-// 10% of each other; these constants round between them), normal targets, time.process_time, best
-// of two alternating runs, on the development machine (AMD EPYC Zen 4, 2 cores shared with other
-// jobs). The rule picks the faster kernel on 41 of the 42 shapes for each op (the miss, N = 100,
-// M = 1000, is within 12%). Square shapes cross over near N = M = 300 (measured: sorted is 0.7x
-// pairwise at 200, even at 300, 1.4-1.6x faster at 500, 3x at 1000), so the benchmark shape
-// 200 x 200 stays pairwise. The bench harness's `crossover` sweep re-measures it on any machine.
-constexpr double kPairNs = 0.10;
-constexpr double kPairAtomNs = 5.0;
-constexpr double kSortNs = 9.2;
-constexpr double kSearchNs = 29.0;
+// fitted by bench/cpu_auto_fit.py (least squares on relative error) to both kernels (the pairwise
+// one with the VRANGE clamp of qh_avx512.h, the merge-path sorted one of merge_path.h) timed on 42
+// shapes, N in {32, 100, 200, 300, 500, 1000} x M in {32, 100, 200, 300, 500, 1000, 2000}, quantile
+// Huber alone and the fused critic loss (fits within 10% of each other; these constants round
+// between them), normal targets, process CPU time, best of two alternating runs, on the development
+// machine (AMD EPYC Zen 4). The rule picks the faster kernel on 81 of the 84 (shape, op) cases; the
+// misses are quantile Huber at 300 x 300 and 500 x 200 (3-8%) and 200 x 500 (25%). Square shapes
+// cross over near N = M = 300 (measured: sorted is 0.7x pairwise at 200, level at 300, 1.6-1.7x
+// faster at 500, 3x at 1000), so the benchmark shape 200 x 200 stays pairwise. The bench harness's
+// `crossover` sweep re-measures it on any machine.
+constexpr double kPairNs = 0.09;
+constexpr double kPairAtomNs = 4.5;
+constexpr double kSortNs = 12.4;
+constexpr double kSearchNs = 17.0;
 constexpr double kFixedNs = 0.0;
 
 inline bool prefer_sorted(int64_t n, int64_t m) {

@@ -57,16 +57,16 @@ DVPO_INLINE void qh_token(const QHArgs<T>& a, const QHScratch<T>& s, int64_t tok
   if (a.sorted && kern::all_finite(theta, N) && kern::all_finite(z, M)) {
     kern::qh_merge_sums<T>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.merge, s.L, s.D);
   } else {
-    kern::qh_pairwise_sums<T, kern::atom_block<T>(isa)>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.L, s.D);
+    kern::qh_pairwise_sums<T, isa>(theta, N, z, M, a.wpos, a.wneg, a.kappa, s.L, s.D);
   }
-  double loss = 0;
+  double unweighted, loss;
+  kern::sums_double<T>(s.L, a.weights, N, unweighted, loss);
+  if (!a.weights) loss = unweighted;
   T* g = a.grad + tok * N;
   const T gs = -a.scale * mw;
   if (a.weights) {
-    for (int64_t i = 0; i < N; ++i) loss += static_cast<double>(a.weights[i]) * static_cast<double>(s.L[i]);
     for (int64_t i = 0; i < N; ++i) g[i] = gs * a.weights[i] * s.D[i];
   } else {
-    for (int64_t i = 0; i < N; ++i) loss += static_cast<double>(s.L[i]);
     for (int64_t i = 0; i < N; ++i) g[i] = gs * s.D[i];
   }
   a.loss[tok] = static_cast<T>(loss * static_cast<double>(a.scale)) * mw;
