@@ -34,8 +34,8 @@ _INTERP_CONFIGS = [tile_config(8, 16, 32, 1)]
 def _huber_clamp(u, kappa):
     """clamp(u, -kappa, kappa), NaN for a NaN u (a NaN target or atom must reach the gradient; the
     default min/max return the other operand)."""
-    nan = tl.PropagateNan.ALL
-    return tl.minimum(tl.maximum(u, -kappa, propagate_nan=nan), kappa, propagate_nan=nan)
+    return tl.minimum(tl.maximum(u, -kappa, propagate_nan=tl.PropagateNan.ALL), kappa,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
