@@ -179,7 +179,7 @@ DVPO_AVX512_FN void qh_padded_block(const T* theta, int64_t n, const T* wpos, co
 }  // namespace avx512
 
 // L[i], D[i] for i in [0, n), as qh_pairwise_sums, for rows of at least one vector of atoms and at
-// most kAtomVecMaxTargets targets (the caller checks: qh_pairwise_avx512_applies).
+// most kAtomVecMaxTargets targets (the caller, qh_pairwise_sums in kernels.h, checks).
 template <typename T>
 DVPO_TARGET_AVX512 DVPO_NOINLINE void qh_pairwise_sums_avx512(const T* theta, int64_t n, const T* z, int64_t m,
                                                                const T* wpos, const T* wneg, T k, T* L, T* D) {
